@@ -1,0 +1,1 @@
+"""The hospital side: a Flower ClientApp over ``common``."""

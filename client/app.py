@@ -1,0 +1,65 @@
+"""The FedLesion ClientApp: local training and validation on one site's own scans.
+
+Only the model's arrays and scalar metrics leave the site: no case IDs, paths or voxels.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common.config import model_from, train_config_from
+from common.engine import evaluate as evaluate_cases
+from common.engine import train as train_cases
+from common.model import build_model, model_spatial_dims
+
+from . import site as sites
+
+app = ClientApp()
+
+
+def _model(context: Context, site: sites.Site, arrays: ArrayRecord):  # noqa: ANN202 - torch module
+    name, args = model_from(context.run_config)
+    model = build_model(name, len(site.spec.channels), len(site.spec.regions), **args)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    return model.to(site.device), model_spatial_dims(name)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model for ``local-epochs`` on this site's training cases."""
+    site = sites.load(context.node_config, context.run_config)
+    model, spatial_dims = _model(context, site, msg.content["arrays"])
+    round_config = msg.content["config"]
+    server_round = int(round_config.get("server-round", 0))
+    config = train_config_from(
+        context.run_config,
+        learning_rate=float(round_config.get("learning-rate", context.run_config.get("learning-rate", 1e-3))),
+        proximal_mu=float(round_config.get("proximal-mu", 0.0)),
+        seed=int(context.run_config.get("seed", 0)) * 100_003 + server_round * 1_009 + context.node_id % 997,
+    )
+    stats = train_cases(model, site.train, spatial_dims, config, site.device)
+    metrics = MetricRecord({
+        "train-loss": stats["train-loss"],
+        "train-seconds": stats["train-seconds"],
+        # FedAvg weights updates by this: cases, not batches or slices.
+        "num-examples": len(site.train),
+        **site.counts(),
+    })
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the received global model on this site's validation cases, per region."""
+    site = sites.load(context.node_config, context.run_config)
+    model, spatial_dims = _model(context, site, msg.content["arrays"])
+    regions = list(site.spec.regions)
+    _, summary = evaluate_cases(model, site.val, regions, spatial_dims, site.device)
+    values: dict[str, float] = {"num-examples": len(site.val), **site.counts()}
+    for region in regions:
+        block = summary.get(region, {})
+        for metric in ("dice", "iou", "hd95"):
+            values[f"{metric}-{region.lower()}"] = float(block.get(f"{metric}_mean", 0.0))
+    return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)

@@ -1,0 +1,124 @@
+"""Where a SuperNode's cases come from, and the per-process state kept between rounds.
+
+A real hospital's SuperNode names its data with ``--node-config "data-path=..."``
+(plus optional ``manifest``, ``site-name``, ``device``). In simulation each virtual
+SuperNode gets a ``partition-id``: it picks the matching synthetic site (generated on
+first use) or the matching sub-folder of ``data-root``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import dataset_spec, parse_shape
+from common.data import DatasetSpec, PreparedCase, load_site, resolve_spec, split_train_val
+from common.engine import select_device
+from simulations.synthetic import site_case_counts, site_dir, write_site
+
+logger = logging.getLogger("flwr")
+
+
+@dataclass
+class Site:
+    """One site's usable cases, split into training and validation."""
+
+    name: str
+    data_path: Path
+    spec: DatasetSpec
+    train: list[PreparedCase]
+    val: list[PreparedCase]
+    skipped: dict[str, str]
+    empty_label_cases: int
+    device: torch.device
+
+    def counts(self) -> dict[str, float]:
+        """Scalar facts every reply carries (no case IDs, no paths)."""
+        return {
+            "skipped-cases": float(len(self.skipped)),
+            "empty-label-cases": float(self.empty_label_cases),
+        }
+
+
+def synthetic_root(run_config: Mapping[str, Any], num_sites: int) -> Path:
+    """The folder synthetic sites for this configuration live in (reused across runs)."""
+    shape = parse_shape(str(run_config.get("synth-shape", "64,64,40")))
+    key = (f"sites{num_sites}-cases{int(run_config.get('synth-cases-per-site', 6))}"
+           f"-shape{'x'.join(map(str, shape))}-seed{int(run_config.get('seed', 0))}")
+    return Path(str(run_config.get("output-dir", "outputs"))).resolve() / "synthetic" / key
+
+
+def locate(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tuple[str, Path, str | None]:
+    """``(site name, data folder, manifest or None)`` for this SuperNode.
+
+    Raises:
+        ValueError: when the node config names no data and this is not a simulation.
+    """
+    if "data-path" in node_config:
+        path = Path(str(node_config["data-path"])).expanduser()
+        manifest = str(node_config.get("manifest", "")) or None
+        return str(node_config.get("site-name", path.name)), path, manifest
+    if "partition-id" not in node_config:
+        raise ValueError(
+            "this SuperNode has no data: start it with --node-config \"data-path=/path/to/cases\" "
+            "(optionally manifest=..., site-name=..., device=...)."
+        )
+    pid, num = int(node_config["partition-id"]), int(node_config.get("num-partitions", 1))
+    root = str(run_config.get("data-root", ""))
+    if not root:
+        shape = parse_shape(str(run_config.get("synth-shape", "64,64,40")))
+        counts = site_case_counts(num, int(run_config.get("synth-cases-per-site", 6)))
+        path = site_dir(synthetic_root(run_config, num), pid)
+        write_site(path, pid, counts[pid], shape, int(run_config.get("seed", 0)))
+        return f"synthetic-{pid}", path, None
+    sites = sorted(p for p in Path(root).iterdir() if p.is_dir())
+    if pid >= len(sites):
+        raise ValueError(f"data-root {root} has {len(sites)} site folder(s); partition-id {pid} has none.")
+    return sites[pid].name, sites[pid], None
+
+
+_SITES: dict[tuple[Any, ...], Site] = {}
+
+
+def load(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
+    """This SuperNode's :class:`Site`, validated once and kept for the process's lifetime.
+
+    Raises:
+        ValueError: when the data is missing, matches a different dataset than the
+            run's, or holds no usable case.
+    """
+    name, path, manifest = locate(node_config, run_config)
+    seed, val_fraction = int(run_config.get("seed", 0)), float(run_config.get("val-fraction", 0.25))
+    key = (str(path.resolve()), manifest, seed, val_fraction, str(run_config.get("dataset", "brats2021")))
+    if key in _SITES:
+        return _SITES[key]
+    expected = dataset_spec(str(run_config.get("dataset", "brats2021")))
+    spec = resolve_spec(path, manifest)
+    if list(spec.regions) != list(expected.regions) or len(spec.channels) != len(expected.channels):
+        raise ValueError(
+            f"site {name}: data at {path} has channels {list(spec.channels)} and regions {list(spec.regions)}, "
+            f"but the run's dataset '{expected.name}' expects {list(expected.channels)} and {list(expected.regions)}."
+        )
+    data = load_site(path, spec)
+    if not data.cases:
+        raise ValueError(f"site {name}: no usable case in {path}; {len(data.skipped)} skipped (see the SuperNode log).")
+    by_id = {c.case: c for c in data.cases}
+    train_ids, val_ids = split_train_val(list(by_id), val_fraction, seed)
+    device = select_device(str(node_config.get("device", "auto")))
+    site = Site(
+        name=name, data_path=path, spec=spec,
+        train=[by_id[c] for c in train_ids], val=[by_id[c] for c in val_ids],
+        skipped=data.skipped, empty_label_cases=data.empty_label_count, device=device,
+    )
+    logger.info(
+        "site %s: %d usable case(s) (%d train, %d validation), %d skipped, %d with empty label; device %s%s",
+        name, len(data.cases), len(site.train), len(site.val), len(data.skipped), site.empty_label_cases,
+        device, " with float16 mixed precision" if device.type == "cuda" else "",
+    )
+    _SITES[key] = site
+    return site

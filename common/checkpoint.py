@@ -1,0 +1,126 @@
+"""Self-describing checkpoints: weights plus everything needed to rebuild and use them.
+
+A checkpoint holds the weights, the model name and arguments, the dataset spec (channels,
+labels, regions), the round or epoch it was taken at, its metrics and the run config, so
+``evaluate`` and ``predict`` need nothing but the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import DatasetSpec
+from .model import build_model, model_spatial_dims
+
+FORMAT = "fedlesion-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds."""
+
+    model: str
+    model_args: dict[str, Any]
+    spec: DatasetSpec
+    state_dict: dict[str, torch.Tensor]
+    round: int = 0  # federated round (0 for centralized training)
+    epoch: int = 0  # epochs of centralized training
+    metrics: dict[str, Any] = field(default_factory=dict)
+    run_config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the server optimiser's state
+
+    @property
+    def spatial_dims(self) -> int:
+        return model_spatial_dims(self.model)
+
+    def build(self) -> nn.Module:
+        """The model with these weights loaded."""
+        model = build_model(self.model, len(self.spec.channels), len(self.spec.regions), **self.model_args)
+        model.load_state_dict(self.state_dict)
+        return model
+
+
+def state_dict_from_arrays(model: nn.Module, arrays: list[np.ndarray]) -> OrderedDict[str, torch.Tensor]:
+    """Pair a flat list of arrays (Flower's order) with the model's state-dict keys.
+
+    Raises:
+        ValueError: when the count or a shape does not match the model.
+    """
+    keys = list(model.state_dict())
+    if len(keys) != len(arrays):
+        raise ValueError(f"expected {len(keys)} arrays for this model, got {len(arrays)}.")
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, array, ref in zip(keys, arrays, model.state_dict().values()):
+        if tuple(array.shape) != tuple(ref.shape):
+            raise ValueError(f"array for '{key}' has shape {tuple(array.shape)}, the model expects {tuple(ref.shape)}.")
+        out[key] = torch.as_tensor(np.asarray(array)).to(ref.dtype)
+    return out
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Path:
+    """Write a checkpoint atomically: a temporary file in the same folder, then a rename.
+
+    A crash mid-write leaves the previous file at ``path`` intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "model": checkpoint.model,
+        "model_args": checkpoint.model_args,
+        "spec": checkpoint.spec.to_json(),
+        "state_dict": {k: v.detach().cpu() for k, v in checkpoint.state_dict.items()},
+        "round": checkpoint.round,
+        "epoch": checkpoint.epoch,
+        "metrics": checkpoint.metrics,
+        "run_config": checkpoint.run_config,
+        "extra": checkpoint.extra,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        ValueError: when the file is missing, unreadable, or not a FedLesion checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path}: file not found.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise ValueError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc}).") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path}: not a FedLesion checkpoint (expected format '{FORMAT}').")
+    return Checkpoint(
+        model=payload["model"],
+        model_args=payload["model_args"],
+        spec=DatasetSpec.from_json(payload["spec"], source=str(path)),
+        state_dict=payload["state_dict"],
+        round=payload.get("round", 0),
+        epoch=payload.get("epoch", 0),
+        metrics=payload.get("metrics", {}),
+        run_config=payload.get("run_config", {}),
+        extra=payload.get("extra", {}),
+    )

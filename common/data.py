@@ -1,0 +1,598 @@
+"""Dataset layouts, validated case loading, preprocessing and the preprocessed-case cache.
+
+A dataset is described by a :class:`DatasetSpec` (nnU-Net's ``dataset.json`` idea):
+the channels and the label file as path patterns with a ``{case}`` placeholder, the
+label values the label file may hold, and the regions built from them. Built-in specs
+cover BraTS 2018-2021, BraTS 2023+ and the Medical Segmentation Decathlon's Task01; a
+site's own layout is described by a small JSON manifest (see ``README.md``).
+
+Every case is checked as it loads (files exist and decode, shapes and affines agree,
+values are finite, labels are declared) and a failure raises :class:`CaseError`
+naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAMES = ("fedlesion.json", "manifest.json")
+AFFINE_TOLERANCE = 1e-3  # mm; scanners write affines in float32, exact equality is too strict
+
+
+class CaseError(ValueError):
+    """A case that cannot be used. The message names the file and the problem."""
+
+    def __init__(self, case: str, path: str | os.PathLike[str], problem: str) -> None:
+        self.case = case
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"case '{case}': {self.path}: {problem}")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a dataset's files hold and how its regions are built.
+
+    Args:
+        name: a short name for logs and checkpoints.
+        channels: channel name -> path pattern relative to the data folder. ``{case}``
+            stands for the case ID; a trailing ``#k`` selects volume ``k`` of a 4D file.
+            The first channel's pattern is also how cases are discovered.
+        label: path pattern of the label file, or ``None`` for unlabelled data.
+        labels: every value the label file may hold, background (0) included.
+        regions: region name -> label values it covers, e.g. ``{"WT": [1, 2, 4]}``.
+            Regions must nest (or be disjoint) so that each maps back to one label.
+
+    Raises:
+        ValueError: for empty channels, undeclared region labels, or regions that do
+            not map back to a single label each.
+    """
+
+    name: str
+    channels: dict[str, str]
+    label: str | None
+    labels: tuple[int, ...]
+    regions: dict[str, tuple[int, ...]]
+
+    def __post_init__(self) -> None:
+        if not self.channels:
+            raise ValueError(f"dataset spec '{self.name}': 'channels' is empty; name at least one channel.")
+        for pattern in [*self.channels.values(), *([self.label] if self.label else [])]:
+            if "{case}" not in pattern:
+                raise ValueError(
+                    f"dataset spec '{self.name}': pattern '{pattern}' has no '{{case}}' placeholder."
+                )
+        if not self.regions:
+            raise ValueError(f"dataset spec '{self.name}': 'regions' is empty; name at least one region.")
+        for region, values in self.regions.items():
+            undeclared = set(values) - set(self.labels)
+            if undeclared or 0 in values:
+                raise ValueError(
+                    f"dataset spec '{self.name}': region '{region}' uses label(s) "
+                    f"{sorted(undeclared | ({0} & set(values)))} that are not declared foreground labels {self.labels}."
+                )
+        self.region_labels()  # validates nesting
+
+    @property
+    def region_names(self) -> list[str]:
+        return list(self.regions)
+
+    def region_labels(self) -> dict[str, int]:
+        """The label value each region paints when predictions are turned back into a label map.
+
+        A region paints the one label it holds that no smaller region inside it holds:
+        for BraTS, WT {1,2,4} paints 2, TC {1,4} paints 1, ET {4} paints 4.
+        """
+        out: dict[str, int] = {}
+        for region, values in self.regions.items():
+            inner = set().union(*(set(v) for r, v in self.regions.items() if r != region and set(v) < set(values)))
+            own = set(values) - inner
+            if len(own) != 1:
+                raise ValueError(
+                    f"dataset spec '{self.name}': region '{region}' {sorted(values)} does not map back to one "
+                    f"label (left {sorted(own)} after removing nested regions); make regions nested or disjoint."
+                )
+            out[region] = own.pop()
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "channels": dict(self.channels),
+            "label": self.label,
+            "labels": list(self.labels),
+            "regions": {k: list(v) for k, v in self.regions.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "manifest") -> DatasetSpec:
+        """Build a spec from a manifest's JSON object; errors name ``source``."""
+        missing = {"channels", "labels", "regions"} - set(data)
+        if missing:
+            raise ValueError(f"{source}: missing key(s) {sorted(missing)}; see README 'Data layouts'.")
+        try:
+            return cls(
+                name=str(data.get("name", Path(source).stem)),
+                channels={str(k): str(v) for k, v in data["channels"].items()},
+                label=None if data.get("label") is None else str(data["label"]),
+                labels=tuple(int(v) for v in data["labels"]),
+                regions={str(k): tuple(int(x) for x in v) for k, v in data["regions"].items()},
+            )
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(f"{source}: malformed manifest ({exc}); see README 'Data layouts'.") from exc
+
+
+_BRATS_OLD_REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
+
+LAYOUTS: dict[str, DatasetSpec] = {
+    "brats2021": DatasetSpec(
+        name="brats2021",
+        channels={m: f"{{case}}/{{case}}_{m}.nii.gz" for m in ("flair", "t1", "t1ce", "t2")},
+        label="{case}/{case}_seg.nii.gz",
+        labels=(0, 1, 2, 4),
+        regions=_BRATS_OLD_REGIONS,
+    ),
+    "brats2023": DatasetSpec(
+        name="brats2023",
+        channels={m: f"{{case}}/{{case}}-{m}.nii.gz" for m in ("t2f", "t1n", "t1c", "t2w")},
+        label="{case}/{case}-seg.nii.gz",
+        labels=(0, 1, 2, 3),
+        regions={"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},
+    ),
+    "msd-task01": DatasetSpec(
+        name="msd-task01",
+        channels={m: f"imagesTr/{{case}}.nii.gz#{i}" for i, m in enumerate(("flair", "t1", "t1gd", "t2"))},
+        label="labelsTr/{case}.nii.gz",
+        labels=(0, 1, 2, 3),
+        # MSD: 1 edema, 2 non-enhancing tumour, 3 enhancing tumour.
+        regions={"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)},
+    ),
+}
+
+
+def load_manifest(path: str | os.PathLike[str]) -> DatasetSpec:
+    """Read a manifest JSON file into a :class:`DatasetSpec`.
+
+    Raises:
+        ValueError: when the file is missing, not JSON, or not a valid manifest.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"manifest {path}: file not found; pass an existing file with --manifest.") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"manifest {path}: not valid JSON ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"manifest {path}: expected a JSON object, got {type(data).__name__}.")
+    if "layout" in data:  # a manifest may simply name a built-in layout
+        return _layout(str(data["layout"]), str(path))
+    return DatasetSpec.from_json(data, source=str(path))
+
+
+def _layout(name: str, source: str) -> DatasetSpec:
+    if name not in LAYOUTS:
+        raise ValueError(f"{source}: unknown layout '{name}'; choose one of {sorted(LAYOUTS)}.")
+    return LAYOUTS[name]
+
+
+def resolve_spec(data_dir: str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None) -> DatasetSpec:
+    """Find how a data folder is laid out.
+
+    Order: an explicit ``manifest`` (a path, or a built-in layout name), a manifest
+    file (``fedlesion.json`` / ``manifest.json``) inside ``data_dir``, then the
+    built-in layouts recognised by their file names.
+
+    Raises:
+        ValueError: when the folder does not exist or matches no layout.
+    """
+    data_dir = Path(data_dir)
+    if manifest:
+        if str(manifest) in LAYOUTS:
+            return LAYOUTS[str(manifest)]
+        return load_manifest(manifest)
+    if not data_dir.is_dir():
+        raise ValueError(f"data folder {data_dir}: not a directory; pass an existing folder with --data.")
+    for name in MANIFEST_NAMES:
+        if (data_dir / name).is_file():
+            return load_manifest(data_dir / name)
+    for spec in LAYOUTS.values():
+        if discover_cases(data_dir, spec):
+            return spec
+    raise ValueError(
+        f"data folder {data_dir}: no known layout found (BraTS 2018-2021 '{{case}}/{{case}}_flair.nii.gz', "
+        f"BraTS 2023 '{{case}}/{{case}}-t2f.nii.gz', MSD 'imagesTr/'); add a manifest "
+        f"({MANIFEST_NAMES[0]}) or pass --manifest."
+    )
+
+
+def _split_pattern(pattern: str) -> tuple[str, int | None]:
+    if "#" in pattern:
+        path, index = pattern.rsplit("#", 1)
+        return path, int(index)
+    return pattern, None
+
+
+def discover_cases(data_dir: str | os.PathLike[str], spec: DatasetSpec) -> list[str]:
+    """Case IDs found in ``data_dir``: every match of the first channel's pattern, sorted."""
+    pattern, _ = _split_pattern(next(iter(spec.channels.values())))
+    escaped = glob.escape(str(Path(data_dir))) + "/" + pattern.replace("{case}", "*")
+    regex = re.compile(re.escape(pattern).replace(re.escape("{case}"), "(?P<case>[^/]+)", 1).replace(
+        re.escape("{case}"), "(?P=case)") + "$")
+    cases = set()
+    for match in glob.glob(escaped):
+        rel = Path(match).relative_to(data_dir).as_posix()
+        found = regex.match(rel)
+        if found:
+            cases.add(found.group("case"))
+    return sorted(cases)
+
+
+def case_paths(data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str) -> dict[str, tuple[Path, int | None]]:
+    """Channel (and ``"label"``) -> (file path, 4D volume index or None) for one case."""
+    out = {}
+    for name, pattern in spec.channels.items():
+        path, index = _split_pattern(pattern)
+        out[name] = (Path(data_dir) / path.replace("{case}", case), index)
+    if spec.label:
+        out["label"] = (Path(data_dir) / spec.label.replace("{case}", case), None)
+    return out
+
+
+@dataclass
+class PreparedCase:
+    """One case after validation and preprocessing.
+
+    Attributes:
+        case: the case ID.
+        image: ``(C, X, Y, Z)`` float32, canonical (RAS) orientation, z-scored per channel
+            inside the brain (nonzero voxels), cropped to ``crop``.
+        regions: ``(R, X, Y, Z)`` uint8 region masks, or ``None`` when unlabelled.
+        affine: the first channel's original affine; ``header`` its NIfTI header.
+        original_shape: spatial shape of the files on disk.
+        ornt: the orientation transform from file axes to RAS (nibabel ``ornt`` form).
+        crop: ``(start, stop)`` per RAS axis of the kept box in the reoriented volume.
+        empty_label: whether the label holds no foreground at all.
+    """
+
+    case: str
+    image: np.ndarray
+    regions: np.ndarray | None
+    affine: np.ndarray
+    header: Any
+    original_shape: tuple[int, ...]
+    ornt: np.ndarray
+    crop: tuple[tuple[int, int], ...]
+    empty_label: bool = False
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm along the prepared (RAS) axes."""
+        zooms = self.header.get_zooms()[:3]
+        out = [0.0, 0.0, 0.0]
+        for file_axis, (ras_axis, _) in enumerate(self.ornt):
+            out[int(ras_axis)] = float(zooms[file_axis])
+        return tuple(out)
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.nbytes + (0 if self.regions is None else self.regions.nbytes)
+
+    def restore(self, volume: np.ndarray) -> np.ndarray:
+        """Map a ``(X, Y, Z)`` array in the prepared frame back to the file's voxel grid."""
+        ras_shape = nib.orientations.apply_orientation(np.empty(self.original_shape, dtype=np.uint8), self.ornt).shape
+        full = np.zeros(ras_shape, dtype=volume.dtype)
+        full[tuple(slice(a, b) for a, b in self.crop)] = volume
+        back = nib.orientations.apply_orientation(full, nib.orientations.invert_ornt(self.ornt))
+        return np.ascontiguousarray(back)
+
+
+@dataclass
+class DecodeStats:
+    """How many NIfTI files this process has decoded; the cache's job is to keep this low."""
+
+    files: int = 0
+    by_path: dict[str, int] = field(default_factory=dict)
+
+    def record(self, path: Path) -> None:
+        with _LOCK:
+            self.files += 1
+            self.by_path[str(path)] = self.by_path.get(str(path), 0) + 1
+
+
+DECODE_STATS = DecodeStats()
+_LOCK = threading.Lock()
+
+
+def _decode(case: str, path: Path, index: int | None, kind: Literal["image", "label"]) -> tuple[np.ndarray, Any]:
+    if not path.exists():
+        what = "label file" if kind == "label" else "modality file"
+        raise CaseError(case, path, f"missing {what}")
+    if not os.access(path, os.R_OK):
+        raise CaseError(case, path, "file is not readable (permissions)")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for foreign files
+        raise CaseError(case, path, f"not a NIfTI file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise CaseError(case, path, f"not a NIfTI file (read as {type(img).__name__})")
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # truncated gzip gives EOFError, zlib.error or OSError
+        raise CaseError(case, path, f"cannot decode voxel data, file truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+    DECODE_STATS.record(path)
+    if index is not None:
+        if data.ndim != 4 or index >= data.shape[3]:
+            raise CaseError(case, path, f"expected a 4D image with volume #{index}, got shape {data.shape}")
+        data = data[..., index]
+    elif data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise CaseError(case, path, f"expected a 3D volume, got {data.ndim}D shape {data.shape}")
+    return data, img
+
+
+def load_case(
+    data_dir: str | os.PathLike[str],
+    spec: DatasetSpec,
+    case: str,
+    crop_foreground: bool = False,
+    require_label: bool = True,
+) -> PreparedCase:
+    """Load, validate and preprocess one case.
+
+    Args:
+        data_dir: the data folder.
+        spec: its layout.
+        case: the case ID.
+        crop_foreground: crop to the bounding box of nonzero voxels (plus a 2-voxel margin).
+        require_label: raise when the label file is missing; when False, a missing label
+            leaves ``regions`` as ``None`` (prediction on unlabelled scans).
+
+    Returns:
+        The :class:`PreparedCase`.
+
+    Raises:
+        CaseError: naming the file and the problem, for every check that fails.
+    """
+    paths = case_paths(data_dir, spec, case)
+    if not require_label and "label" in paths and not paths["label"][0].exists():
+        del paths["label"]
+    unique = {p for p, _ in paths.values()}
+    # zlib releases the GIL, so decoding the channels in threads overlaps their inflation.
+    with ThreadPoolExecutor(max_workers=min(4, len(unique))) as pool:
+        decoded = dict(zip(paths, pool.map(
+            lambda item: _decode(case, item[1][0], item[1][1], "label" if item[0] == "label" else "image"),
+            paths.items(),
+        )))
+    first_name = next(iter(spec.channels))
+    ref_path = paths[first_name][0]
+    ref_data, ref_img = decoded[first_name]
+    for name, (data, img) in decoded.items():
+        path = paths[name][0]
+        if data.shape != ref_data.shape:
+            raise CaseError(case, path, f"shape {data.shape} differs from {ref_path.name} shape {ref_data.shape}")
+        if not np.allclose(img.affine, ref_img.affine, atol=AFFINE_TOLERANCE):
+            raise CaseError(
+                case, path, f"affine differs from {ref_path.name}'s (max difference "
+                f"{np.abs(img.affine - ref_img.affine).max():.4g} mm); the volumes are not co-registered"
+            )
+    channels = []
+    for name in spec.channels:
+        data = np.asarray(decoded[name][0], dtype=np.float32)
+        if not np.isfinite(data).all():
+            bad = int((~np.isfinite(data)).sum())
+            raise CaseError(case, paths[name][0], f"{bad} voxel(s) are NaN or Inf")
+        channels.append(data)
+    regions = None
+    empty = False
+    if "label" in decoded:
+        label = np.asarray(decoded["label"][0])
+        label_path = paths["label"][0]
+        if not np.isfinite(label).all():
+            raise CaseError(case, label_path, "label holds NaN or Inf values")
+        values = np.unique(label)
+        if not np.all(values == np.round(values)):
+            raise CaseError(case, label_path, f"label holds non-integer values {values[values != np.round(values)][:5].tolist()}")
+        undeclared = sorted(set(values.astype(int).tolist()) - set(spec.labels))
+        if undeclared:
+            raise CaseError(case, label_path, f"label values {undeclared} are not in the declared set {list(spec.labels)}")
+        label = label.astype(np.int16)
+        regions = np.stack([np.isin(label, values) for values in spec.regions.values()]).astype(np.uint8)
+        empty = not bool(label.any())
+    ornt = nib.orientations.io_orientation(ref_img.affine)
+    image = np.stack([nib.orientations.apply_orientation(c, ornt) for c in channels])
+    if regions is not None:
+        regions = np.stack([nib.orientations.apply_orientation(r, ornt) for r in regions])
+    crop = tuple((0, s) for s in image.shape[1:])
+    if crop_foreground:
+        crop = foreground_box(image, margin=2)
+        window = (slice(None), *(slice(a, b) for a, b in crop))
+        image = image[window]
+        regions = None if regions is None else regions[window]
+    return PreparedCase(
+        case=case,
+        image=np.ascontiguousarray(zscore_nonzero(image)),
+        regions=None if regions is None else np.ascontiguousarray(regions),
+        affine=np.asarray(ref_img.affine),
+        header=ref_img.header.copy(),
+        original_shape=tuple(ref_data.shape),
+        ornt=ornt,
+        crop=crop,
+        empty_label=empty,
+    )
+
+
+def zscore_nonzero(image: np.ndarray) -> np.ndarray:
+    """Z-score each channel of ``(C, ...)`` over its nonzero voxels; zero (background) stays zero.
+
+    Same rule as MONAI's ``NormalizeIntensity(nonzero=True, channel_wise=True)``.
+    """
+    out = np.zeros_like(image, dtype=np.float32)
+    for c in range(image.shape[0]):
+        mask = image[c] != 0
+        if mask.any():
+            values = image[c][mask]
+            std = values.std()
+            out[c][mask] = (values - values.mean()) / (std if std > 0 else 1.0)
+    return out
+
+
+def foreground_box(image: np.ndarray, margin: int = 0) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` per spatial axis of the nonzero voxels of ``(C, ...)``, widened by ``margin``."""
+    nonzero = np.any(image != 0, axis=0)
+    if not nonzero.any():
+        return tuple((0, s) for s in nonzero.shape)
+    box = []
+    for axis in range(nonzero.ndim):
+        other = tuple(a for a in range(nonzero.ndim) if a != axis)
+        hits = np.flatnonzero(nonzero.any(axis=other))
+        box.append((max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, nonzero.shape[axis])))
+    return tuple(box)
+
+
+class CaseCache:
+    """A bounded LRU cache of preprocessed cases, so epochs and rounds never decode NIfTI twice.
+
+    Args:
+        max_bytes: the most memory the cached arrays may take; the least recently used
+            case is dropped first.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"CaseCache: max_bytes must be >= 0, got {max_bytes}.")
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[Any, ...], PreparedCase] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get_or_load(self, data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str, crop_foreground: bool) -> PreparedCase:
+        key = self._key(data_dir, spec, case, crop_foreground)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        prepared = load_case(data_dir, spec, case, crop_foreground=crop_foreground)
+        with self._lock:
+            self._items[key] = prepared
+            self._bytes += prepared.nbytes
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= dropped.nbytes
+        return prepared
+
+    @staticmethod
+    def _key(data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str, crop: bool) -> tuple[Any, ...]:
+        # File size and mtime in the key: a re-exported scan is decoded again.
+        stats = []
+        for path, _ in case_paths(data_dir, spec, case).values():
+            try:
+                st = path.stat()
+                stats.append((str(path.resolve()), st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append((str(path), None, None))
+        return (json.dumps(spec.to_json(), sort_keys=True), tuple(stats), crop)
+
+
+CACHE = CaseCache(max_bytes=int(float(os.environ.get("FEDLESION_CACHE_GIB", "8")) * 2**30))
+
+
+@dataclass
+class SiteData:
+    """The usable cases of one data folder, and what was skipped and why."""
+
+    spec: DatasetSpec
+    cases: list[PreparedCase]
+    skipped: dict[str, str]  # case ID -> reason
+
+    @property
+    def empty_label_count(self) -> int:
+        return sum(c.empty_label for c in self.cases)
+
+
+def load_site(
+    data_dir: str | os.PathLike[str],
+    spec: DatasetSpec | None = None,
+    case_ids: list[str] | None = None,
+    on_error: Literal["skip", "raise"] = "skip",
+    crop_foreground: bool = False,
+    cache: CaseCache | None = CACHE,
+) -> SiteData:
+    """Load every case of a data folder (or the listed ones), validated and preprocessed.
+
+    Args:
+        data_dir: the data folder.
+        spec: its layout; found with :func:`resolve_spec` when ``None``.
+        case_ids: the cases to load; all discovered cases when ``None``.
+        on_error: ``"skip"`` drops bad cases with one summary warning; ``"raise"`` stops
+            at the first bad case.
+        crop_foreground: crop each case to its nonzero box.
+        cache: where preprocessed cases are kept between calls; ``None`` disables caching.
+
+    Returns:
+        The :class:`SiteData`.
+
+    Raises:
+        ValueError: for a bad ``on_error``, an unreadable folder, or no case found.
+        CaseError: for a bad case when ``on_error="raise"``.
+    """
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got '{on_error}'.")
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir() or not os.access(data_dir, os.R_OK | os.X_OK):
+        raise ValueError(f"data folder {data_dir}: missing or unreadable; check the path and its permissions.")
+    spec = spec or resolve_spec(data_dir)
+    ids = discover_cases(data_dir, spec) if case_ids is None else list(case_ids)
+    if not ids:
+        raise ValueError(f"data folder {data_dir}: no case matches layout '{spec.name}'.")
+    cases, skipped = [], {}
+    for case in ids:
+        try:
+            if cache is None:
+                cases.append(load_case(data_dir, spec, case, crop_foreground=crop_foreground))
+            else:
+                cases.append(cache.get_or_load(data_dir, spec, case, crop_foreground))
+        except CaseError as exc:
+            if on_error == "raise":
+                raise
+            skipped[case] = str(exc)
+    if skipped:
+        logger.warning(
+            "%s: skipped %d of %d case(s):\n  %s", data_dir, len(skipped), len(ids), "\n  ".join(skipped.values())
+        )
+    return SiteData(spec=spec, cases=cases, skipped=skipped)
+
+
+def split_train_val(case_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """A deterministic split of case IDs into training and validation.
+
+    At least one case stays for training; validation gets ``round(n * val_fraction)``
+    cases, at least one when ``val_fraction > 0`` and there are two or more cases.
+
+    Raises:
+        ValueError: when ``val_fraction`` is outside [0, 1).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    ids = sorted(case_ids)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_val = 0 if val_fraction == 0 or len(ids) < 2 else min(max(1, round(len(ids) * val_fraction)), len(ids) - 1)
+    val = sorted(ids[i] for i in order[:n_val])
+    train = sorted(ids[i] for i in order[n_val:])
+    return train, val

@@ -1,0 +1,43 @@
+"""Dice + focal loss over sigmoid region channels, from MONAI."""
+
+from __future__ import annotations
+
+from monai.losses import DiceFocalLoss
+
+
+def build_loss(
+    lambda_dice: float = 1.0,
+    lambda_focal: float = 1.0,
+    focal_gamma: float = 2.0,
+    focal_alpha: float | None = 0.75,
+) -> DiceFocalLoss:
+    """The reference loss: soft Dice plus focal loss, one sigmoid channel per region.
+
+    Args:
+        lambda_dice: weight of the Dice term.
+        lambda_focal: weight of the focal term.
+        focal_gamma: focusing parameter (reference: 2).
+        focal_alpha: weight of the positive class in the focal term (reference: 0.75),
+            or ``None`` for no class weighting.
+
+    Returns:
+        A loss taking logits and targets of shape ``(B, R, *spatial)``.
+
+    Raises:
+        ValueError: for negative weights or gamma, or alpha outside [0, 1].
+    """
+    if lambda_dice < 0 or lambda_focal < 0 or lambda_dice + lambda_focal == 0:
+        raise ValueError(f"loss weights must be >= 0 and not both 0, got dice={lambda_dice}, focal={lambda_focal}.")
+    if focal_gamma < 0:
+        raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma}.")
+    if focal_alpha is not None and not 0.0 <= focal_alpha <= 1.0:
+        raise ValueError(f"focal_alpha must be in [0, 1] or None, got {focal_alpha}.")
+    return DiceFocalLoss(
+        sigmoid=True,
+        lambda_dice=lambda_dice,
+        lambda_focal=lambda_focal,
+        gamma=focal_gamma,
+        alpha=focal_alpha,
+        smooth_nr=1e-5,
+        smooth_dr=1e-5,
+    )

@@ -1,0 +1,110 @@
+"""Mask-aware training transforms built from MONAI dictionary transforms.
+
+Every spatial transform acts on ``image`` and ``label`` together, with one random draw,
+so the mask always stays on the lesion; intensity jitter touches the image alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    Randomizable,
+    RandRotated,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SqueezeDimd,
+)
+
+KEYS = ("image", "label")
+MODES = ("bilinear", "nearest")  # labels are resampled without mixing values
+
+
+class ApplyIfLesiond(Randomizable, MapTransform):
+    """Apply ``transform`` only to samples whose label holds lesion.
+
+    Used for the stronger affine that the reference applies to lesion samples only.
+    """
+
+    def __init__(self, transform: Randomizable, label_key: str = "label") -> None:
+        MapTransform.__init__(self, keys=[label_key])
+        self.transform = transform
+        self.label_key = label_key
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> ApplyIfLesiond:
+        self.transform.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: Any = None) -> None:  # the wrapped transform draws its own values
+        pass
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        if bool(torch.as_tensor(data[self.label_key]).any()):
+            return self.transform(data)
+        return dict(data)
+
+
+def training_transforms(
+    spatial_dims: int,
+    sample_size: tuple[int, ...],
+    pos_ratio: float = 0.67,
+    augment: bool = True,
+) -> Compose:
+    """Sampling plus augmentation for one training sample.
+
+    Args:
+        spatial_dims: 2 samples one axial slice ``(C, X, Y)``; 3 samples a patch ``(C, X, Y, Z)``.
+        sample_size: the sample's spatial size: the in-plane size for 2D, the patch size
+            for 3D. The lesion-sample affine translates by up to 10% of it.
+        pos_ratio: fraction of samples centred on lesion (the rest on any other voxel).
+        augment: add flips, rotation, lesion-only affine and intensity jitter.
+
+    Returns:
+        A MONAI ``Compose`` taking ``{"image": (C, X, Y, Z), "label": (R, X, Y, Z)}``.
+
+    Raises:
+        ValueError: for ``spatial_dims`` not 2 or 3, a ``sample_size`` of the wrong
+            length, or ``pos_ratio`` outside [0, 1].
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+    if not 0.0 <= pos_ratio <= 1.0:
+        raise ValueError(f"pos_ratio must be in [0, 1], got {pos_ratio}.")
+    if len(sample_size) != spatial_dims:
+        raise ValueError(f"sample_size must have {spatial_dims} values, got {tuple(sample_size)}.")
+    size = (-1, -1, 1) if spatial_dims == 2 else tuple(sample_size)
+    steps: list[Any] = [
+        RandCropByPosNegLabeld(
+            keys=KEYS, label_key="label", spatial_size=size, pos=pos_ratio, neg=1.0 - pos_ratio,
+            num_samples=1, allow_smaller=True,
+        ),
+    ]
+    if spatial_dims == 2:
+        steps.append(SqueezeDimd(keys=KEYS, dim=-1))
+    if augment:
+        small = math.radians(15)
+        large = math.radians(30)
+        steps += [
+            RandFlipd(keys=KEYS, prob=0.5, spatial_axis=0),
+            RandFlipd(keys=KEYS, prob=0.5, spatial_axis=1),
+            RandRotated(keys=KEYS, range_x=small, range_y=0.0 if spatial_dims == 2 else small,
+                        range_z=0.0 if spatial_dims == 2 else small, prob=0.5, mode=MODES, padding_mode="zeros"),
+            ApplyIfLesiond(RandAffined(
+                keys=KEYS, prob=0.5, rotate_range=large if spatial_dims == 2 else (large, large, large),
+                translate_range=[0.1 * s for s in sample_size], scale_range=0.2, mode=MODES, padding_mode="zeros",
+            )),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+            RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.3),
+        ]
+    return Compose(steps)

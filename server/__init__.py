@@ -1,0 +1,1 @@
+"""The coordinating side: a Flower ServerApp over ``common``."""

@@ -1,0 +1,229 @@
+"""Flower's strategies with FedLesion's server-side behaviour mixed in.
+
+:class:`RoundKeeper` adds, to any strategy from ``flwr.serverapp.strategy``: the per-round
+learning-rate schedule, the per-round metrics files, and atomic checkpoints (last and
+best). The aggregation itself is always Flower's own.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp import strategy as flwr_strategies
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.supercore import log
+
+SUMMED_KEYS = ("num-examples",)  # counts that add up over sites rather than average
+SUMMED_SUFFIX = "-cases"
+
+
+def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Flower's weighted average, except that counts (``num-examples``, ``*-cases``) are summed."""
+    out = aggregate_metricrecords(records, weighting_key)
+    for key in list(out):
+        if key in SUMMED_KEYS or key.endswith(SUMMED_SUFFIX):
+            out[key] = sum(float(m[key]) for r in records for m in r.metric_records.values() if key in m)
+    return out
+
+
+def learning_rate(base: float, schedule: str, server_round: int, num_rounds: int) -> float:
+    """The learning rate sites use in ``server_round`` (1-based).
+
+    Args:
+        base: the configured ``learning-rate``.
+        schedule: ``constant``, or ``cosine`` (from ``base`` down to 5% of it at the last round).
+
+    Raises:
+        ValueError: for an unknown schedule.
+    """
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        progress = (server_round - 1) / max(num_rounds - 1, 1)
+        return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"lr-schedule '{schedule}' is unknown; choose 'constant' or 'cosine'.")
+
+
+class RoundKeeper:
+    """Mixin for a Flower strategy: schedule, metrics files and checkpoints.
+
+    Args:
+        save_checkpoint: called as ``save_checkpoint(arrays, round, metrics, kind)`` with
+            ``kind`` ``"last"`` or ``"best"``; writes a self-describing checkpoint.
+        out_dir: the run folder; ``metrics.jsonl`` and ``metrics.csv`` are written there.
+        num_rounds: total rounds of the run (for the schedule).
+        base_lr: the configured learning rate.
+        lr_schedule: ``constant`` or ``cosine``.
+        best_key: the evaluate metric that selects the best model.
+        first_round: the round number this run starts at (after a resume).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        save_checkpoint: Callable[[ArrayRecord, int, dict[str, Any], str], None],
+        out_dir: Path,
+        num_rounds: int,
+        base_lr: float,
+        lr_schedule: str = "constant",
+        best_key: str = "dice-wt",
+        first_round: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        learning_rate(base_lr, lr_schedule, 1, num_rounds)  # validate now, not at round 1
+        self._save_checkpoint = save_checkpoint
+        self.out_dir = Path(out_dir)
+        self.num_rounds = num_rounds
+        self.base_lr = base_lr
+        self.lr_schedule = lr_schedule
+        self.best_key = best_key
+        self.round_offset = first_round - 1
+        self.best_value = -math.inf
+        self.history: list[dict[str, Any]] = []
+        self._current: dict[str, Any] = {}
+        self._arrays: ArrayRecord | None = None
+        self._started = time.perf_counter()
+
+    def absolute_round(self, server_round: int) -> int:
+        return server_round + self.round_offset
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        absolute = self.absolute_round(server_round)
+        config["learning-rate"] = learning_rate(self.base_lr, self.lr_schedule, absolute, self.num_rounds)
+        self._started = time.perf_counter()
+        self._current = {"round": absolute, "learning-rate": config["learning-rate"]}
+        self._arrays = arrays
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        self._current["sampled"] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._current["replies"] = [
+            {"node-id": m.metadata.src_node_id, "error": m.error.reason} if m.has_error() else
+            {"node-id": m.metadata.src_node_id, **{k: v for r in m.content.metric_records.values() for k, v in r.items()}}
+            for m in replies
+        ]
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        if arrays is not None:
+            self._arrays = arrays
+        self._current["train"] = dict(metrics) if metrics is not None else {}
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics = super().aggregate_evaluate(server_round, list(replies))  # type: ignore[misc]
+        record = {**self._current, "round": self.absolute_round(server_round),
+                  "evaluate": dict(metrics) if metrics is not None else {},
+                  "seconds": time.perf_counter() - self._started}
+        self.record(record)
+        if self._arrays is not None:
+            self._save_checkpoint(self._arrays, record["round"], record, "last")
+            value = record["evaluate"].get(self.best_key)
+            if value is not None and value > self.best_value:
+                self.best_value = float(value)
+                self._save_checkpoint(self._arrays, record["round"], record, "best")
+        return metrics
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Append one round to the history, ``metrics.jsonl`` and ``metrics.csv``, and log it."""
+        self.history.append(record)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        write_csv(self.history, self.out_dir / "metrics.csv")
+        evaluate = record.get("evaluate", {})
+        dice = "  ".join(f"{k[5:].upper()} {v:.3f}" for k, v in evaluate.items() if k.startswith("dice-"))
+        log(INFO, "round %d: train loss %s | validation Dice %s | %.1f s", record["round"],
+            f"{record['train']['train-loss']:.4f}" if "train-loss" in record.get("train", {}) else "-",
+            dice or "-", record.get("seconds", 0.0))
+
+
+def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
+    """One CSV row: round facts plus ``train/...`` and ``evaluate/...`` columns."""
+    row = {"round": record["round"], "learning-rate": record.get("learning-rate", ""), "seconds": record.get("seconds", "")}
+    for group in ("train", "evaluate", "server"):
+        for key, value in record.get(group, {}).items():
+            row[f"{group}/{key}"] = value
+    return row
+
+
+def write_csv(history: list[dict[str, Any]], path: Path) -> None:
+    rows = [flatten(r) for r in history]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def format_table(history: list[dict[str, Any]]) -> str:
+    """A plain-text table of train loss and validation metrics per round."""
+    keys = list(dict.fromkeys(k for r in history for k in r.get("evaluate", {})
+                              if k.split("-")[0] in ("dice", "iou", "hd95")))
+    header = ["round", "train-loss", *keys]
+    lines = ["  ".join(f"{h:>10}" for h in header)]
+    for r in history:
+        loss = r.get("train", {}).get("train-loss")
+        cells = [f"{r['round']:>10}", f"{loss:>10.4f}" if loss is not None else f"{'-':>10}"]
+        cells += [f"{r['evaluate'][k]:>10.3f}" if k in r.get("evaluate", {}) else f"{'-':>10}" for k in keys]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+# name -> (Flower class, {run-config key: (constructor argument, type, default)})
+STRATEGIES: dict[str, tuple[type, dict[str, tuple[str, type, Any]]]] = {
+    "fedavg": (flwr_strategies.FedAvg, {}),
+    "fedprox": (flwr_strategies.FedProx, {"proximal-mu": ("proximal_mu", float, 0.01)}),
+    "fedadam": (flwr_strategies.FedAdam, {
+        "server-lr": ("eta", float, 0.01), "server-beta-1": ("beta_1", float, 0.9),
+        "server-beta-2": ("beta_2", float, 0.99), "server-tau": ("tau", float, 1e-3)}),
+    "fedyogi": (flwr_strategies.FedYogi, {
+        "server-lr": ("eta", float, 0.01), "server-beta-1": ("beta_1", float, 0.9),
+        "server-beta-2": ("beta_2", float, 0.99), "server-tau": ("tau", float, 1e-3)}),
+    "fedavgm": (flwr_strategies.FedAvgM, {
+        "server-lr": ("server_learning_rate", float, 1.0), "server-momentum": ("server_momentum", float, 0.9)}),
+    "fedmedian": (flwr_strategies.FedMedian, {}),
+    "fedtrimmedavg": (flwr_strategies.FedTrimmedAvg, {"trim-beta": ("beta", float, 0.2)}),
+    "krum": (flwr_strategies.Krum, {"num-malicious-nodes": ("num_malicious_nodes", int, 0)}),
+}
+
+
+def build_strategy(run_config: Mapping[str, Any], **keeper_args: Any) -> RoundKeeper:
+    """The strategy named by ``strategy`` in the run config, with :class:`RoundKeeper` mixed in.
+
+    Sampling settings (``fraction-train``, ``fraction-evaluate``, ``min-available-nodes``)
+    and the strategy's own parameters come from the run config.
+
+    Raises:
+        ValueError: for an unknown strategy name.
+    """
+    name = str(run_config.get("strategy", "fedavg")).lower()
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy '{name}' is unknown; choose one of {sorted(STRATEGIES)}.")
+    base, params = STRATEGIES[name]
+    min_nodes = int(run_config.get("min-available-nodes", 2))
+    kwargs: dict[str, Any] = {
+        "fraction_train": float(run_config.get("fraction-train", 1.0)),
+        "fraction_evaluate": float(run_config.get("fraction-evaluate", 1.0)),
+        "min_available_nodes": min_nodes,
+        "min_train_nodes": min(min_nodes, int(run_config.get("min-train-nodes", min_nodes))),
+        "min_evaluate_nodes": min(min_nodes, int(run_config.get("min-evaluate-nodes", min_nodes))),
+        "train_metrics_aggr_fn": aggregate_metrics,
+        "evaluate_metrics_aggr_fn": aggregate_metrics,
+    }
+    for key, (argument, kind, default) in params.items():
+        kwargs[argument] = kind(run_config.get(key, default))
+    cls = type(f"Keeping{base.__name__}", (RoundKeeper, base), {})
+    return cls(**kwargs, **keeper_args)

@@ -1,0 +1,1 @@
+"""Simulation harness: synthetic sites, site splits, experiment runners and presets."""

@@ -1,0 +1,198 @@
+"""Run the Flower app through ``flwr run`` on a private, short-lived local SuperLink.
+
+``flwr run .`` on its own starts a shared SuperLink in the background that outlives the
+run, and by default installs each run's dependencies into a fresh environment. For the
+main job and the tests this module instead starts its own ``flower-superlink
+--simulation`` on a free loopback port with runtime dependency installation disabled
+(so it works offline with the packages already installed), submits the run with
+``flwr run --stream``, and stops the SuperLink and everything it started afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+from urllib.error import URLError
+from urllib.request import urlopen
+
+APP_DIR = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT_S = 90.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    """A scalar as a TOML literal (run-config values are str, int, float or bool)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def write_run_config(values: Mapping[str, Any], path: Path) -> Path:
+    path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in values.items()))
+    return path
+
+
+def _environment(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # The project's packages must be importable in every process Flower starts.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR), env.get("PYTHONPATH", "")])),
+    })
+    return env
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after a grace period."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def local_superlink(workdir: Path, app_dir: Path = APP_DIR) -> Iterator[tuple[str, dict[str, str]]]:
+    """A simulation SuperLink for this process alone.
+
+    Yields:
+        ``(connection name, environment)`` to pass to ``flwr run``.
+
+    Raises:
+        RuntimeError: when the SuperLink does not come up, with the tail of its log.
+    """
+    flwr_home = workdir / "flwr-home"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedlesion"\n\n[superlink.fedlesion]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = _environment(flwr_home)
+    log_path = workdir / "superlink.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
+             "--disable-runtime-dependency-installation", "--database", str(flwr_home / "state.db")],
+            cwd=app_dir, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {process.returncode}:\n{_tail(log_path)}")
+            try:
+                with urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"flower-superlink did not start within {STARTUP_TIMEOUT_S:.0f} s:\n{_tail(log_path)}")
+            time.sleep(0.5)
+        yield "fedlesion", env
+    finally:
+        _stop(process)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def run_federation(
+    run_config: Mapping[str, Any],
+    num_sites: int,
+    app_dir: Path = APP_DIR,
+    workdir: Path | None = None,
+    output: TextIO | None = None,
+    timeout_s: float = 3600.0,
+    num_cpus_per_site: int = 1,
+) -> Path:
+    """Run the federation in simulation and return its run folder.
+
+    Args:
+        run_config: overrides of ``[tool.flwr.app.config]``; ``output-dir`` is made absolute
+            and ``run-name`` is set when absent, so the run folder is known.
+        num_sites: virtual SuperNodes (one per site; ``partition-id`` selects the site).
+        app_dir: the Flower app (this repository).
+        workdir: where the private SuperLink keeps its state and log (a temporary folder when None).
+        output: where Flower's streamed log goes (standard output when None).
+        timeout_s: the most the whole run may take.
+        num_cpus_per_site: CPU cores Ray reserves per virtual SuperNode.
+
+    Returns:
+        The run folder holding ``metrics.jsonl``, ``metrics.csv`` and the checkpoints.
+
+    Raises:
+        RuntimeError: when the run fails or ends without its final checkpoint.
+    """
+    values = dict(run_config)
+    values["output-dir"] = str(Path(str(values.get("output-dir", "outputs"))).resolve())
+    values.setdefault("run-name", time.strftime("run-%Y%m%d-%H%M%S"))
+    run_dir = Path(values["output-dir"]) / str(values["run-name"])
+    output = output or sys.stdout
+    with tempfile.TemporaryDirectory(prefix="fedlesion-") as tmp:
+        work = Path(workdir or tmp)
+        with local_superlink(work, app_dir) as (connection, env):
+            command = [
+                _bin("flwr"), "run", str(app_dir), connection, "--stream",
+                "--run-config", str(write_run_config(values, work / "run-config.toml")),
+                "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={num_cpus_per_site}",
+            ]
+            process = subprocess.Popen(command, cwd=app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            assert process.stdout is not None
+            try:
+                deadline = time.monotonic() + timeout_s
+                for line in process.stdout:
+                    output.write(line)
+                    output.flush()
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the federated run exceeded {timeout_s:.0f} s and was stopped.")
+                process.wait()
+            finally:
+                if process.poll() is None:
+                    process.kill()
+    if process.returncode != 0 or not (run_dir / "final.pt").exists():
+        raise RuntimeError(
+            f"the federated run failed (flwr run exit code {process.returncode}); "
+            f"no final checkpoint in {run_dir}. See the log above."
+        )
+    return run_dir
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-round records of a run, from its ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
