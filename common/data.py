@@ -229,17 +229,20 @@ def _split_pattern(pattern: str) -> tuple[str, int | None]:
 
 
 def discover_cases(data_dir: str | os.PathLike[str], spec: DatasetSpec) -> list[str]:
-    """Case IDs found in ``data_dir``: every match of the first channel's pattern, sorted."""
-    pattern, _ = _split_pattern(next(iter(spec.channels.values())))
-    escaped = glob.escape(str(Path(data_dir))) + "/" + pattern.replace("{case}", "*")
-    regex = re.compile(re.escape(pattern).replace(re.escape("{case}"), "(?P<case>[^/]+)", 1).replace(
-        re.escape("{case}"), "(?P=case)") + "$")
-    cases = set()
-    for match in glob.glob(escaped):
-        rel = Path(match).relative_to(data_dir).as_posix()
-        found = regex.match(rel)
-        if found:
-            cases.add(found.group("case"))
+    """Case IDs found in ``data_dir``: every ID that any channel's pattern matches, sorted.
+
+    A case missing one modality is still found, so that loading it can say what is missing.
+    """
+    cases: set[str] = set()
+    for channel_pattern in spec.channels.values():
+        pattern, _ = _split_pattern(channel_pattern)
+        search = glob.escape(str(Path(data_dir))) + "/" + pattern.replace("{case}", "*")
+        regex = re.compile(re.escape(pattern).replace(re.escape("{case}"), "(?P<case>[^/]+)", 1)
+                           .replace(re.escape("{case}"), "(?P=case)") + "$")
+        for match in glob.glob(search):
+            found = regex.match(Path(match).relative_to(data_dir).as_posix())
+            if found:
+                cases.add(found.group("case"))
     return sorted(cases)
 
 
@@ -298,7 +301,8 @@ class PreparedCase:
         ras_shape = nib.orientations.apply_orientation(np.empty(self.original_shape, dtype=np.uint8), self.ornt).shape
         full = np.zeros(ras_shape, dtype=volume.dtype)
         full[tuple(slice(a, b) for a, b in self.crop)] = volume
-        back = nib.orientations.apply_orientation(full, nib.orientations.invert_ornt(self.ornt))
+        to_file = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), self.ornt)
+        back = nib.orientations.apply_orientation(full, to_file)
         return np.ascontiguousarray(back)
 
 

@@ -27,11 +27,17 @@ SUMMED_SUFFIX = "-cases"
 
 
 def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
-    """Flower's weighted average, except that counts (``num-examples``, ``*-cases``) are summed."""
-    out = aggregate_metricrecords(records, weighting_key)
-    for key in list(out):
-        if key in SUMMED_KEYS or key.endswith(SUMMED_SUFFIX):
-            out[key] = sum(float(m[key]) for r in records for m in r.metric_records.values() if key in m)
+    """Flower's weighted average, except that counts (``num-examples``, ``*-cases``) are summed.
+
+    When no site reports a positive weight (no validation case anywhere) only the counts
+    are returned, instead of dividing by zero.
+    """
+    values = [m for r in records for m in r.metric_records.values()]
+    total = sum(float(m.get(weighting_key, 0.0)) for m in values)
+    out = aggregate_metricrecords(records, weighting_key) if total > 0 else MetricRecord()
+    keys = {k for m in values for k in m if k in SUMMED_KEYS or k.endswith(SUMMED_SUFFIX)}
+    for key in keys:
+        out[key] = sum(float(m[key]) for m in values if key in m)
     return out
 
 

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny synthetic sites and the real BraTS 2018 sample when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from simulations.synthetic import synthesize
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_SHAPE = (32, 32, 16)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def sample_data_dir() -> Path | None:
+    """The six-case BraTS 2018 sample: $FEDLESION_SAMPLE_DATA, else ../shared/data/brats18-sample."""
+    candidates = [os.environ.get("FEDLESION_SAMPLE_DATA"), REPO.parent / "shared" / "data" / "brats18-sample"]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    found = sample_data_dir()
+    if found is None:
+        pytest.skip("real BraTS 2018 sample not found: set FEDLESION_SAMPLE_DATA or place it at ../shared/data/brats18-sample")
+    return found
+
+
+@pytest.fixture(scope="session")
+def tiny_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three tiny synthetic sites of 2, 3 and 4 cases."""
+    root = tmp_path_factory.mktemp("synthetic")
+    synthesize(root, sites=3, cases_per_site=3, shape=TINY_SHAPE, seed=0)
+    return root
+
+
+def write_case(folder: Path, case: str, shape: tuple[int, ...] = (16, 16, 8), labels: tuple[int, ...] = (0, 1, 2, 4),
+               affine: np.ndarray | None = None, seed: int = 0) -> Path:
+    """A minimal BraTS 2021-layout case with random images and a label holding ``labels``."""
+    rng = np.random.default_rng(seed)
+    case_dir = folder / case
+    case_dir.mkdir(parents=True, exist_ok=True)
+    affine = np.eye(4) if affine is None else affine
+    for modality in ("flair", "t1", "t1ce", "t2"):
+        image = rng.uniform(1, 100, shape).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, affine), case_dir / f"{case}_{modality}.nii.gz")
+    label = np.zeros(shape, dtype=np.uint8)
+    for i, value in enumerate(labels):
+        label[i:i + 2, 2:6, 2:6] = value
+    nib.save(nib.Nifti1Image(label, affine), case_dir / f"{case}_seg.nii.gz")
+    return case_dir

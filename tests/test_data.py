@@ -1,0 +1,231 @@
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from common.data import (
+    LAYOUTS,
+    CaseCache,
+    CaseError,
+    DatasetSpec,
+    discover_cases,
+    load_case,
+    load_manifest,
+    load_site,
+    resolve_spec,
+    split_train_val,
+)
+from tests.conftest import REPO, write_case
+
+BRATS = LAYOUTS["brats2021"]
+SAMPLE_MANIFEST = REPO / "simulations" / "manifests" / "brats18-sample.json"
+
+
+def test_brats2021_case_loads_with_regions(tmp_path: Path) -> None:
+    write_case(tmp_path, "Case_001")
+    prepared = load_case(tmp_path, BRATS, "Case_001")
+    assert prepared.image.shape == (4, 16, 16, 8) and prepared.image.dtype == np.float32
+    assert prepared.regions.shape == (3, 16, 16, 8)
+    # WT = 1,2,4; TC = 1,4; ET = 4: nested, so WT >= TC >= ET.
+    wt, tc, et = (prepared.regions[i].sum() for i in range(3))
+    assert wt > tc > et > 0
+    nonzero = prepared.image[0] != 0
+    assert abs(prepared.image[0][nonzero].mean()) < 1e-4 and abs(prepared.image[0][nonzero].std() - 1) < 1e-3
+
+
+def test_brats2023_and_msd_layouts_load(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    case = tmp_path / "b23" / "BraTS-GLI-00000-000"
+    case.mkdir(parents=True)
+    for m in ("t2f", "t1n", "t1c", "t2w"):
+        nib.save(nib.Nifti1Image(rng.uniform(1, 5, (8, 8, 8)).astype(np.float32), np.eye(4)), case / f"{case.name}-{m}.nii.gz")
+    label = np.zeros((8, 8, 8), np.uint8)
+    label[2:4, 2:4, 2:4] = 3
+    nib.save(nib.Nifti1Image(label, np.eye(4)), case / f"{case.name}-seg.nii.gz")
+    spec = resolve_spec(tmp_path / "b23")
+    assert spec.name == "brats2023"
+    prepared = load_site(tmp_path / "b23", spec).cases[0]
+    assert prepared.regions[2].sum() == 8  # ET = 3
+
+    msd = tmp_path / "msd"
+    (msd / "imagesTr").mkdir(parents=True)
+    (msd / "labelsTr").mkdir()
+    nib.save(nib.Nifti1Image(rng.uniform(1, 5, (8, 8, 8, 4)).astype(np.float32), np.eye(4)), msd / "imagesTr" / "BRATS_001.nii.gz")
+    label[2:4, 2:4, 2:4] = 1
+    nib.save(nib.Nifti1Image(label, np.eye(4)), msd / "labelsTr" / "BRATS_001.nii.gz")
+    spec = resolve_spec(msd)
+    assert spec.name == "msd-task01"
+    prepared = load_site(msd, spec).cases[0]
+    assert prepared.image.shape == (4, 8, 8, 8) and prepared.regions[0].sum() == 8 and prepared.regions[1].sum() == 0
+
+
+def test_region_labels_map_back_to_one_label() -> None:
+    assert BRATS.region_labels() == {"WT": 2, "TC": 1, "ET": 4}
+    assert LAYOUTS["brats2023"].region_labels() == {"WT": 2, "TC": 1, "ET": 3}
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"channels": {}, "labels": [0, 1], "regions": {"A": [1]}}, "'channels' is empty"),
+        ({"channels": {"a": "x.nii.gz"}, "labels": [0, 1], "regions": {"A": [1]}}, "no '\\{case\\}' placeholder"),
+        ({"channels": {"a": "{case}.nii.gz"}, "labels": [0, 1], "regions": {"A": [2]}}, "not declared"),
+        ({"channels": {"a": "{case}.nii.gz"}, "labels": [0, 1, 2, 3], "regions": {"A": [1, 2], "B": [2, 3]}},
+         "does not map back to one label"),
+        ({"channels": {"a": "{case}.nii.gz"}}, "missing key"),
+    ],
+)
+def test_bad_manifests_are_rejected(tmp_path: Path, data: dict, match: str) -> None:
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=match):
+        load_manifest(path)
+
+
+def test_unknown_layout_error_says_how_to_fix(tmp_path: Path) -> None:
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(ValueError, match="add a manifest"):
+        resolve_spec(tmp_path)
+
+
+def _corrupt(case_dir: Path, kind: str) -> str:
+    """Break one case in one way; return the file the error must name."""
+    case = case_dir.name
+    flair = case_dir / f"{case}_flair.nii.gz"
+    seg = case_dir / f"{case}_seg.nii.gz"
+    if kind == "truncated":
+        data = flair.read_bytes()
+        flair.write_bytes(data[: len(data) // 2])
+        return flair.name
+    if kind == "not-nifti":
+        flair.write_bytes(gzip.compress(b"this is a text report, not an image" * 20))
+        return flair.name
+    if kind == "shape":
+        nib.save(nib.Nifti1Image(np.ones((16, 16, 9), np.float32), np.eye(4)), flair)
+        return flair.name
+    if kind == "affine":
+        shifted = np.eye(4)
+        shifted[0, 3] = 5.0
+        nib.save(nib.Nifti1Image(np.ones((16, 16, 8), np.float32), shifted), flair)
+        return flair.name
+    if kind == "nan":
+        image = np.ones((16, 16, 8), np.float32)
+        image[1, 1, 1] = np.nan
+        image[2, 2, 2] = np.inf
+        nib.save(nib.Nifti1Image(image, np.eye(4)), flair)
+        return flair.name
+    if kind == "labels":
+        label = np.zeros((16, 16, 8), np.uint8)
+        label[0, 0, 0] = 3
+        nib.save(nib.Nifti1Image(label, np.eye(4)), seg)
+        return seg.name
+    if kind == "missing":
+        flair.unlink()
+        return flair.name
+    if kind == "4d":
+        nib.save(nib.Nifti1Image(np.ones((16, 16, 8, 2), np.float32), np.eye(4)), flair)
+        return flair.name
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind, problem",
+    [
+        ("truncated", "truncated or corrupt"),
+        ("not-nifti", "not a NIfTI file"),
+        ("shape", "differs from"),
+        ("affine", "affine differs"),
+        ("nan", "2 voxel\\(s\\) are NaN or Inf"),
+        ("labels", "label values \\[3\\] are not in the declared set"),
+        ("missing", "missing modality file"),
+        ("4d", "expected a 3D volume"),
+    ],
+)
+def test_each_bad_case_gives_its_named_error(tmp_path: Path, kind: str, problem: str) -> None:
+    write_case(tmp_path, "Good_001")
+    bad = write_case(tmp_path, "Bad_002", seed=1)
+    filename = _corrupt(bad, kind)
+    with pytest.raises(CaseError, match=problem) as info:
+        load_case(tmp_path, BRATS, "Bad_002")
+    assert filename in str(info.value) and "Bad_002" in str(info.value)
+    # A dataset skips it with a reason and keeps the good case; or stops, by setting.
+    site = load_site(tmp_path, BRATS, cache=None)
+    assert [c.case for c in site.cases] == ["Good_001"]
+    assert list(site.skipped) == ["Bad_002"] and filename in site.skipped["Bad_002"]
+    with pytest.raises(CaseError):
+        load_site(tmp_path, BRATS, on_error="raise", cache=None)
+
+
+def test_empty_label_is_allowed_and_counted(tmp_path: Path) -> None:
+    write_case(tmp_path, "Empty_001", labels=(0,))
+    write_case(tmp_path, "Full_002")
+    site = load_site(tmp_path, BRATS, cache=None)
+    assert len(site.cases) == 2 and site.empty_label_count == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every folder regardless of permissions")
+def test_unreadable_folder_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0)
+    try:
+        with pytest.raises(ValueError, match="missing or unreadable"):
+            load_site(folder, BRATS)
+    finally:
+        folder.chmod(0o755)
+
+
+def test_missing_folder_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="missing or unreadable"):
+        load_site(tmp_path / "nowhere", BRATS)
+
+
+def test_reorientation_round_trips_to_the_file_grid(tmp_path: Path) -> None:
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS, as BraTS writes
+    write_case(tmp_path, "Lps_001", affine=affine)
+    prepared = load_case(tmp_path, BRATS, "Lps_001", crop_foreground=True)
+    seg = np.asarray(nib.load(tmp_path / "Lps_001" / "Lps_001_seg.nii.gz").dataobj)
+    restored = prepared.restore(prepared.regions[0])
+    np.testing.assert_array_equal(restored, np.isin(seg, (1, 2, 4)).astype(np.uint8))
+
+
+def test_cache_decodes_each_file_once(tmp_path: Path) -> None:
+    from common.data import DECODE_STATS
+
+    write_case(tmp_path, "Cached_001")
+    cache = CaseCache(max_bytes=1 << 30)
+    before = DECODE_STATS.files
+    for _ in range(3):
+        load_site(tmp_path, BRATS, cache=cache)
+    assert DECODE_STATS.files - before == 5  # four modalities and the label, once
+
+
+def test_split_is_deterministic_and_disjoint() -> None:
+    ids = [f"c{i}" for i in range(10)]
+    train, val = split_train_val(ids, 0.25, seed=3)
+    assert (train, val) == split_train_val(ids, 0.25, seed=3)
+    assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == ids
+    assert split_train_val(["only"], 0.25, 0) == (["only"], [])
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_train_val(ids, 1.0, 0)
+
+
+def test_real_sample_loads_through_the_documented_manifest(sample_dir: Path) -> None:
+    spec = load_manifest(SAMPLE_MANIFEST)
+    assert discover_cases(sample_dir, spec) == sorted(p.name for p in sample_dir.iterdir() if p.is_dir())
+    site = load_site(sample_dir, spec, on_error="raise", cache=None)
+    assert len(site.cases) == 6 and not site.skipped
+    for case in site.cases:
+        assert case.image.shape == (2, 240, 240, 155)
+        assert case.regions.shape == (1, 240, 240, 155) and case.regions.sum() > 0
+        assert case.spacing == (1.0, 1.0, 1.0)
+
+
+def test_spec_json_round_trip() -> None:
+    assert DatasetSpec.from_json(BRATS.to_json()) == BRATS

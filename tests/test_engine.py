@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, state_dict_from_arrays
+from common.data import LAYOUTS, load_site
+from common.engine import TrainConfig, evaluate, predict_probabilities, probabilities_to_labels, select_device, train
+from common.losses import build_loss
+from common.model import build_model
+
+BRATS = LAYOUTS["brats2021"]
+
+
+def _tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("unet2d", 4, 3, base_channels=4, depth=2)
+
+
+def test_training_lowers_the_loss_and_scores_cases(tiny_sites: Path) -> None:
+    cases = load_site(tiny_sites / "site-2").cases
+    model = _tiny_model()
+    config = TrainConfig(epochs=4, batch_size=8, learning_rate=3e-3, samples_per_case=8, seed=0)
+    losses: list[float] = []
+    stats = train(model, cases, 2, config, torch.device("cpu"), progress=lambda e, loss: losses.append(loss))
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert stats["train-samples"] == 4 * 4 * 8
+    per_case, summary = evaluate(model, cases[:2], ["WT", "TC", "ET"], 2, torch.device("cpu"))
+    assert [c["case"] for c in per_case] == [c.case for c in cases[:2]]
+    assert set(summary) == {"WT", "TC", "ET"} and 0.0 <= summary["WT"]["dice_mean"] <= 1.0
+
+
+def test_proximal_term_keeps_weights_near_the_global_model(tiny_sites: Path) -> None:
+    cases = load_site(tiny_sites / "site-1").cases
+    drift = {}
+    for mu in (0.0, 10.0):
+        model = _tiny_model()
+        start = [p.detach().clone() for p in model.parameters()]
+        train(model, cases, 2, TrainConfig(epochs=2, batch_size=4, samples_per_case=4, proximal_mu=mu, seed=0), torch.device("cpu"))
+        drift[mu] = sum(float((p.detach() - s).pow(2).sum()) for p, s in zip(model.parameters(), start))
+    assert drift[10.0] < drift[0.0]
+
+
+def test_whole_volume_prediction_shape() -> None:
+    model = _tiny_model()
+    probs = predict_probabilities(model, np.random.rand(4, 20, 24, 7).astype(np.float32), 2, torch.device("cpu"), slice_batch=3)
+    assert probs.shape == (3, 20, 24, 7) and float(probs.min()) >= 0 and float(probs.max()) <= 1
+
+
+def test_regions_turn_back_into_brats_labels() -> None:
+    probs = np.zeros((3, 4, 1, 1), np.float32)
+    probs[0, 0:3] = 1  # WT covers voxels 0..2
+    probs[1, 1:3] = 1  # TC covers 1..2
+    probs[2, 2] = 1  # ET covers 2
+    labels = probabilities_to_labels(probs, BRATS)
+    assert labels[:, 0, 0].tolist() == [2, 1, 4, 0]
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    model = _tiny_model()
+    path = save_checkpoint(Checkpoint("unet2d", {"base_channels": 4, "depth": 2}, BRATS, model.state_dict(),
+                                      round=3, run_config={"seed": 0}), tmp_path / "c.pt")
+    loaded = load_checkpoint(path)
+    assert loaded.round == 3 and loaded.spec == BRATS and loaded.spatial_dims == 2
+    rebuilt = loaded.build()
+    x = torch.randn(1, 4, 16, 16)
+    model.eval(), rebuilt.eval()
+    torch.testing.assert_close(model(x), rebuilt(x))
+    assert not list(tmp_path.glob(".*.tmp")), "no temporary file is left behind"
+
+
+def test_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="file not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt: cannot be read"):
+        load_checkpoint(junk)
+
+
+def test_state_dict_from_arrays_checks_shapes() -> None:
+    model = _tiny_model()
+    arrays = [v.numpy() for v in model.state_dict().values()]
+    assert list(state_dict_from_arrays(model, arrays)) == list(model.state_dict())
+    arrays[0] = np.zeros((1, 1))
+    with pytest.raises(ValueError, match="has shape"):
+        state_dict_from_arrays(model, arrays)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"epochs": 0}, "epochs must be >= 1"), ({"learning_rate": 0}, "learning_rate must be > 0"),
+     ({"proximal_mu": -1}, "proximal_mu must be >= 0")],
+)
+def test_bad_train_config(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"focal_gamma": -1}, "focal_gamma"), ({"focal_alpha": 2}, "focal_alpha"), ({"lambda_dice": 0, "lambda_focal": 0}, "loss weights")],
+)
+def test_bad_loss_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_loss(**kwargs)
+
+
+def test_device_selection() -> None:
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            select_device("cuda")

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose, RandAffined
+
+from common.transforms import training_transforms
+
+
+def _lesion_volume(seed: int, shape: tuple[int, int, int] = (48, 48, 12)) -> dict[str, torch.Tensor]:
+    """An image whose lesion is defined by intensity (10 inside, 1 elsewhere), and its mask."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    centre = rng.uniform([12, 12, 3], [36, 36, 9])
+    radius = rng.uniform(5, 9)
+    lesion = ((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + ((z - centre[2]) * 2) ** 2) < radius**2
+    image = np.where(lesion, 10.0, 1.0).astype(np.float32)
+    return {"image": torch.from_numpy(np.stack([image, image])), "label": torch.from_numpy(lesion[None].astype(np.float32))}
+
+
+def _agreement(sample: dict[str, torch.Tensor]) -> float:
+    """Dice between the voxels the image marks as lesion and the mask."""
+    image = sample["image"][0]
+    lo, hi = float(image.min()), float(image.max())
+    from_image = image > (lo + hi) / 2
+    mask = sample["label"][0] > 0.5
+    total = int(from_image.sum() + mask.sum())
+    return 1.0 if total == 0 else 2.0 * int((from_image & mask).sum()) / total
+
+
+@pytest.mark.parametrize("spatial_dims, size", [(2, (48, 48)), (3, (32, 32, 8))])
+def test_mask_follows_the_image_through_every_augmentation(spatial_dims: int, size: tuple[int, ...]) -> None:
+    transform = training_transforms(spatial_dims, size, pos_ratio=1.0, augment=True)
+    transform.set_random_state(seed=0)
+    scores = []
+    for seed in range(40):
+        out = transform(_lesion_volume(seed))
+        out = out[0] if isinstance(out, list) else out
+        assert out["image"].shape[1:] == out["label"].shape[1:] == size
+        assert set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0}, "labels are never interpolated"
+        if out["label"].any():
+            scores.append(_agreement(out))
+    assert len(scores) >= 30
+    # Bilinear resampling blurs only the image's edge by a voxel; the mask stays on it.
+    assert min(scores) > 0.8 and float(np.mean(scores)) > 0.9
+
+
+def test_independent_draws_would_misalign() -> None:
+    """The reference snippet's bug, as a control: separate random affines for image and mask."""
+    scores = []
+    for seed in range(20):
+        data = _lesion_volume(seed)
+        data = {"image": data["image"][..., 6], "label": data["label"][..., 6]}
+        image_aug = RandAffined(keys="image", prob=1.0, rotate_range=0.5, translate_range=(5, 5))
+        label_aug = RandAffined(keys="label", prob=1.0, rotate_range=0.5, translate_range=(5, 5), mode="nearest")
+        image_aug.set_random_state(seed)
+        label_aug.set_random_state(seed + 1000)
+        out = Compose([image_aug, label_aug])(data)
+        if out["label"].any():
+            scores.append(_agreement(out))
+    assert float(np.mean(scores)) < 0.85
+
+
+def test_lesion_aware_sampling_ratio() -> None:
+    transform = training_transforms(2, (48, 48), pos_ratio=0.9, augment=False)
+    transform.set_random_state(seed=1)
+    hits = [bool(transform(_lesion_volume(0))[0]["label"].any()) for _ in range(100)]
+    assert sum(hits) >= 80
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"spatial_dims": 4, "sample_size": (1, 2, 3, 4)}, "spatial_dims must be 2 or 3"),
+        ({"spatial_dims": 2, "sample_size": (32, 32), "pos_ratio": 1.5}, "pos_ratio must be in"),
+        ({"spatial_dims": 3, "sample_size": (32, 32)}, "sample_size must have 3 values"),
+    ],
+)
+def test_bad_transform_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        training_transforms(**kwargs)
