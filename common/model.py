@@ -95,6 +95,136 @@ class UNet2D(nn.Module):
         return self.outc(x)
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2/V3 block: 1x1 expand -> depthwise 3x3 -> squeeze-excite -> 1x1 project (+ skip)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand: int = 4) -> None:
+        super().__init__()
+        hidden = in_channels * expand
+        self.use_skip = stride == 1 and in_channels == out_channels
+        self.block = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.Hardswish(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), nn.Hardswish(inplace=True),
+            SqueezeExcite(hidden),
+            nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return x + out if self.use_skip else out
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention as in MobileNetV3, with a hard sigmoid gate."""
+
+    def __init__(self, channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        self.gate = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, max(channels // reduction, 8), 1), nn.ReLU(inplace=True),
+            nn.Conv2d(max(channels // reduction, 8), channels, 1), nn.Hardsigmoid(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
+
+
+class UNet2DLite(nn.Module):
+    """A lightweight 2D U-Net for real-time use: a MobileNetV3-style encoder of
+    depthwise-separable inverted residuals, and a decoder of single depthwise-separable convs.
+
+    Args:
+        in_channels: number of input modalities.
+        out_channels: number of output region channels.
+        base_channels: width of the first level; each level doubles it.
+        depth: number of down-sampling steps.
+        expand: expansion ratio of the inverted residuals.
+
+    Raises:
+        ValueError: when a width, the depth or the expansion is not positive.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, base_channels: int = 16, depth: int = 4, expand: int = 4) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("base_channels", base_channels), ("depth", depth), ("expand", expand)):
+            if value < 1:
+                raise ValueError(f"UNet2DLite: {name} must be >= 1, got {value}.")
+        widths = [base_channels * 2**level for level in range(depth + 1)]
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.Hardswish(inplace=True))
+        self.downs = nn.ModuleList(
+            nn.Sequential(InvertedResidual(widths[i], widths[i + 1], stride=2, expand=expand),
+                          InvertedResidual(widths[i + 1], widths[i + 1], stride=1, expand=expand))
+            for i in range(depth)
+        )
+        self.ups = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(widths[i + 1] + widths[i], widths[i + 1] + widths[i], 3, padding=1,
+                          groups=widths[i + 1] + widths[i], bias=False),
+                nn.Conv2d(widths[i + 1] + widths[i], widths[i], 1, bias=False),
+                nn.BatchNorm2d(widths[i]), nn.ReLU(inplace=True),
+            )
+            for i in reversed(range(depth))
+        )
+        self.outc = nn.Conv2d(widths[0], out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.stem(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        x = skips.pop()
+        for up in self.ups:
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = up(torch.cat([skip, x], dim=1))
+        return self.outc(x)
+
+
+def _levels(base_channels: int, depth: int, model: str) -> list[int]:
+    if base_channels < 1 or depth < 1:
+        raise ValueError(f"{model}: base_channels and depth must be >= 1, got {base_channels} and {depth}.")
+    return [base_channels * 2**level for level in range(depth + 1)]
+
+
+def unet3d(in_channels: int, out_channels: int, base_channels: int = 16, depth: int = 4) -> nn.Module:
+    """A full 3D U-Net (MONAI ``UNet``): ``depth + 1`` levels, instance norm, residual units."""
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+                channels=_levels(base_channels, depth, "unet3d"), strides=[2] * depth, num_res_units=2, norm="INSTANCE")
+
+
+def dynunet(in_channels: int, out_channels: int, base_channels: int = 32, depth: int = 4) -> nn.Module:
+    """nnU-Net's architecture (MONAI ``DynUNet``): 3x3x3 kernels, stride-2 levels, instance norm."""
+    from monai.networks.nets import DynUNet
+
+    filters = [min(f, 320) for f in _levels(base_channels, depth, "dynunet")]  # nnU-Net caps widths at 320
+    return DynUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+                   kernel_size=[3] * (depth + 1), strides=[1] + [2] * depth, upsample_kernel_size=[2] * depth,
+                   filters=filters, norm_name="instance", res_block=True)
+
+
+def segresnet(in_channels: int, out_channels: int, init_filters: int = 16, dropout_prob: float = 0.2) -> nn.Module:
+    """MONAI ``SegResNet`` in NVIDIA's BraTS configuration (blocks 1-2-2-4 down, 1-1-1 up)."""
+    from monai.networks.nets import SegResNet
+
+    if init_filters < 8 or init_filters % 8 or not 0.0 <= dropout_prob < 1.0:
+        raise ValueError(f"segresnet: init_filters must be a multiple of 8 (group norm) and dropout_prob in [0, 1), "
+                         f"got {init_filters}, {dropout_prob}.")
+    return SegResNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, init_filters=init_filters,
+                     blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1), dropout_prob=dropout_prob)
+
+
+def swinunetr(in_channels: int, out_channels: int, feature_size: int = 24) -> nn.Module:
+    """MONAI ``SwinUNETR``: a Swin Transformer encoder fused with a CNN decoder. Patches must be multiples of 32."""
+    from monai.networks.nets import SwinUNETR
+
+    if feature_size < 12 or feature_size % 12:
+        raise ValueError(f"swinunetr: feature_size must be a positive multiple of 12, got {feature_size}.")
+    return SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size, spatial_dims=3)
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """How to build one registered model."""
@@ -106,6 +236,11 @@ class ModelEntry:
 
 MODELS: dict[str, ModelEntry] = {
     "unet2d": ModelEntry(UNet2D, 2, {"base_channels": 32, "depth": 4}),
+    "unet2d-lite": ModelEntry(UNet2DLite, 2, {"base_channels": 16, "depth": 4, "expand": 4}),
+    "unet3d": ModelEntry(unet3d, 3, {"base_channels": 16, "depth": 4}),
+    "dynunet": ModelEntry(dynunet, 3, {"base_channels": 32, "depth": 4}),
+    "segresnet": ModelEntry(segresnet, 3, {"init_filters": 16, "dropout_prob": 0.2}),
+    "swinunetr": ModelEntry(swinunetr, 3, {"feature_size": 24}),
 }
 
 

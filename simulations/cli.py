@@ -53,6 +53,70 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace) -> Any:
+    from common.engine import TrainConfig
+
+    values = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+              "samples_per_case": args.samples_per_case, "pos_ratio": args.pos_ratio, "seed": args.seed}
+    if args.patch_size:
+        values["patch_size"] = parse_shape(args.patch_size)
+    return TrainConfig(**values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from common.api import train_centralized
+    from common.config import parse_model_args
+
+    train_centralized(
+        args.data, args.out, model=args.model, model_args=parse_model_args(args.model_args), manifest=args.manifest,
+        config=_train_config(args), val_fraction=args.val_fraction, include=args.include or (),
+        exclude=args.exclude or (), crop_foreground=not args.no_crop, device=args.device,
+    )
+    print(f"checkpoint: {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from common.api import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.out, manifest=args.manifest,
+                                 include=args.include or (), exclude=args.exclude or (), device=args.device)
+    for region, block in result["summary"].items():
+        print(f"{region}: Dice {block['dice_mean']:.3f} ± {block['dice_std']:.3f} | IoU {block['iou_mean']:.3f} ± "
+              f"{block['iou_std']:.3f} | HD95 {block['hd95_mean']:.1f} mm")
+    if result["seconds_per_case"] is not None:
+        print(f"{len(result['cases'])} case(s), {result['seconds_per_case']:.2f} s per case end to end; "
+              f"{len(result['skipped'])} skipped -> {args.out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from common.api import predict_case
+
+    result = predict_case(args.checkpoint, args.case, args.out, manifest=args.manifest, overlay=args.overlay,
+                          device=args.device)
+    print(f"{result['case']}: wrote {result['out']} in {result['seconds']:.2f} s; label voxels {result['labels']}"
+          + (f"; overlay {result['overlay']}" if "overlay" in result else ""))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from common.model import MODELS, build_model
+
+    for name, entry in MODELS.items():
+        params = sum(p.numel() for p in build_model(name, 4, 3).parameters())
+        print(f"{name:12s} {entry.spatial_dims}D  {params / 1e6:6.2f} M parameters  defaults {entry.defaults}")
+    return 0
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="data folder (BraTS 2018-2023, MSD Task01 or a manifest layout)")
+    parser.add_argument("--manifest", help="manifest JSON or built-in layout name (default: found in --data)")
+    parser.add_argument("--include", action="append", metavar="GLOB", help="use only case IDs matching (repeatable)")
+    parser.add_argument("--exclude", action="append", metavar="GLOB", help="skip case IDs matching (repeatable)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedlesion",
@@ -83,6 +147,47 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--out", default="outputs", help="output folder; the run folder is made inside (default outputs)")
     simulate.add_argument("--timeout", type=float, default=3600.0, help="stop the run after this many seconds")
     simulate.set_defaults(func=cmd_simulate)
+
+    train = sub.add_parser("train", help="centralized (pooled) training, the baseline federation is compared with",
+                           description="Train one model on all selected cases of one data folder. Writes a "
+                                       "self-describing checkpoint after every epoch and prints progress.")
+    _data_arguments(train)
+    train.add_argument("--out", required=True, help="checkpoint file to write, e.g. model.pt")
+    train.add_argument("--model", default="unet2d", help="model name, see `fedlesion models` (default unet2d)")
+    train.add_argument("--model-args", default="", help="model argument overrides, e.g. 'base_channels=16 depth=4'")
+    train.add_argument("--epochs", type=int, default=20, help="epochs (default 20)")
+    train.add_argument("--batch-size", type=int, default=16, help="slices or patches per step (default 16)")
+    train.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    train.add_argument("--samples-per-case", type=int, default=32, help="slices/patches per case per epoch (default 32)")
+    train.add_argument("--pos-ratio", type=float, default=0.67, help="share of samples containing lesion (default 0.67)")
+    train.add_argument("--patch-size", default="", help="3D patch size X,Y,Z (3D models; default 96,96,96)")
+    train.add_argument("--val-fraction", type=float, default=0.0, help="share of cases held out for per-epoch validation")
+    train.add_argument("--no-crop", action="store_true", help="do not crop volumes to their nonzero box")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="score a checkpoint per region (Dice, IoU, HD95) and write JSON",
+                              description="Predict every labelled case of a data folder with a checkpoint and write "
+                                          "per-case and summary metrics (mean ± std) per region as JSON.")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint from `fedlesion train` or a federated run")
+    _data_arguments(evaluate)
+    evaluate.add_argument("--out", default="metrics.json", help="JSON file to write (default metrics.json)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="segment one case and write NIfTI (optionally a PNG overlay)",
+                             description="Segment one case folder. The output has the input's shape, affine and "
+                                         "header, and the dataset's label values (0/1/2/4 for BraTS), so viewers "
+                                         "such as 3D Slicer and ITK-SNAP overlay it directly.")
+    predict.add_argument("--checkpoint", required=True, help="checkpoint file")
+    predict.add_argument("--case", required=True, help="the case folder")
+    predict.add_argument("--out", required=True, help="output NIfTI, e.g. seg.nii.gz")
+    predict.add_argument("--manifest", help="manifest when the case's file names differ from the training layout")
+    predict.add_argument("--overlay", help="also write scan | prediction | ground truth as this PNG")
+    predict.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    predict.set_defaults(func=cmd_predict)
+
+    models = sub.add_parser("models", help="list the registered models with their parameter counts")
+    models.set_defaults(func=cmd_models)
     return parser
 
 

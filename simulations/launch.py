@@ -56,15 +56,12 @@ def _environment(flwr_home: Path) -> dict[str, str]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # Flower starts further executables (flower-superexec, flwr-simulation) by name.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         # The project's packages must be importable in every process Flower starts.
         "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR), env.get("PYTHONPATH", "")])),
     })
     return env
-
-
-def _bin(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -101,7 +98,7 @@ def local_superlink(workdir: Path, app_dir: Path = APP_DIR) -> Iterator[tuple[st
     log_path = workdir / "superlink.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            [_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
+            [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
              "--disable-runtime-dependency-installation", "--database", str(flwr_home / "state.db")],
             cwd=app_dir, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -167,7 +164,7 @@ def run_federation(
         work = Path(workdir or tmp)
         with local_superlink(work, app_dir) as (connection, env):
             command = [
-                _bin("flwr"), "run", str(app_dir), connection, "--stream",
+                str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), connection, "--stream",
                 "--run-config", str(write_run_config(values, work / "run-config.toml")),
                 "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={num_cpus_per_site}",
             ]

@@ -41,3 +41,36 @@ def test_registry_reports_dimensions_and_defaults() -> None:
     assert "unet2d" in MODELS
     assert model_spatial_dims("unet2d") == 2
     assert resolved_model_args("unet2d", depth=2)["depth"] == 2
+
+
+@pytest.mark.parametrize(
+    "name, args, size",
+    [
+        ("unet2d-lite", {"base_channels": 4, "depth": 3}, (33, 40)),
+        ("unet3d", {"base_channels": 4, "depth": 4}, (32, 32, 32)),
+        ("dynunet", {"base_channels": 4, "depth": 3}, (32, 32, 16)),
+        ("segresnet", {"init_filters": 8}, (32, 32, 16)),
+        ("swinunetr", {"feature_size": 12}, (64, 64, 32)),
+    ],
+)
+def test_every_model_runs_forward_and_backward(name: str, args: dict, size: tuple[int, ...]) -> None:
+    model = build_model(name, in_channels=2, out_channels=3, **args)
+    assert model_spatial_dims(name) == len(size)
+    y = model(torch.randn(1, 2, *size))
+    assert y.shape == (1, 3, *size)
+    y.float().mean().backward()
+
+
+def test_lite_model_is_much_smaller_than_the_reference() -> None:
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(build_model("unet2d-lite", 4, 3)) * 3 < count(build_model("unet2d", 4, 3))
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, match",
+    [("swinunetr", {"feature_size": 10}, "multiple of 12"), ("unet3d", {"depth": 0}, "must be >= 1"),
+     ("segresnet", {"dropout_prob": 1.5}, "dropout_prob")],
+)
+def test_3d_models_validate_arguments(name: str, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_model(name, 4, 3, **kwargs)

@@ -1,0 +1,273 @@
+"""The Python API behind ``fedlesion train | evaluate | predict``.
+
+Each function takes paths and plain values, does one stage, and writes its result to
+files, so the stages can be rerun alone and called from tests, scripts and notebooks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .data import DatasetSpec, PreparedCase, discover_cases, load_case, load_site, resolve_spec, split_train_val
+from .engine import TrainConfig, evaluate, predict_probabilities, probabilities_to_labels, select_device, train
+from .metrics import region_metrics, summarize
+from .model import build_model, model_spatial_dims, resolved_model_args
+
+logger = logging.getLogger(__name__)
+
+
+def select_cases(case_ids: Sequence[str], include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[str]:
+    """Case IDs matching any ``include`` glob (all when empty) and no ``exclude`` glob."""
+    return [c for c in case_ids
+            if (not include or any(fnmatch.fnmatch(c, p) for p in include))
+            and not any(fnmatch.fnmatch(c, p) for p in exclude)]
+
+
+def train_centralized(
+    data: str | Path,
+    out: str | Path,
+    model: str = "unet2d",
+    model_args: dict[str, Any] | None = None,
+    manifest: str | None = None,
+    config: TrainConfig | None = None,
+    val_fraction: float = 0.0,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    crop_foreground: bool = True,
+    device: str = "auto",
+    report: Callable[[str], None] = print,
+) -> Checkpoint:
+    """Pooled (centralized) training: the baseline federation is compared with.
+
+    Args:
+        data: the data folder.
+        out: where the checkpoint is written (after every epoch, atomically).
+        model: a registered model name.
+        model_args: overrides of the model's defaults.
+        manifest: a manifest path or built-in layout name; found in ``data`` when ``None``.
+        config: training settings; ``config.epochs`` epochs are run one by one.
+        val_fraction: share of cases held out to report validation Dice each epoch.
+        include / exclude: glob patterns on case IDs selecting the cases to use.
+        crop_foreground: crop volumes to their nonzero box (faster 2D training).
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        report: where per-epoch progress lines go.
+
+    Returns:
+        The final :class:`Checkpoint`.
+
+    Raises:
+        ValueError: when no usable training case is left.
+    """
+    config = config or TrainConfig()
+    spec = resolve_spec(data, manifest)
+    ids = select_cases(discover_cases(data, spec), include, exclude)
+    site = load_site(data, spec, case_ids=ids, crop_foreground=crop_foreground)
+    by_id = {c.case: c for c in site.cases}
+    train_ids, val_ids = split_train_val(list(by_id), val_fraction, config.seed or 0)
+    if not train_ids:
+        raise ValueError(f"{data}: no usable training case (selected {len(ids)}, skipped {len(site.skipped)}).")
+    args = resolved_model_args(model, **(model_args or {}))
+    torch.manual_seed(config.seed or 0)
+    dev = select_device(device)
+    network = build_model(model, len(spec.channels), len(spec.regions), **args).to(dev)
+    spatial_dims = model_spatial_dims(model)
+    report(f"training {model} on {len(train_ids)} case(s) ({len(val_ids)} validation, {len(site.skipped)} skipped) "
+           f"on {dev}{' with float16 mixed precision' if dev.type == 'cuda' else ''}")
+    checkpoint = Checkpoint(model=model, model_args=args, spec=spec, state_dict={},
+                            run_config={"data": str(data), "train_cases": train_ids, "val_cases": val_ids,
+                                        **config.to_dict(), "crop_foreground": crop_foreground})
+    one_epoch = TrainConfig(**{**config.to_dict(), "epochs": 1})
+    start = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        one_epoch.seed = None if config.seed is None else config.seed + epoch
+        stats = train(network, [by_id[c] for c in train_ids], spatial_dims, one_epoch, dev)
+        line = f"epoch {epoch}/{config.epochs}: loss {stats['train-loss']:.4f}"
+        metrics: dict[str, Any] = {"train-loss": stats["train-loss"]}
+        if val_ids:
+            _, summary = evaluate(network, [by_id[c] for c in val_ids], list(spec.regions), spatial_dims, dev,
+                                  patch_size=config.patch_size)
+            metrics.update({f"dice-{r.lower()}": s["dice_mean"] for r, s in summary.items()})
+            line += " | validation Dice " + " ".join(f"{r} {s['dice_mean']:.3f}" for r, s in summary.items())
+        report(f"{line} | {time.perf_counter() - start:.0f} s")
+        checkpoint.state_dict = network.state_dict()
+        checkpoint.epoch, checkpoint.metrics = epoch, metrics
+        save_checkpoint(checkpoint, out)
+    return checkpoint
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path | None = None,
+    manifest: str | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    device: str = "auto",
+    report: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Score a checkpoint on every labelled case of a data folder.
+
+    Per case the clock runs over loading, preprocessing and prediction (not scoring),
+    so ``seconds_per_case`` is the end-to-end inference time.
+
+    Returns:
+        ``{"checkpoint", "data", "summary": {region: {dice_mean, dice_std, iou_mean, iou_std,
+        hd95_mean, ...}}, "cases": [{"case", "seconds", region: {dice, iou, hd95, ...}}],
+        "seconds_per_case", "skipped"}``, also written to ``out`` as JSON when given.
+
+    Raises:
+        ValueError: for an unreadable checkpoint, or data whose regions differ from it.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    spec = _data_spec(ckpt.spec, data, manifest)
+    crop = bool(ckpt.run_config.get("crop_foreground", False))
+    dev = select_device(device)
+    model = ckpt.build().to(dev)
+    regions = list(spec.regions)
+    ids = select_cases(discover_cases(data, spec), include, exclude)
+    if not ids:
+        raise ValueError(f"{data}: no case matches layout '{spec.name}' and the case filters.")
+    cases, skipped = [], {}
+    for i, case_id in enumerate(ids, 1):
+        start = time.perf_counter()
+        try:
+            case = load_case(data, spec, case_id, crop_foreground=crop)
+        except ValueError as exc:
+            skipped[case_id] = str(exc)
+            report(f"skipped {exc}")
+            continue
+        probs = predict_probabilities(model, case.image, ckpt.spatial_dims, dev,
+                                      patch_size=tuple(ckpt.run_config.get("patch_size", (96, 96, 96))))
+        seconds = time.perf_counter() - start
+        scores = region_metrics(probs > 0.5, case.regions, regions, spacing=case.spacing)
+        cases.append({"case": case_id, "seconds": seconds, **scores})
+        report(f"[{i}/{len(ids)}] {case_id}: " + " ".join(f"{r} Dice {scores[r]['dice']:.3f}" for r in regions)
+               + f" | {seconds:.2f} s")
+    result = {
+        "checkpoint": str(checkpoint),
+        "data": str(data),
+        "summary": summarize([{r: c[r] for r in regions} for c in cases], regions),
+        "cases": cases,
+        "seconds_per_case": float(np.mean([c["seconds"] for c in cases])) if cases else None,
+        "skipped": skipped,
+    }
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _data_spec(trained: DatasetSpec, data: str | Path, manifest: str | None) -> DatasetSpec:
+    """The layout of ``data``, which must have the checkpoint's channel count and regions."""
+    try:
+        spec = resolve_spec(data, manifest)
+    except ValueError:
+        if manifest:
+            raise
+        spec = trained  # the checkpoint's own layout, for folders without a recognisable one
+    if list(spec.regions) != list(trained.regions) or len(spec.channels) != len(trained.channels):
+        raise ValueError(
+            f"{data}: layout '{spec.name}' has channels {list(spec.channels)} and regions {list(spec.regions)}; "
+            f"the checkpoint was trained on {list(trained.channels)} and {list(trained.regions)}."
+        )
+    return spec
+
+
+def predict_case(
+    checkpoint: str | Path,
+    case_dir: str | Path,
+    out: str | Path,
+    manifest: str | None = None,
+    overlay: str | Path | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Segment one case folder and write the label map as NIfTI with the input's affine and header.
+
+    Region channels are turned back into the dataset's label values (0/1/2/4 for BraTS).
+
+    Returns:
+        ``{"case", "out", "seconds", "labels": {value: voxels}}`` (and ``"overlay"``).
+    """
+    case_dir = Path(case_dir)
+    ckpt = load_checkpoint(checkpoint)
+    spec = _data_spec(ckpt.spec, case_dir.parent, manifest) if manifest else ckpt.spec
+    dev = select_device(device)
+    model = ckpt.build().to(dev)
+    start = time.perf_counter()
+    case = load_case(case_dir.parent, spec, case_dir.name, crop_foreground=bool(ckpt.run_config.get("crop_foreground", False)),
+                     require_label=False)
+    probs = predict_probabilities(model, case.image, ckpt.spatial_dims, dev,
+                                  patch_size=tuple(ckpt.run_config.get("patch_size", (96, 96, 96))))
+    labels = case.restore(probabilities_to_labels(probs.numpy(), spec))
+    header = case.header.copy()
+    header.set_data_dtype(np.uint8)
+    header.set_slope_inter(1, 0)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(labels, case.affine, header), str(out))
+    result: dict[str, Any] = {
+        "case": case.case, "out": str(out), "seconds": time.perf_counter() - start,
+        "labels": {int(v): int(n) for v, n in zip(*np.unique(labels, return_counts=True))},
+    }
+    if overlay is not None:
+        result["overlay"] = str(write_overlay([(case, probs.numpy() > 0.5)], spec, overlay))
+    return result
+
+
+def write_overlay(items: Sequence[tuple[PreparedCase, np.ndarray]], spec: DatasetSpec, path: str | Path,
+                  title: str | None = None) -> Path:
+    """Scan | prediction | ground truth on the axial slice with the most lesion, one row per case.
+
+    Args:
+        items: ``(case, predicted region masks (R, X, Y, Z))`` pairs, in the prepared frame.
+        spec: the dataset spec (for region names).
+        path: the PNG to write.
+        title: a figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = ["#f4d03f", "#e74c3c", "#3498db", "#2ecc71", "#9b59b6"]
+    has_truth = any(case.regions is not None for case, _ in items)
+    columns = 3 if has_truth else 2
+    fig, axes = plt.subplots(len(items), columns, figsize=(3.2 * columns, 3.2 * len(items)), squeeze=False)
+    for row, (case, masks) in enumerate(items):
+        reference = case.regions if case.regions is not None else masks
+        z = int(np.argmax(reference[0].sum(axis=(0, 1)))) if reference[0].any() else case.image.shape[-1] // 2
+        scan = np.rot90(case.image[0, :, :, z])
+        panels = [("scan", None), ("prediction", masks)] + ([("ground truth", case.regions)] if has_truth else [])
+        for col, (name, overlay) in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(scan, cmap="gray")
+            if overlay is not None:
+                for r, region in enumerate(spec.regions):
+                    layer = np.ma.masked_where(~np.rot90(overlay[r, :, :, z].astype(bool)), np.ones(scan.shape))
+                    ax.imshow(layer, cmap=matplotlib.colors.ListedColormap([colours[r % len(colours)]]), alpha=0.45,
+                              vmin=0, vmax=1)
+            ax.set_title(f"{case.case}\n{name} (slice {z})" if col == 0 else name, fontsize=8)
+            ax.set_xlabel("x (voxels, R to L)", fontsize=7)
+            ax.set_ylabel("y (voxels, A to P)", fontsize=7)
+            ax.tick_params(labelsize=6)
+    handles = [matplotlib.patches.Patch(color=colours[r % len(colours)], label=region)
+               for r, region in enumerate(spec.regions)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
