@@ -80,7 +80,10 @@ def autocast(device: torch.device) -> Any:
 
 
 def _training_loader(cases: Sequence[PreparedCase], spatial_dims: int, config: TrainConfig) -> DataLoader:
-    sample_size = cases[0].image.shape[1:3] if spatial_dims == 2 else config.patch_size
+    if spatial_dims == 2:
+        sample_size = tuple(max(c.image.shape[axis] for c in cases) for axis in (1, 2))
+    else:
+        sample_size = config.patch_size
     transform = training_transforms(spatial_dims, tuple(sample_size), config.pos_ratio, config.augment)
     if config.seed is not None:
         transform.set_random_state(seed=config.seed)

@@ -23,6 +23,7 @@ from monai.transforms import (
     RandRotated,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    SpatialPadd,
     SqueezeDimd,
 )
 
@@ -64,8 +65,9 @@ def training_transforms(
 
     Args:
         spatial_dims: 2 samples one axial slice ``(C, X, Y)``; 3 samples a patch ``(C, X, Y, Z)``.
-        sample_size: the sample's spatial size: the in-plane size for 2D, the patch size
-            for 3D. The lesion-sample affine translates by up to 10% of it.
+        sample_size: the sample's spatial size: for 2D the largest in-plane size of the
+            cases (smaller slices are zero-padded to it), for 3D the patch size. The
+            lesion-sample affine translates by up to 10% of it.
         pos_ratio: fraction of samples centred on lesion (the rest on any other voxel).
         augment: add flips, rotation, lesion-only affine and intensity jitter.
 
@@ -91,6 +93,8 @@ def training_transforms(
     ]
     if spatial_dims == 2:
         steps.append(SqueezeDimd(keys=KEYS, dim=-1))
+    # Cases cropped to their brain differ in size: pad every sample to one size so they batch.
+    steps.append(SpatialPadd(keys=KEYS, spatial_size=tuple(sample_size)))
     if augment:
         small = math.radians(15)
         large = math.radians(30)
