@@ -56,7 +56,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = sites.load(context.node_config, context.run_config)
     model, spatial_dims = _model(context, site, msg.content["arrays"])
     regions = list(site.spec.regions)
-    _, summary = evaluate_cases(model, site.val, regions, spatial_dims, site.device)
+    patch_size = train_config_from(context.run_config).patch_size
+    _, summary = evaluate_cases(model, site.val, regions, spatial_dims, site.device, patch_size=patch_size)
     values: dict[str, float] = {"num-examples": len(site.val), **site.counts()}
     for region in regions:
         block = summary.get(region, {})

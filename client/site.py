@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from common.config import dataset_spec, parse_shape
-from common.data import DatasetSpec, PreparedCase, load_site, resolve_spec, split_train_val
+from common.data import DatasetSpec, PreparedCase, discover_cases, load_site, resolve_spec, split_train_val
 from common.engine import select_device
+from simulations.splits import Split, make_split, tumour_volumes
 from simulations.synthetic import site_case_counts, site_dir, write_site
 
 logger = logging.getLogger("flwr")
@@ -53,8 +54,23 @@ def synthetic_root(run_config: Mapping[str, Any], num_sites: int) -> Path:
     return Path(str(run_config.get("output-dir", "outputs"))).resolve() / "synthetic" / key
 
 
-def locate(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tuple[str, Path, str | None]:
-    """``(site name, data folder, manifest or None)`` for this SuperNode.
+@dataclass(frozen=True)
+class SiteSource:
+    """Where one site's cases are: a folder, its layout, and (for splits) which cases."""
+
+    name: str
+    path: Path
+    manifest: str | None = None
+    case_ids: tuple[str, ...] | None = None
+
+
+def locate(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteSource:
+    """This SuperNode's :class:`SiteSource`.
+
+    Real SuperNodes name ``data-path``. In simulation ``partition-id`` selects: a synthetic
+    site (``data-root`` empty); the ``partition-id``-th sub-folder of ``data-root``
+    (``split = "folders"``); or the ``partition-id``-th site of a split of ``data-root``'s
+    cases (``split`` = a kind from :mod:`simulations.splits` or a split JSON file).
 
     Raises:
         ValueError: when the node config names no data and this is not a simulation.
@@ -62,7 +78,7 @@ def locate(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tup
     if "data-path" in node_config:
         path = Path(str(node_config["data-path"])).expanduser()
         manifest = str(node_config.get("manifest", "")) or None
-        return str(node_config.get("site-name", path.name)), path, manifest
+        return SiteSource(str(node_config.get("site-name", path.name)), path, manifest)
     if "partition-id" not in node_config:
         raise ValueError(
             "this SuperNode has no data: start it with --node-config \"data-path=/path/to/cases\" "
@@ -70,16 +86,35 @@ def locate(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tup
         )
     pid, num = int(node_config["partition-id"]), int(node_config.get("num-partitions", 1))
     root = str(run_config.get("data-root", ""))
+    seed = int(run_config.get("seed", 0))
     if not root:
         shape = parse_shape(str(run_config.get("synth-shape", "64,64,40")))
         counts = site_case_counts(num, int(run_config.get("synth-cases-per-site", 6)))
         path = site_dir(synthetic_root(run_config, num), pid)
-        write_site(path, pid, counts[pid], shape, int(run_config.get("seed", 0)))
-        return f"synthetic-{pid}", path, None
-    sites = sorted(p for p in Path(root).iterdir() if p.is_dir())
-    if pid >= len(sites):
-        raise ValueError(f"data-root {root} has {len(sites)} site folder(s); partition-id {pid} has none.")
-    return sites[pid].name, sites[pid], None
+        write_site(path, pid, counts[pid], shape, seed)
+        return SiteSource(f"synthetic-{pid}", path)
+    split_kind = str(run_config.get("split", "folders"))
+    if split_kind == "folders":
+        sites = sorted(p for p in Path(root).iterdir() if p.is_dir())
+        if pid >= len(sites):
+            raise ValueError(f"data-root {root} has {len(sites)} site folder(s); partition-id {pid} has none.")
+        return SiteSource(sites[pid].name, sites[pid])
+    manifest = str(run_config.get("manifest", "")) or None
+    split = _split(root, manifest, split_kind, num, float(run_config.get("split-alpha", 0.5)), seed)
+    names = split.site_names()
+    if pid >= len(names):
+        raise ValueError(f"split '{split_kind}' of {root} has {len(names)} site(s); partition-id {pid} has none "
+                         f"(run the simulation with as many SuperNodes as sites).")
+    return SiteSource(names[pid], Path(root), manifest, tuple(split.sites[names[pid]]))
+
+
+def _split(root: str, manifest: str | None, kind: str, num_sites: int, alpha: float, seed: int) -> Split:
+    if Path(kind).suffix == ".json":
+        return Split.load(kind)
+    spec = resolve_spec(root, manifest)
+    ids = discover_cases(root, spec)
+    volumes = tumour_volumes(root, spec, ids) if kind == "dirichlet-volume" else None
+    return make_split(kind, ids, num_sites=num_sites, alpha=alpha, seed=seed, volumes=volumes)
 
 
 _SITES: dict[tuple[Any, ...], Site] = {}
@@ -92,9 +127,10 @@ def load(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
         ValueError: when the data is missing, matches a different dataset than the
             run's, or holds no usable case.
     """
-    name, path, manifest = locate(node_config, run_config)
+    source = locate(node_config, run_config)
+    name, path, manifest = source.name, source.path, source.manifest
     seed, val_fraction = int(run_config.get("seed", 0)), float(run_config.get("val-fraction", 0.25))
-    key = (str(path.resolve()), manifest, seed, val_fraction, str(run_config.get("dataset", "brats2021")))
+    key = (str(path.resolve()), manifest, source.case_ids, seed, val_fraction, str(run_config.get("dataset", "brats2021")))
     if key in _SITES:
         return _SITES[key]
     expected = dataset_spec(str(run_config.get("dataset", "brats2021")))
@@ -104,7 +140,8 @@ def load(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
             f"site {name}: data at {path} has channels {list(spec.channels)} and regions {list(spec.regions)}, "
             f"but the run's dataset '{expected.name}' expects {list(expected.channels)} and {list(expected.regions)}."
         )
-    data = load_site(path, spec)
+    data = load_site(path, spec, case_ids=None if source.case_ids is None else list(source.case_ids),
+                     crop_foreground=bool(run_config.get("crop-foreground", False)))
     if not data.cases:
         raise ValueError(f"site {name}: no usable case in {path}; {len(data.skipped)} skipped (see the SuperNode log).")
     by_id = {c.case: c for c in data.cases}

@@ -131,7 +131,7 @@ def evaluate_checkpoint(
     """
     ckpt = load_checkpoint(checkpoint)
     spec = _data_spec(ckpt.spec, data, manifest)
-    crop = bool(ckpt.run_config.get("crop_foreground", False))
+    crop = ckpt.crop_foreground
     dev = select_device(device)
     model = ckpt.build().to(dev)
     regions = list(spec.regions)
@@ -147,8 +147,7 @@ def evaluate_checkpoint(
             skipped[case_id] = str(exc)
             report(f"skipped {exc}")
             continue
-        probs = predict_probabilities(model, case.image, ckpt.spatial_dims, dev,
-                                      patch_size=tuple(ckpt.run_config.get("patch_size", (96, 96, 96))))
+        probs = predict_probabilities(model, case.image, ckpt.spatial_dims, dev, patch_size=ckpt.patch_size)
         seconds = time.perf_counter() - start
         scores = region_metrics(probs > 0.5, case.regions, regions, spacing=case.spacing)
         cases.append({"case": case_id, "seconds": seconds, **scores})
@@ -205,10 +204,8 @@ def predict_case(
     dev = select_device(device)
     model = ckpt.build().to(dev)
     start = time.perf_counter()
-    case = load_case(case_dir.parent, spec, case_dir.name, crop_foreground=bool(ckpt.run_config.get("crop_foreground", False)),
-                     require_label=False)
-    probs = predict_probabilities(model, case.image, ckpt.spatial_dims, dev,
-                                  patch_size=tuple(ckpt.run_config.get("patch_size", (96, 96, 96))))
+    case = load_case(case_dir.parent, spec, case_dir.name, crop_foreground=ckpt.crop_foreground, require_label=False)
+    probs = predict_probabilities(model, case.image, ckpt.spatial_dims, dev, patch_size=ckpt.patch_size)
     labels = case.restore(probabilities_to_labels(probs.numpy(), spec))
     header = case.header.copy()
     header.set_data_dtype(np.uint8)

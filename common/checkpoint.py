@@ -42,6 +42,17 @@ class Checkpoint:
     def spatial_dims(self) -> int:
         return model_spatial_dims(self.model)
 
+    @property
+    def crop_foreground(self) -> bool:
+        """Whether the model was trained on volumes cropped to their nonzero box (predict the same way)."""
+        return bool(self.run_config.get("crop_foreground", self.run_config.get("crop-foreground", False)))
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """The 3D training patch, which is also the sliding-window size."""
+        value = self.run_config.get("patch_size", self.run_config.get("patch-size", (96, 96, 96)))
+        return tuple(int(v) for v in (value.split(",") if isinstance(value, str) else value))
+
     def build(self) -> nn.Module:
         """The model with these weights loaded."""
         model = build_model(self.model, len(self.spec.channels), len(self.spec.regions), **self.model_args)

@@ -14,6 +14,8 @@ from .data import LAYOUTS, DatasetSpec, load_manifest
 from .engine import TrainConfig
 from .model import resolved_model_args
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
 
 def parse_model_args(text: str) -> dict[str, Any]:
     """Parse ``"base_channels=16 depth=4"`` into ``{"base_channels": 16, "depth": 4}``.
@@ -54,8 +56,9 @@ def dataset_spec(name_or_path: str) -> DatasetSpec:
     """A built-in layout by name, or a manifest file by path."""
     if name_or_path in LAYOUTS:
         return LAYOUTS[name_or_path]
-    if Path(name_or_path).is_file():
-        return load_manifest(name_or_path)
+    for candidate in (Path(name_or_path), PROJECT_ROOT / name_or_path):  # manifests shipped with the app
+        if candidate.is_file():
+            return load_manifest(candidate)
     raise ValueError(f"dataset '{name_or_path}' is neither a built-in layout {sorted(LAYOUTS)} nor a manifest file.")
 
 

@@ -100,6 +100,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    from common.api import select_cases
+    from common.data import discover_cases, resolve_spec
+
+    from .splits import make_split, tumour_volumes
+
+    spec = resolve_spec(args.data, args.manifest)
+    ids = select_cases(discover_cases(args.data, spec), args.include or (), args.exclude or ())
+    volumes = tumour_volumes(args.data, spec, ids) if args.kind == "dirichlet-volume" else None
+    split = make_split(args.kind, ids, num_sites=args.sites, alpha=args.alpha, seed=args.seed, volumes=volumes)
+    split.save(args.out)
+    for note in split.notes:
+        print(f"note: {note}")
+    for site, size in split.sizes().items():
+        print(f"{site:>12}: {size} case(s)")
+    print(f"{len(split.sites)} site(s), {sum(split.sizes().values())} case(s) -> {args.out}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from common.model import MODELS, build_model
 
@@ -185,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overlay", help="also write scan | prediction | ground truth as this PNG")
     predict.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     predict.set_defaults(func=cmd_predict)
+
+    split = sub.add_parser("split", help="split a dataset's cases into federated sites and write the split JSON",
+                           description="Split the cases of one data folder into sites: by institution (BraTS 2018-2020 "
+                                       "IDs), by the FeTS 2022 partitions of BraTS 2021 (fets1: 23 sites, fets2: 33), "
+                                       "IID, or Dirichlet-skewed by case count or tumour volume.")
+    _data_arguments(split)
+    split.add_argument("--kind", required=True, choices=["institution", "fets1", "fets2", "fets-small", "iid",
+                                                         "dirichlet-count", "dirichlet-volume"])
+    split.add_argument("--sites", type=int, default=3, help="number of sites for iid and Dirichlet splits (default 3)")
+    split.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration; smaller is more skewed")
+    split.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    split.add_argument("--out", required=True, help="split JSON to write")
+    split.set_defaults(func=cmd_split)
 
     models = sub.add_parser("models", help="list the registered models with their parameter counts")
     models.set_defaults(func=cmd_models)
