@@ -39,14 +39,17 @@ def train(msg: Message, context: Context) -> Message:
         seed=int(context.run_config.get("seed", 0)) * 100_003 + server_round * 1_009 + context.node_id % 997,
     )
     stats = train_cases(model, site.train, spatial_dims, config, site.device)
+    arrays = ArrayRecord(model.state_dict())
     metrics = MetricRecord({
         "train-loss": stats["train-loss"],
         "train-seconds": stats["train-seconds"],
         # FedAvg weights updates by this: cases, not batches or slices.
         "num-examples": len(site.train),
+        # What this site uploads this round: the arrays' serialized bytes.
+        "update-bytes": float(sum(len(array.data) for array in arrays.values())),
         **site.counts(),
     })
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    content = RecordDict({"arrays": arrays, "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 

@@ -44,9 +44,11 @@ def train_centralized(
     val_fraction: float = 0.0,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    case_ids: Sequence[str] | None = None,
     crop_foreground: bool = True,
     device: str = "auto",
     report: Callable[[str], None] = print,
+    on_epoch: Callable[[int, torch.nn.Module], dict[str, float] | None] | None = None,
 ) -> Checkpoint:
     """Pooled (centralized) training: the baseline federation is compared with.
 
@@ -59,9 +61,12 @@ def train_centralized(
         config: training settings; ``config.epochs`` epochs are run one by one.
         val_fraction: share of cases held out to report validation Dice each epoch.
         include / exclude: glob patterns on case IDs selecting the cases to use.
+        case_ids: an explicit list of cases (instead of all discovered ones) before the filters.
         crop_foreground: crop volumes to their nonzero box (faster 2D training).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         report: where per-epoch progress lines go.
+        on_epoch: called as ``on_epoch(epoch, model)`` after each epoch; metrics it returns
+            are added to the epoch's record (``checkpoint.extra["history"]``).
 
     Returns:
         The final :class:`Checkpoint`.
@@ -71,7 +76,7 @@ def train_centralized(
     """
     config = config or TrainConfig()
     spec = resolve_spec(data, manifest)
-    ids = select_cases(discover_cases(data, spec), include, exclude)
+    ids = select_cases(discover_cases(data, spec) if case_ids is None else list(case_ids), include, exclude)
     site = load_site(data, spec, case_ids=ids, crop_foreground=crop_foreground)
     by_id = {c.case: c for c in site.cases}
     train_ids, val_ids = split_train_val(list(by_id), val_fraction, config.seed or 0)
@@ -88,6 +93,7 @@ def train_centralized(
                             run_config={"data": str(data), "train_cases": train_ids, "val_cases": val_ids,
                                         **config.to_dict(), "crop_foreground": crop_foreground})
     one_epoch = TrainConfig(**{**config.to_dict(), "epochs": 1})
+    history: list[dict[str, Any]] = []
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         one_epoch.seed = None if config.seed is None else config.seed + epoch
@@ -99,9 +105,14 @@ def train_centralized(
                                   patch_size=config.patch_size)
             metrics.update({f"dice-{r.lower()}": s["dice_mean"] for r, s in summary.items()})
             line += " | validation Dice " + " ".join(f"{r} {s['dice_mean']:.3f}" for r, s in summary.items())
+        if on_epoch is not None:
+            metrics.update(on_epoch(epoch, network) or {})
+            network.train()
         report(f"{line} | {time.perf_counter() - start:.0f} s")
+        history.append({"epoch": epoch, **metrics})
         checkpoint.state_dict = network.state_dict()
         checkpoint.epoch, checkpoint.metrics = epoch, metrics
+        checkpoint.extra["history"] = history
         save_checkpoint(checkpoint, out)
     return checkpoint
 

@@ -11,16 +11,20 @@ import json
 import time
 from logging import INFO
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from common.api import select_cases
 from common.checkpoint import Checkpoint, save_checkpoint
-from common.config import dataset_spec, model_from
-from common.model import build_model
+from common.config import dataset_spec, model_from, train_config_from
+from common.data import DatasetSpec, discover_cases, load_site, resolve_spec
+from common.engine import evaluate, select_device
+from common.model import build_model, model_spatial_dims
 
 from .strategy import build_strategy, format_table
 
@@ -31,6 +35,35 @@ def run_folder(run_config: dict[str, Any]) -> Path:
     """``<output-dir>/<run-name>``, the run name defaulting to a timestamp."""
     name = str(run_config.get("run-name", "")) or time.strftime("run-%Y%m%d-%H%M%S")
     return Path(str(run_config.get("output-dir", "outputs"))).resolve() / name
+
+
+def server_evaluator(run_config: dict[str, Any], model_name: str, model_args: dict[str, Any],
+                     spec: DatasetSpec) -> Callable[[int, ArrayRecord], dict[str, float]] | None:
+    """Score the global model on ``server-eval-data`` each round, when that folder is set."""
+    folder = str(run_config.get("server-eval-data", ""))
+    if not folder:
+        return None
+    data_spec = resolve_spec(folder, str(run_config.get("server-eval-manifest", "")) or None)
+    if list(data_spec.regions) != list(spec.regions):
+        raise ValueError(f"server-eval-data {folder}: regions {list(data_spec.regions)} differ from the run's {list(spec.regions)}.")
+    include = [p for p in str(run_config.get("server-eval-include", "")).split(",") if p]
+    case_ids = select_cases(discover_cases(folder, data_spec), include=include)
+    cases = load_site(folder, data_spec, case_ids=case_ids, crop_foreground=bool(run_config.get("crop-foreground", False))).cases
+    device = select_device("auto")
+    spatial_dims = model_spatial_dims(model_name)
+    patch_size = train_config_from(run_config).patch_size
+    log(INFO, "server-side evaluation on %d case(s) of %s each round", len(cases), folder)
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        model = build_model(model_name, len(spec.channels), len(spec.regions), **model_args)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        _, summary = evaluate(model.to(device), cases, list(spec.regions), spatial_dims, device, patch_size=patch_size)
+        out = {f"{m}-{r.lower()}": block[f"{m}_mean"] for r, block in summary.items() for m in ("dice", "iou", "hd95")}
+        log(INFO, "round %d: server-side Dice %s", server_round,
+            " ".join(f"{r} {block['dice_mean']:.3f}" for r, block in summary.items()))
+        return out
+
+    return evaluate_global
 
 
 @app.main()
@@ -57,17 +90,14 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = build_strategy(
         run_config, save_checkpoint=save, out_dir=out_dir, num_rounds=num_rounds,
+        server_evaluate=server_evaluator(run_config, model_name, model_args, spec),
         base_lr=float(run_config.get("learning-rate", 1e-3)),
         lr_schedule=str(run_config.get("lr-schedule", "constant")),
         best_key=f"dice-{next(iter(spec.regions)).lower()}",
     )
     initial = ArrayRecord(model.state_dict())
     if bool(run_config.get("evaluate-initial", True)):
-        # Round 0: the initial model scored by the sites, the baseline the rounds improve on.
-        strategy.aggregate_evaluate(0, grid.send_and_receive(
-            strategy.configure_evaluate(0, initial, ConfigRecord(), grid),
-            timeout=float(run_config.get("round-timeout", 3600)),
-        ))
+        strategy.evaluate_initial(grid, initial, timeout=float(run_config.get("round-timeout", 3600)))
     result = strategy.start(
         grid=grid, initial_arrays=initial, num_rounds=num_rounds,
         timeout=float(run_config.get("round-timeout", 3600)),

@@ -71,6 +71,8 @@ class RoundKeeper:
         lr_schedule: ``constant`` or ``cosine``.
         best_key: the evaluate metric that selects the best model.
         first_round: the round number this run starts at (after a resume).
+        server_evaluate: optional ``(round, arrays) -> metrics`` scoring the global model on
+            a held-out data folder at the server, recorded under ``"server"`` each round.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class RoundKeeper:
         lr_schedule: str = "constant",
         best_key: str = "dice-wt",
         first_round: int = 1,
+        server_evaluate: Callable[[int, ArrayRecord], dict[str, float]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -94,11 +97,18 @@ class RoundKeeper:
         self.lr_schedule = lr_schedule
         self.best_key = best_key
         self.round_offset = first_round - 1
+        self.server_evaluate = server_evaluate
         self.best_value = -math.inf
         self.history: list[dict[str, Any]] = []
         self._current: dict[str, Any] = {}
         self._arrays: ArrayRecord | None = None
         self._started = time.perf_counter()
+
+    def evaluate_initial(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
+        """Round 0: the sites (and the server, if set) score the initial model, the baseline rounds improve on."""
+        self._arrays = arrays
+        replies = grid.send_and_receive(self.configure_evaluate(0, arrays, ConfigRecord(), grid), timeout=timeout)  # type: ignore[attr-defined]
+        self.aggregate_evaluate(0, replies)
 
     def absolute_round(self, server_round: int) -> int:
         return server_round + self.round_offset
@@ -129,8 +139,10 @@ class RoundKeeper:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics = super().aggregate_evaluate(server_round, list(replies))  # type: ignore[misc]
         record = {**self._current, "round": self.absolute_round(server_round),
-                  "evaluate": dict(metrics) if metrics is not None else {},
-                  "seconds": time.perf_counter() - self._started}
+                  "evaluate": dict(metrics) if metrics is not None else {}}
+        if self.server_evaluate is not None and self._arrays is not None:
+            record["server"] = self.server_evaluate(record["round"], self._arrays)
+        record["seconds"] = time.perf_counter() - self._started
         self.record(record)
         if self._arrays is not None:
             self._save_checkpoint(self._arrays, record["round"], record, "last")

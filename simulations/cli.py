@@ -119,6 +119,23 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import DEFAULT_CONFIGS, reproduce
+
+    overrides: dict[str, Any] = {}
+    if args.run_config:
+        overrides.update(tomllib.loads(Path(args.run_config).read_text()))
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        overrides[key] = _parse_value(value)
+    configs = args.configs.split(",") if args.configs else list(DEFAULT_CONFIGS)
+    reproduce(args.data, args.split, args.test_data, args.out, run_config=overrides, manifest=args.manifest,
+              test_include=args.test_include or (), configs=configs, num_sites=args.sites)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"results.json, results.md, curves.png, overlay.png, reproduce.json -> {args.out}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from common.model import MODELS, build_model
 
@@ -217,6 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     split.add_argument("--out", required=True, help="split JSON to write")
     split.set_defaults(func=cmd_split)
+
+    repro = sub.add_parser("reproduce", help="central vs FedAvg vs FedProx vs FedAdam vs local-only on one split",
+                           description="Train the same model for the same total local epochs centrally, with FedAvg, "
+                                       "FedProx and FedAdam (through flwr run), and at each site alone; score all on "
+                                       "the same held-out cases; write results.json/.md, curves.png, overlay.png.")
+    repro.add_argument("--data", required=True, help="training data folder")
+    repro.add_argument("--manifest", help="manifest of --data and --test-data (default: found in the folder)")
+    repro.add_argument("--split", required=True, help="split kind (institution, fets1, fets2, iid, dirichlet-count, "
+                                                      "dirichlet-volume) or a split JSON from `fedlesion split`")
+    repro.add_argument("--test-data", required=True, help="folder with the held-out cases (may be --data with --test-include)")
+    repro.add_argument("--test-include", action="append", metavar="GLOB", help="held-out case IDs (repeatable); "
+                       "when --test-data is --data they are removed from training")
+    repro.add_argument("--sites", type=int, default=3, help="sites for iid / Dirichlet splits (default 3)")
+    repro.add_argument("--configs", help="comma-separated subset of central,fedavg,fedprox,fedadam,local")
+    repro.add_argument("--run-config", help="a TOML preset (see simulations/presets/)")
+    repro.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one run-config value (repeatable)")
+    repro.add_argument("--out", required=True, help="output folder")
+    repro.set_defaults(func=cmd_reproduce)
 
     models = sub.add_parser("models", help="list the registered models with their parameter counts")
     models.set_defaults(func=cmd_models)
