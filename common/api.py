@@ -265,8 +265,8 @@ def write_overlay(items: Sequence[tuple[PreparedCase, np.ndarray]], spec: Datase
                     ax.imshow(layer, cmap=matplotlib.colors.ListedColormap([colours[r % len(colours)]]), alpha=0.45,
                               vmin=0, vmax=1)
             ax.set_title(f"{case.case}\n{name} (slice {z})" if col == 0 else name, fontsize=8)
-            ax.set_xlabel("x (voxels, R to L)", fontsize=7)
-            ax.set_ylabel("y (voxels, A to P)", fontsize=7)
+            ax.set_xlabel("x (voxels)", fontsize=7)
+            ax.set_ylabel("y (voxels)", fontsize=7)
             ax.tick_params(labelsize=6)
     handles = [matplotlib.patches.Patch(color=colours[r % len(colours)], label=region)
                for r, region in enumerate(spec.regions)]

@@ -170,6 +170,8 @@ def reproduce(
         }
         results[name].setdefault("bytes_sent_per_client_per_round", None)
         report(f"{name}: test {first_region} Dice {evaluation['summary'][first_region]['dice_mean']:.3f}")
+    order = ["central", *FEDERATED]
+    results = dict(sorted(results.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results_markdown(results, list(spec.regions), the_split, test_ids))
     plot_curves(curves, first_region, out / "curves.png")
