@@ -5,6 +5,8 @@ Only the model's arrays and scalar metrics leave the site: no case IDs, paths or
 
 from __future__ import annotations
 
+import zlib
+
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -36,7 +38,8 @@ def train(msg: Message, context: Context) -> Message:
         context.run_config,
         learning_rate=float(round_config.get("learning-rate", context.run_config.get("learning-rate", 1e-3))),
         proximal_mu=float(round_config.get("proximal-mu", 0.0)),
-        seed=int(context.run_config.get("seed", 0)) * 100_003 + server_round * 1_009 + context.node_id % 997,
+        # Seeded by site and round (not node ID), so a resumed run retrains exactly as the original would.
+        seed=int(context.run_config.get("seed", 0)) * 100_003 + server_round * 1_009 + zlib.crc32(site.name.encode()) % 997,
     )
     stats = train_cases(model, site.train, spatial_dims, config, site.device)
     arrays = ArrayRecord(model.state_dict())

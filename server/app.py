@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from common.api import select_cases
-from common.checkpoint import Checkpoint, save_checkpoint
+from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from common.config import dataset_spec, model_from, train_config_from
 from common.data import DatasetSpec, discover_cases, load_site, resolve_spec
 from common.engine import evaluate, select_device
@@ -66,10 +67,42 @@ def server_evaluator(run_config: dict[str, Any], model_name: str, model_args: di
     return evaluate_global
 
 
+@dataclass
+class Resume:
+    """Where a resumed run picks up: the last completed round's weights, history and optimiser state."""
+
+    arrays: ArrayRecord
+    round: int
+    history: list[dict[str, Any]]
+    optimizer_state: dict[str, Any]
+
+
+def load_resume(path: str, model_name: str, model_args: dict[str, Any], out_dir: Path) -> Resume:
+    """Read ``resume-from`` and the run's metrics up to its round (later lines, from a crash, are dropped).
+
+    Raises:
+        ValueError: when the checkpoint is unreadable or was made with another model.
+    """
+    ckpt = load_checkpoint(path)
+    if ckpt.model != model_name or ckpt.model_args != model_args:
+        raise ValueError(f"resume-from {path}: trained {ckpt.model} {ckpt.model_args}, but this run configures "
+                         f"{model_name} {model_args}; resume with the run's own config.")
+    metrics = out_dir / "metrics.jsonl"
+    history = []
+    if metrics.exists():
+        history = [r for r in (json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
+                   if r["round"] <= ckpt.round]
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in history))
+    return Resume(ArrayRecord(ckpt.state_dict), ckpt.round, history, ckpt.extra.get("optimizer_state", {}))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Build the initial model, run the strategy, and write metrics and checkpoints."""
+    """Build (or resume) the global model, run the strategy, and write metrics and checkpoints."""
     run_config = dict(context.run_config)
+    resume_from = str(run_config.get("resume-from", ""))
+    if resume_from and not str(run_config.get("run-name", "")):
+        run_config["run-name"] = Path(resume_from).resolve().parent.name  # continue in the same run folder
     out_dir = run_folder(run_config)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True))
@@ -78,14 +111,18 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(int(run_config.get("seed", 0)))
     model = build_model(model_name, len(spec.channels), len(spec.regions), **model_args)
     num_rounds = int(run_config["num-server-rounds"])
-    log(INFO, "FedLesion: %s %s on '%s' (%d channels, regions %s), %d rounds; outputs in %s",
+    resume = load_resume(resume_from, model_name, model_args, out_dir) if resume_from else None
+    first_round = resume.round + 1 if resume else 1
+    log(INFO, "FedLesion: %s %s on '%s' (%d channels, regions %s), rounds %d-%d; outputs in %s",
         run_config.get("strategy", "fedavg"), model_name, spec.name, len(spec.channels),
-        "/".join(spec.regions), num_rounds, out_dir)
+        "/".join(spec.regions), first_round, num_rounds, out_dir)
 
-    def save(arrays: ArrayRecord, server_round: int, metrics: dict[str, Any], kind: str) -> None:
+    def save(arrays: ArrayRecord, server_round: int, metrics: dict[str, Any], kind: str,
+             optimizer_state: dict[str, Any]) -> None:
         save_checkpoint(Checkpoint(
             model=model_name, model_args=model_args, spec=spec, state_dict=arrays.to_torch_state_dict(),
             round=server_round, metrics=metrics, run_config=run_config,
+            extra={"optimizer_state": optimizer_state},
         ), out_dir / f"{kind}.pt")
 
     strategy = build_strategy(
@@ -94,14 +131,21 @@ def main(grid: Grid, context: Context) -> None:
         base_lr=float(run_config.get("learning-rate", 1e-3)),
         lr_schedule=str(run_config.get("lr-schedule", "constant")),
         best_key=f"dice-{next(iter(spec.regions)).lower()}",
+        first_round=first_round, history=resume.history if resume else None,
     )
-    initial = ArrayRecord(model.state_dict())
-    if bool(run_config.get("evaluate-initial", True)):
-        strategy.evaluate_initial(grid, initial, timeout=float(run_config.get("round-timeout", 3600)))
-    result = strategy.start(
-        grid=grid, initial_arrays=initial, num_rounds=num_rounds,
-        timeout=float(run_config.get("round-timeout", 3600)),
-    )
-    save(result.arrays if result.arrays is not None else initial, num_rounds,
-         strategy.history[-1] if strategy.history else {}, "final")
+    timeout = float(run_config.get("round-timeout", 3600))
+    if resume:
+        initial = resume.arrays
+        strategy.restore_optimizer_state(resume.optimizer_state)
+        log(INFO, "resumed from %s at round %d (server optimiser state: %s)", resume_from, resume.round,
+            sorted(resume.optimizer_state) or "none")
+    else:
+        initial = ArrayRecord(model.state_dict())
+        if bool(run_config.get("evaluate-initial", True)):
+            strategy.evaluate_initial(grid, initial, timeout=timeout)
+    final = initial
+    if num_rounds >= first_round:
+        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=num_rounds - first_round + 1, timeout=timeout)
+        final = result.arrays if result.arrays is not None else initial
+    save(final, num_rounds, strategy.history[-1] if strategy.history else {}, "final", strategy.optimizer_state())
     log(INFO, "Per-round metrics (%s):\n%s", out_dir / "metrics.jsonl", format_table(strategy.history))

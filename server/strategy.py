@@ -22,6 +22,7 @@ from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
+SERVER_STATE = ("m_t", "v_t", "momentum_vector")  # what Flower's server optimisers carry between rounds
 SUMMED_KEYS = ("num-examples",)  # counts that add up over sites rather than average
 SUMMED_SUFFIX = "-cases"
 
@@ -62,9 +63,14 @@ def learning_rate(base: float, schedule: str, server_round: int, num_rounds: int
 class RoundKeeper:
     """Mixin for a Flower strategy: schedule, metrics files and checkpoints.
 
+    Rounds are numbered absolutely: after a resume from round ``k`` the strategy's own
+    rounds 1, 2, ... are passed to Flower's aggregation (and to the sites) as ``k+1, k+2, ...``,
+    so round-dependent maths (FedAdam's bias correction) match an uninterrupted run.
+
     Args:
-        save_checkpoint: called as ``save_checkpoint(arrays, round, metrics, kind)`` with
-            ``kind`` ``"last"`` or ``"best"``; writes a self-describing checkpoint.
+        save_checkpoint: called as ``save_checkpoint(arrays, round, metrics, kind, state)`` with
+            ``kind`` ``"last"`` or ``"best"`` and ``state`` the server optimiser's state;
+            writes a self-describing checkpoint.
         out_dir: the run folder; ``metrics.jsonl`` and ``metrics.csv`` are written there.
         num_rounds: total rounds of the run (for the schedule).
         base_lr: the configured learning rate.
@@ -73,12 +79,13 @@ class RoundKeeper:
         first_round: the round number this run starts at (after a resume).
         server_evaluate: optional ``(round, arrays) -> metrics`` scoring the global model on
             a held-out data folder at the server, recorded under ``"server"`` each round.
+        history: the records of the rounds before a resume.
     """
 
     def __init__(
         self,
         *args: Any,
-        save_checkpoint: Callable[[ArrayRecord, int, dict[str, Any], str], None],
+        save_checkpoint: Callable[[ArrayRecord, int, dict[str, Any], str, dict[str, Any]], None],
         out_dir: Path,
         num_rounds: int,
         base_lr: float,
@@ -86,6 +93,7 @@ class RoundKeeper:
         best_key: str = "dice-wt",
         first_round: int = 1,
         server_evaluate: Callable[[int, ArrayRecord], dict[str, float]] | None = None,
+        history: list[dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -99,7 +107,11 @@ class RoundKeeper:
         self.round_offset = first_round - 1
         self.server_evaluate = server_evaluate
         self.best_value = -math.inf
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = list(history or [])
+        for past in self.history:
+            value = past.get("evaluate", {}).get(best_key)
+            if value is not None:
+                self.best_value = max(self.best_value, float(value))
         self._current: dict[str, Any] = {}
         self._arrays: ArrayRecord | None = None
         self._started = time.perf_counter()
@@ -107,11 +119,23 @@ class RoundKeeper:
     def evaluate_initial(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
         """Round 0: the sites (and the server, if set) score the initial model, the baseline rounds improve on."""
         self._arrays = arrays
-        replies = grid.send_and_receive(self.configure_evaluate(0, arrays, ConfigRecord(), grid), timeout=timeout)  # type: ignore[attr-defined]
-        self.aggregate_evaluate(0, replies)
+        replies = grid.send_and_receive(self.configure_evaluate(-self.round_offset, arrays, ConfigRecord(), grid),
+                                        timeout=timeout)
+        self.aggregate_evaluate(-self.round_offset, replies)
 
     def absolute_round(self, server_round: int) -> int:
         return server_round + self.round_offset
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The server optimiser's state (FedAdam/FedYogi moments, FedAvgM momentum), for checkpoints."""
+        return {name: getattr(self, name) for name in SERVER_STATE if getattr(self, name, None) is not None}
+
+    def restore_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Put back what :meth:`optimizer_state` saved, so a resumed run continues the same optimiser."""
+        for name, value in state.items():
+            if name not in SERVER_STATE or not hasattr(self, name):
+                raise ValueError(f"checkpoint holds server state '{name}' that {type(self).__name__} does not use.")
+            setattr(self, name, value)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         absolute = self.absolute_round(server_round)
@@ -119,7 +143,7 @@ class RoundKeeper:
         self._started = time.perf_counter()
         self._current = {"round": absolute, "learning-rate": config["learning-rate"]}
         self._arrays = arrays
-        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        messages = list(super().configure_train(absolute, arrays, config, grid))  # type: ignore[misc]
         self._current["sampled"] = [m.metadata.dst_node_id for m in messages]
         return messages
 
@@ -130,14 +154,17 @@ class RoundKeeper:
             {"node-id": m.metadata.src_node_id, **{k: v for r in m.content.metric_records.values() for k, v in r.items()}}
             for m in replies
         ]
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(self.absolute_round(server_round), replies)  # type: ignore[misc]
         if arrays is not None:
             self._arrays = arrays
         self._current["train"] = dict(metrics) if metrics is not None else {}
         return arrays, metrics
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return super().configure_evaluate(self.absolute_round(server_round), arrays, config, grid)  # type: ignore[misc]
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, list(replies))  # type: ignore[misc]
+        metrics = super().aggregate_evaluate(self.absolute_round(server_round), list(replies))  # type: ignore[misc]
         record = {**self._current, "round": self.absolute_round(server_round),
                   "evaluate": dict(metrics) if metrics is not None else {}}
         if self.server_evaluate is not None and self._arrays is not None:
@@ -145,11 +172,12 @@ class RoundKeeper:
         record["seconds"] = time.perf_counter() - self._started
         self.record(record)
         if self._arrays is not None:
-            self._save_checkpoint(self._arrays, record["round"], record, "last")
+            state = self.optimizer_state()
+            self._save_checkpoint(self._arrays, record["round"], record, "last", state)
             value = record["evaluate"].get(self.best_key)
             if value is not None and value > self.best_value:
                 self.best_value = float(value)
-                self._save_checkpoint(self._arrays, record["round"], record, "best")
+                self._save_checkpoint(self._arrays, record["round"], record, "best", state)
         return metrics
 
     def record(self, record: dict[str, Any]) -> None:
@@ -211,7 +239,7 @@ STRATEGIES: dict[str, tuple[type, dict[str, tuple[str, type, Any]]]] = {
         "server-lr": ("eta", float, 0.01), "server-beta-1": ("beta_1", float, 0.9),
         "server-beta-2": ("beta_2", float, 0.99), "server-tau": ("tau", float, 1e-3)}),
     "fedavgm": (flwr_strategies.FedAvgM, {
-        "server-lr": ("server_learning_rate", float, 1.0), "server-momentum": ("server_momentum", float, 0.9)}),
+        "server-momentum": ("server_momentum", float, 0.9)}),
     "fedmedian": (flwr_strategies.FedMedian, {}),
     "fedtrimmedavg": (flwr_strategies.FedTrimmedAvg, {"trim-beta": ("beta", float, 0.2)}),
     "krum": (flwr_strategies.Krum, {"num-malicious-nodes": ("num_malicious_nodes", int, 0)}),

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,6 +158,10 @@ def run_federation(
         RuntimeError: when the run fails or ends without its final checkpoint.
     """
     values = dict(run_config)
+    unknown = sorted(set(values) - set(declared_run_config(app_dir)))
+    if unknown:
+        raise ValueError(f"unknown run-config key(s) {unknown}; the keys are those under [tool.flwr.app.config] "
+                         f"in {app_dir / 'pyproject.toml'}.")
     values["output-dir"] = str(Path(str(values.get("output-dir", "outputs"))).resolve())
     values.setdefault("run-name", time.strftime("run-%Y%m%d-%H%M%S"))
     run_dir = Path(values["output-dir"]) / str(values["run-name"])
@@ -170,9 +176,11 @@ def run_federation(
             ]
             process = subprocess.Popen(command, cwd=app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             assert process.stdout is not None
+            tail: deque[str] = deque(maxlen=40)
             try:
                 deadline = time.monotonic() + timeout_s
                 for line in process.stdout:
+                    tail.append(line)
                     output.write(line)
                     output.flush()
                     if time.monotonic() > deadline:
@@ -184,9 +192,14 @@ def run_federation(
     if process.returncode != 0 or not (run_dir / "final.pt").exists():
         raise RuntimeError(
             f"the federated run failed (flwr run exit code {process.returncode}); "
-            f"no final checkpoint in {run_dir}. See the log above."
+            f"no final checkpoint in {run_dir}. Last lines of its log:\n{''.join(tail)}"
         )
     return run_dir
+
+
+def declared_run_config(app_dir: Path = APP_DIR) -> dict[str, Any]:
+    """The run config's keys and defaults, as declared in the app's ``pyproject.toml``."""
+    return dict(tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:

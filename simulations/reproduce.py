@@ -29,7 +29,7 @@ from common.data import discover_cases, load_site, resolve_spec
 from common.engine import evaluate, predict_probabilities, select_device
 from common.model import model_spatial_dims
 
-from .launch import read_history, run_federation
+from .launch import declared_run_config, read_history, run_federation
 from .splits import Split, make_split, tumour_volumes
 
 FEDERATED = ("fedavg", "fedprox", "fedadam")
@@ -81,7 +81,7 @@ def reproduce(
     """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    values = _default_run_config() | dict(run_config or {})
+    values = declared_run_config() | dict(run_config or {})
     seed = int(values.get("seed", 0))
     spec = resolve_spec(data, manifest)
     ids = discover_cases(data, spec)
@@ -183,14 +183,6 @@ def reproduce(
         "run_config": values, "seed": seed, "versions": _versions(), "timings_s": timings,
     }, indent=2, default=str))
     return results
-
-
-def _default_run_config() -> dict[str, Any]:
-    import tomllib
-
-    from .launch import APP_DIR
-
-    return dict(tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
 
 
 class _Prefixed:
