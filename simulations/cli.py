@@ -136,6 +136,29 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from server.certs import make_certificates
+
+    files = make_certificates(args.out, [h for h in args.hospitals.split(",") if h], [h for h in args.hosts.split(",") if h])
+    for name, path in files.items():
+        print(f"{name:>24}: {path}")
+    print("Keep ca.key offline. Give each hospital its private key (hospitals/<name>) and ca.crt; "
+          "register its .pub with `flwr supernode register`.")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from server.strategy import format_table
+
+    from .deploy import demo
+    from .launch import read_history
+
+    run_dir = demo(Path(args.out), sites=args.sites, rounds=args.rounds)
+    print(format_table(read_history(run_dir)))
+    print(f"Run folder: {run_dir}; logs and certificates: {Path(args.out) / 'federation'}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from common.model import MODELS, build_model
 
@@ -252,6 +275,23 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one run-config value (repeatable)")
     repro.add_argument("--out", required=True, help="output folder")
     repro.set_defaults(func=cmd_reproduce)
+
+    certs = sub.add_parser("certs", help="create a CA, the SuperLink's TLS pair and one key pair per hospital",
+                           description="Write ca.crt/ca.key, superlink.crt/superlink.key (SANs: --hosts) and "
+                                       "hospitals/<name>, hospitals/<name>.pub (SuperNode authentication keys).")
+    certs.add_argument("--out", required=True, help="folder to write (never commit it)")
+    certs.add_argument("--hospitals", required=True, help="comma-separated hospital names, e.g. hospital-a,hospital-b")
+    certs.add_argument("--hosts", default="localhost,127.0.0.1",
+                       help="comma-separated DNS names / IPs of the SuperLink (default localhost,127.0.0.1)")
+    certs.set_defaults(func=cmd_certs)
+
+    demo = sub.add_parser("demo-federation", help="a real TLS + authenticated federation on localhost, then stop it",
+                          description="Start one SuperLink (TLS, SuperNode authentication), one SuperNode per "
+                                      "synthetic hospital, run a few rounds with flwr run, and stop everything.")
+    demo.add_argument("--out", default="outputs/demo-federation", help="output folder")
+    demo.add_argument("--sites", type=int, default=3, help="hospitals (default 3)")
+    demo.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    demo.set_defaults(func=cmd_demo)
 
     models = sub.add_parser("models", help="list the registered models with their parameter counts")
     models.set_defaults(func=cmd_models)

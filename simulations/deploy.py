@@ -1,0 +1,163 @@
+"""A real federation on localhost: one TLS SuperLink with SuperNode authentication, one
+SuperNode process per hospital, and ``flwr run`` against it: the deployment path of
+README's "Run a federation across hospitals", scripted for a demo and for tests.
+
+Every process is started in its own process group and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+from urllib.error import URLError
+from urllib.request import urlopen
+
+from server.certs import make_certificates
+
+from .launch import APP_DIR, _environment, _stop, _tail, declared_run_config, free_port, write_run_config
+
+BIN = Path(sys.executable).parent
+STARTUP_TIMEOUT_S = 90.0
+
+
+@dataclass
+class Federation:
+    """Handles on a running localhost federation."""
+
+    workdir: Path
+    connection: str
+    env: dict[str, str]
+    certs: Path
+    superlink_port: int
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run a ``flwr`` CLI command against this federation's SuperLink."""
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=APP_DIR, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def register(self, hospital: str) -> None:
+        """``flwr supernode register`` the hospital's public key (the SuperLink then admits it)."""
+        result = self.flwr("supernode", "register", str(self.certs / "hospitals" / f"{hospital}.pub"), self.connection)
+        if result.returncode != 0:
+            raise RuntimeError(f"registering {hospital} failed:\n{result.stdout}{result.stderr}")
+
+    def start_supernode(self, hospital: str, data_path: Path) -> subprocess.Popen[bytes]:
+        """Start a hospital's ``flower-supernode`` with TLS, its private key and its data folder."""
+        log = open(self.workdir / f"supernode-{hospital}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        process = subprocess.Popen(
+            [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.superlink_port}",
+             "--root-certificates", str(self.certs / "ca.crt"),
+             "--auth-supernode-private-key", str(self.certs / "hospitals" / hospital),
+             "--node-config", f'data-path="{data_path}" site-name="{hospital}"',
+             "--port", str(free_port()), "--max-retries", "0"],
+            cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.processes[f"supernode-{hospital}"] = process
+        return process
+
+    def online_nodes(self) -> int:
+        result = self.flwr("supernode", "list", self.connection, "--format", "json")
+        try:
+            nodes = json.loads(result.stdout).get("nodes", [])
+        except json.JSONDecodeError:
+            return 0
+        return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
+
+    def run(self, run_config: Mapping[str, Any], output: TextIO | None = None, timeout_s: float = 1800.0) -> int:
+        """``flwr run . <connection> --stream`` with these run-config overrides; returns its exit code."""
+        unknown = sorted(set(run_config) - set(declared_run_config()))
+        if unknown:
+            raise ValueError(f"unknown run-config key(s) {unknown}.")
+        config_file = write_run_config(run_config, self.workdir / "run-config.toml")
+        process = subprocess.Popen([str(BIN / "flwr"), "run", str(APP_DIR), self.connection, "--stream",
+                                    "--run-config", str(config_file)], cwd=APP_DIR, env=self.env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert process.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        try:
+            for line in process.stdout:
+                (output or sys.stdout).write(line)
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"flwr run exceeded {timeout_s:.0f} s")
+            return process.wait()
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+
+@contextmanager
+def secure_superlink(workdir: Path, hospitals: Sequence[str]) -> Iterator[Federation]:
+    """Certificates for ``hospitals``, and a SuperLink with TLS and ``--enable-supernode-auth``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    certs = workdir / "certs"
+    make_certificates(certs, hospitals)
+    flwr_home = workdir / "flwr-home"
+    flwr_home.mkdir(exist_ok=True)
+    port = free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "hospitals"\n\n[superlink.hospitals]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{certs / "ca.crt"}"\n'
+    )
+    env = _environment(flwr_home)
+    federation = Federation(workdir, "hospitals", env, certs, port)
+    with open(workdir / "superlink.log", "wb") as log:
+        superlink = subprocess.Popen(
+            [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
+             "--ssl-certfile", str(certs / "superlink.crt"), "--ssl-keyfile", str(certs / "superlink.key"),
+             "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
+             "--disable-runtime-dependency-installation", "--database", str(workdir / "superlink.db")],
+            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    federation.processes["superlink"] = superlink
+    try:
+        context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if superlink.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {superlink.returncode}:\n{_tail(workdir / 'superlink.log')}")
+            try:
+                with urlopen(f"https://127.0.0.1:{port}/health", timeout=2, context=context) as response:
+                    if response.status == 200:
+                        break
+            except (URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"flower-superlink did not start:\n{_tail(workdir / 'superlink.log')}")
+            time.sleep(0.5)
+        yield federation
+    finally:
+        for process in reversed(list(federation.processes.values())):
+            _stop(process)
+
+
+def demo(out: Path, sites: int = 3, rounds: int = 3, run_config: Mapping[str, Any] | None = None,
+         output: TextIO | None = None) -> Path:
+    """Synthetic hospitals, a secure SuperLink, one SuperNode each, ``rounds`` rounds; returns the run folder."""
+    from .synthetic import synthesize
+
+    out = Path(out).resolve()
+    hospitals = [f"hospital-{chr(ord('a') + i)}" for i in range(sites)]
+    synthesize(out / "data", sites, int((run_config or {}).get("synth-cases-per-site", 4)),
+                      (48, 48, 24), seed=0)
+    values = {"num-server-rounds": rounds, "min-available-nodes": sites, "output-dir": str(out / "runs"),
+              "run-name": "demo", "model-args": "base_channels=8 depth=3", "samples-per-case": 8,
+              **{k: v for k, v in (run_config or {}).items() if k != "synth-cases-per-site"}}
+    with ExitStack() as stack:
+        federation = stack.enter_context(secure_superlink(out / "federation", hospitals))
+        for index, hospital in enumerate(hospitals):
+            federation.register(hospital)
+            federation.start_supernode(hospital, out / "data" / f"site-{index}")
+        code = federation.run(values, output=output)
+    run_dir = Path(values["output-dir"]) / str(values["run-name"])
+    if code != 0 or not (run_dir / "final.pt").exists():
+        raise RuntimeError(f"the federated run failed (flwr run exit code {code}); logs in {out / 'federation'}.")
+    return run_dir
