@@ -5,7 +5,10 @@ Only the model's arrays and scalar metrics leave the site: no case IDs, paths or
 
 from __future__ import annotations
 
+import functools
+import logging
 import zlib
+from collections.abc import Callable
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -18,6 +21,27 @@ from common.model import build_model, model_spatial_dims
 from . import site as sites
 
 app = ClientApp()
+logger = logging.getLogger("flwr")
+
+
+def site_errors_stay_local(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Log a failure in full at the site; send the server only its kind.
+
+    Exception texts name files and cases (``CaseError`` does, on purpose, for the site's
+    engineer), so they must not travel in the error reply Flower sends to the server.
+    The SuperNode keeps running either way.
+    """
+
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            logger.exception("FedLesion %s failed at this site", msg.metadata.message_type)
+            raise RuntimeError(f"{type(exc).__name__} at the site during {msg.metadata.message_type}; "
+                               f"details are in that SuperNode's log") from None
+
+    return guarded
 
 
 def _model(context: Context, site: sites.Site, arrays: ArrayRecord):  # noqa: ANN202 - torch module
@@ -28,6 +52,7 @@ def _model(context: Context, site: sites.Site, arrays: ArrayRecord):  # noqa: AN
 
 
 @app.train()
+@site_errors_stay_local
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model for ``local-epochs`` on this site's training cases."""
     site = sites.load(context.node_config, context.run_config)
@@ -57,6 +82,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@site_errors_stay_local
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received global model on this site's validation cases, per region."""
     site = sites.load(context.node_config, context.run_config)

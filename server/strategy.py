@@ -12,9 +12,11 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -80,6 +82,8 @@ class RoundKeeper:
         server_evaluate: optional ``(round, arrays) -> metrics`` scoring the global model on
             a held-out data folder at the server, recorded under ``"server"`` each round.
         history: the records of the rounds before a resume.
+        max_norm_ratio: reject an update whose distance from the global model exceeds this
+            multiple of the round's median (0 disables; needs three or more updates).
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class RoundKeeper:
         first_round: int = 1,
         server_evaluate: Callable[[int, ArrayRecord], dict[str, float]] | None = None,
         history: list[dict[str, Any]] | None = None,
+        max_norm_ratio: float = 10.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -106,6 +111,7 @@ class RoundKeeper:
         self.best_key = best_key
         self.round_offset = first_round - 1
         self.server_evaluate = server_evaluate
+        self.max_norm_ratio = max_norm_ratio
         self.best_value = -math.inf
         self.history: list[dict[str, Any]] = list(history or [])
         for past in self.history:
@@ -147,8 +153,59 @@ class RoundKeeper:
         self._current["sampled"] = [m.metadata.dst_node_id for m in messages]
         return messages
 
+    def screen(self, replies: list[Message]) -> tuple[list[Message], list[dict[str, Any]]]:
+        """Reject updates that must not reach aggregation: non-finite values, wrong array names
+        or shapes, or an update norm above ``max_norm_ratio`` times the median of the round's.
+
+        Returns:
+            ``(kept replies, [{"node-id", "reason"}] for each rejected one)``.
+        """
+        reference = self._arrays
+        kept, rejected, norms = [], [], {}
+        for message in replies:
+            if message.has_error():
+                kept.append(message)  # Flower logs and skips error replies itself
+                continue
+            node = message.metadata.src_node_id
+            records = list(message.content.array_records.values())
+            reason = None
+            if len(records) != 1:
+                reason = f"expected one ArrayRecord, got {len(records)}"
+            elif reference is not None and list(records[0]) != list(reference):
+                reason = "array names differ from the global model's"
+            else:
+                squared = 0.0
+                for key, array in records[0].items():
+                    values = array.numpy()
+                    if reference is not None and values.shape != reference[key].numpy().shape:
+                        reason = f"array '{key}' has shape {values.shape}, expected {reference[key].numpy().shape}"
+                        break
+                    if values.dtype.kind == "f" and not np.isfinite(values).all():
+                        reason = f"array '{key}' holds NaN or Inf"
+                        break
+                    if reference is not None and values.dtype.kind == "f":
+                        squared += float(np.sum((values.astype(np.float64) - reference[key].numpy()) ** 2))
+                norms[id(message)] = math.sqrt(squared)
+            if reason is None:
+                kept.append(message)
+            else:
+                rejected.append({"node-id": node, "reason": reason})
+        valid = [m for m in kept if id(m) in norms]
+        if self.max_norm_ratio > 0 and len(valid) >= 3:
+            median = float(np.median([norms[id(m)] for m in valid]))
+            for message in valid:
+                if median > 0 and norms[id(message)] > self.max_norm_ratio * median:
+                    kept.remove(message)
+                    rejected.append({"node-id": message.metadata.src_node_id,
+                                     "reason": f"update norm {norms[id(message)]:.3g} > {self.max_norm_ratio:g} x median {median:.3g}"})
+        for entry in rejected:
+            log(WARNING, "round %d: rejected the update of node %d: %s", self._current.get("round", 0),
+                entry["node-id"], entry["reason"])
+        return kept, rejected
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        replies, rejected = self.screen(list(replies))
+        self._current["rejected"] = rejected
         self._current["replies"] = [
             {"node-id": m.metadata.src_node_id, "error": m.error.reason} if m.has_error() else
             {"node-id": m.metadata.src_node_id, **{k: v for r in m.content.metric_records.values() for k, v in r.items()}}
@@ -174,11 +231,31 @@ class RoundKeeper:
         if self._arrays is not None:
             state = self.optimizer_state()
             self._save_checkpoint(self._arrays, record["round"], record, "last", state)
+            written = "last.pt"
             value = record["evaluate"].get(self.best_key)
             if value is not None and value > self.best_value:
                 self.best_value = float(value)
                 self._save_checkpoint(self._arrays, record["round"], record, "best", state)
+                written += ", best.pt"
+            self.audit(record, written)
         return metrics
+
+    def audit(self, record: dict[str, Any], checkpoint: str | None) -> None:
+        """Append the round to ``audit.jsonl``: node IDs sampled, replied, failed or rejected (and why), checkpoint.
+
+        Only node IDs and reasons: no case, path or metric of a patient.
+        """
+        replies = record.get("replies", [])
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "round": record["round"],
+            "sampled": record.get("sampled", []),
+            "replied": [r["node-id"] for r in replies if "error" not in r],
+            "failed": [{"node-id": r["node-id"], "reason": r["error"]} for r in replies if "error" in r],
+            "rejected": record.get("rejected", []),
+            "checkpoint": checkpoint,
+        }
+        with open(self.out_dir / "audit.jsonl", "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
 
     def record(self, record: dict[str, Any]) -> None:
         """Append one round to the history, ``metrics.jsonl`` and ``metrics.csv``, and log it."""
@@ -260,6 +337,7 @@ def build_strategy(run_config: Mapping[str, Any], **keeper_args: Any) -> RoundKe
         raise ValueError(f"strategy '{name}' is unknown; choose one of {sorted(STRATEGIES)}.")
     base, params = STRATEGIES[name]
     min_nodes = int(run_config.get("min-available-nodes", 2))
+    keeper_args.setdefault("max_norm_ratio", float(run_config.get("max-update-norm-ratio", 10.0)))
     kwargs: dict[str, Any] = {
         "fraction_train": float(run_config.get("fraction-train", 1.0)),
         "fraction_evaluate": float(run_config.get("fraction-evaluate", 1.0)),
