@@ -9,6 +9,7 @@ first use) or the matching sub-folder of ``data-root``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from common.config import dataset_spec, parse_shape
-from common.data import DatasetSpec, PreparedCase, discover_cases, load_site, resolve_spec, split_train_val
+from common.data import CACHE, CaseCache, DatasetSpec, PreparedCase, discover_cases, load_site, resolve_spec, split_train_val
 from common.engine import select_device
 from simulations.splits import Split, make_split, tumour_volumes
 from simulations.synthetic import site_case_counts, site_dir, write_site
@@ -118,6 +119,18 @@ def _split(root: str, manifest: str | None, kind: str, num_sites: int, alpha: fl
 
 
 _SITES: dict[tuple[Any, ...], Site] = {}
+_CACHES: dict[str, CaseCache] = {}
+
+
+def _cache(node_config: Mapping[str, Any]) -> CaseCache:
+    """The preprocessed-case cache: in memory, and on disk at ``cache-dir`` (node config),
+    ``$FEDLESION_CACHE_DIR`` or ``~/.cache/fedlesion/cases``, because a SuperNode may start
+    a fresh ClientApp process for every round."""
+    folder = str(node_config.get("cache-dir", "")) or os.environ.get("FEDLESION_CACHE_DIR") or str(
+        Path.home() / ".cache" / "fedlesion" / "cases")
+    if folder not in _CACHES:
+        _CACHES[folder] = CaseCache(CACHE.max_bytes, disk_dir=folder)
+    return _CACHES[folder]
 
 
 def load(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
@@ -141,7 +154,7 @@ def load(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
             f"but the run's dataset '{expected.name}' expects {list(expected.channels)} and {list(expected.regions)}."
         )
     data = load_site(path, spec, case_ids=None if source.case_ids is None else list(source.case_ids),
-                     crop_foreground=bool(run_config.get("crop-foreground", False)))
+                     crop_foreground=bool(run_config.get("crop-foreground", False)), cache=_cache(node_config))
     if not data.cases:
         raise ValueError(f"site {name}: no usable case in {path}; {len(data.skipped)} skipped (see the SuperNode log).")
     by_id = {c.case: c for c in data.cases}

@@ -14,10 +14,13 @@ naming the file and the problem.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
+import pickle
 import re
+import tempfile
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -473,15 +476,24 @@ def foreground_box(image: np.ndarray, margin: int = 0) -> tuple[tuple[int, int],
 class CaseCache:
     """A bounded LRU cache of preprocessed cases, so epochs and rounds never decode NIfTI twice.
 
+    Memory holds the most recently used cases. With ``disk_dir`` every preprocessed case is
+    also written there (as a pickle, mode 0600, in a 0700 folder on the site's own disk), so a
+    process started later, such as the ClientApp process a SuperNode starts for each round,
+    reads the cached arrays instead of decoding NIfTI again. Entries are keyed by the files'
+    paths, sizes and modification times and the preprocessing, so a re-exported scan is
+    decoded afresh.
+
     Args:
         max_bytes: the most memory the cached arrays may take; the least recently used
             case is dropped first.
+        disk_dir: where preprocessed cases persist between processes, or ``None``.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, disk_dir: str | os.PathLike[str] | None = None) -> None:
         if max_bytes < 0:
             raise ValueError(f"CaseCache: max_bytes must be >= 0, got {max_bytes}.")
         self.max_bytes = max_bytes
+        self.disk_dir = Path(disk_dir) if disk_dir else None
         self._items: OrderedDict[tuple[Any, ...], PreparedCase] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -492,7 +504,10 @@ class CaseCache:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        prepared = load_case(data_dir, spec, case, crop_foreground=crop_foreground)
+        prepared = self._read_disk(key)
+        if prepared is None:
+            prepared = load_case(data_dir, spec, case, crop_foreground=crop_foreground)
+            self._write_disk(key, prepared)
         with self._lock:
             self._items[key] = prepared
             self._bytes += prepared.nbytes
@@ -500,6 +515,36 @@ class CaseCache:
                 _, dropped = self._items.popitem(last=False)
                 self._bytes -= dropped.nbytes
         return prepared
+
+    def _disk_path(self, key: tuple[Any, ...]) -> Path | None:
+        if self.disk_dir is None:
+            return None
+        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:32]
+        return self.disk_dir / f"{digest}.pkl"
+
+    def _read_disk(self, key: tuple[Any, ...]) -> PreparedCase | None:
+        path = self._disk_path(key)
+        if path is None or not path.exists():
+            return None
+        try:
+            with open(path, "rb") as handle:
+                stored_key, prepared = pickle.load(handle)  # written by this class on this site's disk
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError):
+            return None  # a torn or stale entry is simply rebuilt
+        return prepared if stored_key == key else None
+
+    def _write_disk(self, key: tuple[Any, ...], prepared: PreparedCase) -> None:
+        path = self._disk_path(key)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "wb") as handle:
+                pickle.dump((key, prepared), handle, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)
+        except OSError as exc:  # a full or read-only disk only costs speed
+            logger.warning("case cache: cannot write %s (%s); continuing without it", path, exc)
 
     @staticmethod
     def _key(data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str, crop: bool) -> tuple[Any, ...]:
@@ -514,7 +559,10 @@ class CaseCache:
         return (json.dumps(spec.to_json(), sort_keys=True), tuple(stats), crop)
 
 
-CACHE = CaseCache(max_bytes=int(float(os.environ.get("FEDLESION_CACHE_GIB", "8")) * 2**30))
+CACHE = CaseCache(
+    max_bytes=int(float(os.environ.get("FEDLESION_CACHE_GIB", "8")) * 2**30),
+    disk_dir=os.environ.get("FEDLESION_CACHE_DIR") or None,
+)
 
 
 @dataclass

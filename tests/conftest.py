@@ -18,6 +18,14 @@ TINY_SHAPE = (32, 32, 16)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def case_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep the on-disk case cache of clients (and the processes tests start) out of ~/.cache."""
+    folder = tmp_path_factory.mktemp("case-cache")
+    os.environ["FEDLESION_CACHE_DIR"] = str(folder)
+    return folder
+
+
 def sample_data_dir() -> Path | None:
     """The six-case BraTS 2018 sample: $FEDLESION_SAMPLE_DATA, else ../shared/data/brats18-sample."""
     candidates = [os.environ.get("FEDLESION_SAMPLE_DATA"), REPO.parent / "shared" / "data" / "brats18-sample"]

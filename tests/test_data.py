@@ -229,3 +229,21 @@ def test_real_sample_loads_through_the_documented_manifest(sample_dir: Path) -> 
 
 def test_spec_json_round_trip() -> None:
     assert DatasetSpec.from_json(BRATS.to_json()) == BRATS
+
+
+def test_disk_cache_spares_a_fresh_process_the_decoding(tmp_path: Path) -> None:
+    """A SuperNode may start a new ClientApp process per round: the second one decodes nothing."""
+    from common.data import DECODE_STATS
+
+    write_case(tmp_path / "data", "Disk_001")
+    before = DECODE_STATS.files
+    first = load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=tmp_path / "cache")).cases[0]
+    assert DECODE_STATS.files - before == 5
+    second = load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=tmp_path / "cache")).cases[0]
+    assert DECODE_STATS.files - before == 5, "no NIfTI decoded again"
+    np.testing.assert_array_equal(first.image, second.image)
+    # A re-exported scan (new mtime) is decoded afresh.
+    flair = tmp_path / "data" / "Disk_001" / "Disk_001_flair.nii.gz"
+    os.utime(flair, ns=(flair.stat().st_atime_ns, flair.stat().st_mtime_ns + 10**9))
+    load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=tmp_path / "cache"))
+    assert DECODE_STATS.files - before == 10
