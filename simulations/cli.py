@@ -26,9 +26,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from .synthetic import synthesize
 
     shape = parse_shape(args.shape)
-    sites = synthesize(args.out, args.sites, args.cases_per_site, shape, args.seed)
+    sites = synthesize(args.out, args.sites, args.cases_per_site, shape, args.seed, flat=args.flat)
     for site, cases in sites.items():
-        print(f"site-{site}: {len(cases)} cases -> {Path(args.out) / f'site-{site}'}")
+        print(f"site-{site}: {len(cases)} cases -> {Path(args.out) if args.flat else Path(args.out) / f'site-{site}'}")
     return 0
 
 
@@ -159,6 +159,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from common.config import parse_model_args
+
+    from .bench import run_bench
+
+    models = args.models.split(",")
+    checkpoints = dict(item.split("=", 1) for item in args.checkpoint or [])
+    model_args = {name: parse_model_args(args.model_args) for name in models} if args.model_args else None
+    run_bench(args.data, args.out, models, manifest=args.manifest, cases=args.cases, repeats=args.repeats,
+              checkpoints=checkpoints, model_args=model_args)
+    print((Path(args.out) / "bench.md").read_text())
+    print(f"bench.json, bench.md -> {args.out}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from common.model import MODELS, build_model
 
@@ -192,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mean cases per site; sizes range from 0.5x to 1.5x of it (default 6)")
     synth.add_argument("--shape", default="96,96,64", help="volume size X,Y,Z (default 96,96,64)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--flat", action="store_true", help="all cases in OUT itself (sites readable from the IDs)")
     synth.set_defaults(func=cmd_synth)
 
     simulate = sub.add_parser("simulate", help="run the federation in simulation through `flwr run`",
@@ -292,6 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sites", type=int, default=3, help="hospitals (default 3)")
     demo.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="inference end to end per case, ours beside a plain MONAI pipeline",
+                           description="Time load -> preprocess -> predict -> labels -> NIfTI per case, for the project and "
+                                       "for a plain MONAI pipeline with the same network and weights (warm-up, median of "
+                                       "--repeats), on the CPU and on CUDA when present. Writes bench.json and bench.md.")
+    bench.add_argument("--data", required=True, help="data folder")
+    bench.add_argument("--manifest", help="its manifest (default: found in the folder)")
+    bench.add_argument("--models", default="unet2d,unet2d-lite", help="comma-separated models (default unet2d,unet2d-lite)")
+    bench.add_argument("--checkpoint", action="append", metavar="MODEL=PATH", help="trained weights for a model (repeatable)")
+    bench.add_argument("--model-args", default="", help="model argument overrides for untrained models")
+    bench.add_argument("--cases", type=int, default=2, help="cases to time (default 2)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up (default 3)")
+    bench.add_argument("--out", default="outputs/bench", help="output folder")
+    bench.set_defaults(func=cmd_bench)
 
     models = sub.add_parser("models", help="list the registered models with their parameter counts")
     models.set_defaults(func=cmd_models)

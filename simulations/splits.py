@@ -3,7 +3,8 @@
 Kinds:
 
 - ``institution``: BraTS 2018-2020 IDs carry the contributing institution as their second
-  token (``Brats18_CBICA_AAB_1`` -> ``CBICA``); or a manifest-free ``site_of`` mapping.
+  token (``Brats18_CBICA_AAB_1`` -> ``CBICA``), as do synthetic IDs (``Synth_S00_000`` ->
+  ``S00``); other IDs need an explicit ``site_of`` mapping or a split JSON.
 - ``fets1`` / ``fets2``: the FeTS 2022 institutional partitions of BraTS 2021 (23 / 33
   sites). ``FeTS2022_NNNNN`` is read as ``BraTS2021_NNNNN``: an inferred mapping.
 - ``iid``: a seeded uniform shuffle into equal sites.
@@ -29,7 +30,7 @@ import numpy as np
 PARTITIONS = Path(__file__).resolve().parent / "partitions"
 FETS_FILES = {"fets1": "partitioning_1.csv", "fets2": "partitioning_2.csv", "fets-small": "small_split.csv"}
 KINDS = ("institution", "fets1", "fets2", "fets-small", "iid", "dirichlet-count", "dirichlet-volume")
-_INSTITUTION = re.compile(r"^Brats\d{2}_([A-Za-z0-9]+)_")
+_INSTITUTION = re.compile(r"^(?:Brats\d{2}|Synth)_([A-Za-z0-9]+)_")  # Brats18_CBICA_AAB_1, Synth_S00_000
 
 
 @dataclass

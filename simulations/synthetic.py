@@ -173,7 +173,20 @@ def site_dir(root: str | Path, site: int) -> Path:
     return Path(root) / f"site-{site}"
 
 
-def synthesize(out_dir: str | Path, sites: int, cases_per_site: int, shape: tuple[int, int, int], seed: int) -> dict[int, list[str]]:
-    """Write ``sites`` synthetic sites under ``out_dir/site-<i>/``; see :func:`site_case_counts` for sizes."""
+def synthesize(out_dir: str | Path, sites: int, cases_per_site: int, shape: tuple[int, int, int], seed: int,
+               flat: bool = False) -> dict[int, list[str]]:
+    """Write ``sites`` synthetic sites under ``out_dir/site-<i>/``; see :func:`site_case_counts` for sizes.
+
+    With ``flat`` every case goes straight into ``out_dir`` (one pooled dataset, as BraTS is
+    distributed); the site stays readable from the case ID (``Synth_S<site>_<index>``), so
+    ``fedlesion split --kind institution`` recovers the sites.
+    """
     counts = site_case_counts(sites, cases_per_site)
-    return {site: write_site(site_dir(out_dir, site), site, counts[site], shape, seed) for site in range(sites)}
+    written = {site: write_site(site_dir(out_dir, site), site, counts[site], shape, seed) for site in range(sites)}
+    if flat:
+        for site in written:
+            folder = site_dir(out_dir, site)
+            for case in written[site]:
+                (folder / case).rename(Path(out_dir) / case)
+            shutil.rmtree(folder)
+    return written

@@ -1,0 +1,181 @@
+"""``fedlesion bench``: inference end to end per case, ours beside a plain MONAI pipeline.
+
+Each measurement runs the project and the reference with the same network and weights in
+the same process, after a warm-up, several times, and reports the median.
+
+- Project: decode the channels (threads) -> validate -> reorient, z-score, crop to the brain
+  -> predict (2D: slice batches; 3D: Gaussian sliding windows) -> labels -> restore the file
+  grid -> write NIfTI.
+- Reference: ``LoadImaged`` -> ``EnsureChannelFirstd`` -> ``Orientationd(RAS)`` ->
+  ``NormalizeIntensityd(nonzero, channel_wise)`` -> ``sliding_window_inference`` (overlap 0.5;
+  2D networks slide a one-slice window) -> ``SaveImage``.
+
+Outputs ``bench.json`` (keys ``inference.<model>.<device>.end_to_end_ratio``, ``model_only_s``,
+...) and ``bench.md``, with the machine, versions and settings.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.transforms import Compose, ConcatItemsd, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd, SaveImage
+
+from common.checkpoint import load_checkpoint
+from common.data import DatasetSpec, case_paths, discover_cases, load_case, resolve_spec
+from common.engine import autocast, predict_probabilities, probabilities_to_labels, select_device
+from common.metrics import region_metrics
+from common.model import build_model, model_spatial_dims
+
+import nibabel as nib
+
+
+class SliceNet(torch.nn.Module):
+    """Lets a 2D network take the reference's one-slice 3D windows ``(B, C, X, Y, 1)``."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x[..., 0])[..., None]
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    fn()  # warm-up
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def bench_inference(
+    data: str | Path, cases: Sequence[str], model_name: str, device: torch.device, spec: DatasetSpec,
+    checkpoint: str | None = None, repeats: int = 3, patch_size: Sequence[int] = (96, 96, 96), model_args: dict | None = None,
+) -> dict[str, Any]:
+    """Median seconds per case: project end to end, reference end to end, and the network alone."""
+    if checkpoint:
+        ckpt = load_checkpoint(checkpoint)
+        model = ckpt.build()
+    else:
+        torch.manual_seed(0)
+        model = build_model(model_name, len(spec.channels), len(spec.regions), **(model_args or {}))
+    model = model.to(device).eval()
+    dims = model_spatial_dims(model_name)
+    names = list(spec.channels)
+    reference_net = SliceNet(model) if dims == 2 else model
+    load = Compose([LoadImaged(keys=names, image_only=True), EnsureChannelFirstd(keys=names),
+                    ConcatItemsd(keys=names, name="image"), Orientationd(keys="image", axcodes="RAS"),
+                    NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)])
+    out_dir = Path(tempfile.mkdtemp(prefix="fedlesion-bench-"))
+    rows = []
+    for case in cases:
+        paths = {name: str(p) for name, (p, _) in case_paths(data, spec, case).items()}
+
+        def project() -> np.ndarray:
+            prepared = load_case(data, spec, case, crop_foreground=True, require_label=False)
+            probs = predict_probabilities(model, prepared.image, dims, device, patch_size=patch_size)
+            labels = prepared.restore(probabilities_to_labels(probs.numpy(), spec))
+            nib.save(nib.Nifti1Image(labels, prepared.affine, prepared.header), str(out_dir / f"{case}-ours.nii.gz"))
+            return labels
+
+        def reference() -> np.ndarray:
+            item = load({name: paths[name] for name in names})
+            image = item["image"].unsqueeze(0).to(device)
+            roi = (image.shape[2], image.shape[3], 1) if dims == 2 else tuple(min(p, s) for p, s in zip(patch_size, image.shape[2:]))
+            with torch.no_grad(), autocast(device):
+                logits = sliding_window_inference(image, roi, 32 if dims == 2 else 4, reference_net, overlap=0.5)
+            labels = probabilities_to_labels(torch.sigmoid(logits[0].float()).cpu().numpy(), spec)
+            saver = SaveImage(output_dir=out_dir, output_postfix="ref", separate_folder=False, print_log=False,
+                              output_dtype=np.uint8, resample=False)
+            labels_t = item["image"][:1].clone()
+            labels_t.array = labels[None].astype(np.float32)
+            saver(labels_t)
+            return labels
+
+        prepared = load_case(data, spec, case, crop_foreground=True)
+        volume = torch.as_tensor(prepared.image).to(device)
+
+        def model_only() -> None:
+            with torch.no_grad(), autocast(device):
+                if dims == 2:
+                    slices = volume.permute(3, 0, 1, 2)
+                    for i in range(0, slices.shape[0], 32):
+                        model(slices[i:i + 32])
+                else:
+                    sliding_window_inference(volume[None], tuple(min(p, s) for p, s in zip(patch_size, volume.shape[1:])),
+                                             4, model, overlap=0.5, mode="gaussian")
+
+        ours_s, ours = _median_time(project, repeats)
+        ref_s, ref = _median_time(reference, repeats)
+        model_s, _ = _median_time(model_only, repeats)
+        row: dict[str, Any] = {"case": case, "end_to_end_s": ours_s, "reference_s": ref_s, "model_only_s": model_s}
+        if prepared.regions is not None:
+            truth = load_case(data, spec, case, crop_foreground=False)  # regions on the full RAS grid
+            frames = {"dice_project": nib.orientations.apply_orientation(ours, truth.ornt),  # file grid -> RAS
+                      "dice_reference": ref}  # Orientationd already gave RAS
+            first = next(iter(spec.regions))
+            for tag, labels in frames.items():
+                masks = np.stack([np.isin(labels, values) for values in spec.regions.values()])
+                row[tag] = region_metrics(masks, truth.regions, list(spec.regions))[first]["dice"]
+        rows.append(row)
+    ratio = statistics.median(r["end_to_end_s"] / r["reference_s"] for r in rows)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "end_to_end_s": statistics.median(r["end_to_end_s"] for r in rows),
+        "reference_s": statistics.median(r["reference_s"] for r in rows),
+        "end_to_end_ratio": ratio,
+        "model_only_s": statistics.median(r["model_only_s"] for r in rows),
+        "cases": rows,
+    }
+
+
+def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest: str | None = None,
+              cases: int = 2, repeats: int = 3, checkpoints: dict[str, str] | None = None,
+              model_args: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Benchmark inference for ``models`` on the CPU (and CUDA when present); write bench.json / bench.md."""
+    spec = resolve_spec(data, manifest)
+    ids = discover_cases(data, spec)[:cases]
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    result: dict[str, Any] = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                                          "cpu_threads": torch.get_num_threads(),
+                                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+                              "versions": _versions(), "settings": {"data": str(data), "cases": ids, "repeats": repeats},
+                              "inference": {}}
+    for name in models:
+        for device in devices:
+            result["inference"].setdefault(name, {})[device.type] = bench_inference(
+                data, ids, name, device, spec, (checkpoints or {}).get(name), repeats,
+                model_args=(model_args or {}).get(name))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    lines = ["| model | device | parameters | ours end to end (s) | MONAI reference (s) | ratio | network only (s) | Dice ours / reference |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, by_device in result["inference"].items():
+        for device, row in by_device.items():
+            dice = [(c.get("dice_project"), c.get("dice_reference")) for c in row["cases"]]
+            dice_text = ", ".join(f"{a:.3f} / {b:.3f}" for a, b in dice if a is not None)
+            lines.append(f"| {name} | {device} | {row['params'] / 1e6:.2f} M | {row['end_to_end_s']:.2f} | "
+                         f"{row['reference_s']:.2f} | {row['end_to_end_ratio']:.2f} | {row['model_only_s']:.2f} | {dice_text} |")
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
+def _versions() -> dict[str, str]:
+    import monai
+
+    return {"torch": torch.__version__, "monai": monai.__version__, "nibabel": nib.__version__, "numpy": np.__version__}
