@@ -10,8 +10,9 @@ import logging
 import zlib
 from collections.abc import Callable
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
 from common.config import model_from, train_config_from
 from common.engine import evaluate as evaluate_cases
@@ -20,8 +21,20 @@ from common.model import build_model, model_spatial_dims
 
 from . import site as sites
 
-app = ClientApp()
 logger = logging.getLogger("flwr")
+
+
+def clip_when_asked(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower's client-side DP clipping mods, applied to training when the run's ``dp`` is ``client-*``."""
+    mode = str(context.run_config.get("dp", "none"))
+    if msg.metadata.message_type == MessageType.TRAIN and mode == "client-fixed":
+        return fixedclipping_mod(msg, context, call_next)
+    if msg.metadata.message_type == MessageType.TRAIN and mode == "client-adaptive":
+        return adaptiveclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[clip_when_asked])
 
 
 def site_errors_stay_local(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:

@@ -27,7 +27,7 @@ from common.data import DatasetSpec, discover_cases, load_site, resolve_spec
 from common.engine import evaluate, select_device
 from common.model import build_model, model_spatial_dims
 
-from .strategy import build_strategy, format_table
+from .strategy import build_strategy, format_table, with_privacy
 
 app = ServerApp()
 
@@ -145,7 +145,7 @@ def main(grid: Grid, context: Context) -> None:
             strategy.evaluate_initial(grid, initial, timeout=timeout)
     final = initial
     if num_rounds >= first_round:
-        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=num_rounds - first_round + 1, timeout=timeout)
+        result = with_privacy(strategy, run_config).start(grid=grid, initial_arrays=initial, num_rounds=num_rounds - first_round + 1, timeout=timeout)
         final = result.arrays if result.arrays is not None else initial
     save(final, num_rounds, strategy.history[-1] if strategy.history else {}, "final", strategy.optimizer_state())
     log(INFO, "Per-round metrics (%s):\n%s", out_dir / "metrics.jsonl", format_table(strategy.history))

@@ -218,6 +218,8 @@ class RoundKeeper:
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        # The global model as it stands after this round (a DP wrapper may have added noise after aggregation).
+        self._arrays = arrays
         return super().configure_evaluate(self.absolute_round(server_round), arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -321,6 +323,38 @@ STRATEGIES: dict[str, tuple[type, dict[str, tuple[str, type, Any]]]] = {
     "fedtrimmedavg": (flwr_strategies.FedTrimmedAvg, {"trim-beta": ("beta", float, 0.2)}),
     "krum": (flwr_strategies.Krum, {"num-malicious-nodes": ("num_malicious_nodes", int, 0)}),
 }
+
+
+DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
+
+
+def with_privacy(strategy: RoundKeeper, run_config: Mapping[str, Any]) -> Any:
+    """Wrap ``strategy`` in one of Flower's differential-privacy wrappers, as ``dp`` says.
+
+    ``server-*`` clip each update at the server and add Gaussian noise to the aggregate;
+    ``client-*`` have the sites clip their own updates (FedLesion's ClientApp applies Flower's
+    clipping mods when asked) and the server adds the noise. ``*-fixed`` clips at
+    ``dp-clipping-norm``; ``*-adaptive`` learns the norm from ``dp-initial-clipping-norm``.
+
+    Raises:
+        ValueError: for an unknown ``dp`` mode.
+    """
+    mode = str(run_config.get("dp", "none"))
+    if mode not in DP_MODES:
+        raise ValueError(f"dp '{mode}' is unknown; choose one of {list(DP_MODES)}.")
+    if mode == "none":
+        return strategy
+    noise = float(run_config.get("dp-noise-multiplier", 0.1))
+    sampled = int(run_config.get("min-available-nodes", 2))
+    if mode.endswith("fixed"):
+        cls = (flwr_strategies.DifferentialPrivacyServerSideFixedClipping if mode.startswith("server")
+               else flwr_strategies.DifferentialPrivacyClientSideFixedClipping)
+        return cls(strategy, noise_multiplier=noise, clipping_norm=float(run_config.get("dp-clipping-norm", 1.0)),
+                   num_sampled_clients=sampled)
+    cls = (flwr_strategies.DifferentialPrivacyServerSideAdaptiveClipping if mode.startswith("server")
+           else flwr_strategies.DifferentialPrivacyClientSideAdaptiveClipping)
+    return cls(strategy, noise_multiplier=noise, num_sampled_clients=sampled,
+               initial_clipping_norm=float(run_config.get("dp-initial-clipping-norm", 0.1)))
 
 
 def build_strategy(run_config: Mapping[str, Any], **keeper_args: Any) -> RoundKeeper:
