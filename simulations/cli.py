@@ -22,6 +22,17 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Run-config values from ``--run-config FILE`` then ``--set KEY=VALUE`` (later wins)."""
+    overrides: dict[str, Any] = {}
+    if args.run_config:
+        overrides.update(tomllib.loads(Path(args.run_config).read_text()))
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        overrides[key] = _parse_value(value)
+    return overrides
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from .synthetic import synthesize
 
@@ -37,12 +48,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from .launch import read_history, run_federation
 
-    overrides: dict[str, Any] = {}
-    if args.run_config:
-        overrides.update(tomllib.loads(Path(args.run_config).read_text()))
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        overrides[key] = _parse_value(value)
+    overrides = _run_config_overrides(args)
     if args.rounds is not None:
         overrides["num-server-rounds"] = args.rounds
     overrides["output-dir"] = args.out
@@ -122,12 +128,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import DEFAULT_CONFIGS, reproduce
 
-    overrides: dict[str, Any] = {}
-    if args.run_config:
-        overrides.update(tomllib.loads(Path(args.run_config).read_text()))
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        overrides[key] = _parse_value(value)
+    overrides = _run_config_overrides(args)
     configs = args.configs.split(",") if args.configs else list(DEFAULT_CONFIGS)
     reproduce(args.data, args.split, args.test_data, args.out, run_config=overrides, manifest=args.manifest,
               test_include=args.test_include or (), configs=configs, num_sites=args.sites)

@@ -17,15 +17,12 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, TextIO
-from urllib.error import URLError
-from urllib.request import urlopen
 
 from server.certs import make_certificates
 
-from .launch import APP_DIR, _environment, _stop, _tail, declared_run_config, free_port, write_run_config
+from .launch import APP_DIR, declared_run_config, flower_environment, free_port, stop_process_group, wait_healthy, write_run_config
 
 BIN = Path(sys.executable).parent
-STARTUP_TIMEOUT_S = 90.0
 
 
 @dataclass
@@ -107,7 +104,7 @@ def secure_superlink(workdir: Path, hospitals: Sequence[str]) -> Iterator[Federa
         f'[superlink]\ndefault = "hospitals"\n\n[superlink.hospitals]\naddress = "127.0.0.1:{port}"\n'
         f'root-certificates = "{certs / "ca.crt"}"\n'
     )
-    env = _environment(flwr_home)
+    env = flower_environment(flwr_home)
     federation = Federation(workdir, "hospitals", env, certs, port)
     with open(workdir / "superlink.log", "wb") as log:
         superlink = subprocess.Popen(
@@ -119,24 +116,12 @@ def secure_superlink(workdir: Path, hospitals: Sequence[str]) -> Iterator[Federa
         )
     federation.processes["superlink"] = superlink
     try:
-        context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if superlink.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with code {superlink.returncode}:\n{_tail(workdir / 'superlink.log')}")
-            try:
-                with urlopen(f"https://127.0.0.1:{port}/health", timeout=2, context=context) as response:
-                    if response.status == 200:
-                        break
-            except (URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"flower-superlink did not start:\n{_tail(workdir / 'superlink.log')}")
-            time.sleep(0.5)
+        wait_healthy(superlink, f"https://127.0.0.1:{port}/health", workdir / "superlink.log",
+                     ssl.create_default_context(cafile=str(certs / "ca.crt")))
         yield federation
     finally:
         for process in reversed(list(federation.processes.values())):
-            _stop(process)
+            stop_process_group(process)
 
 
 def demo(out: Path, sites: int = 3, rounds: int = 3, run_config: Mapping[str, Any] | None = None,

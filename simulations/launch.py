@@ -15,6 +15,7 @@ import os
 from collections import deque
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -51,7 +52,7 @@ def write_run_config(values: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-def _environment(flwr_home: Path) -> dict[str, str]:
+def flower_environment(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "FLWR_HOME": str(flwr_home),
@@ -66,7 +67,7 @@ def _environment(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process_group(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM the process group, then SIGKILL whatever is left after a grace period."""
     if process.poll() is not None:
         return
@@ -96,7 +97,7 @@ def local_superlink(workdir: Path, app_dir: Path = APP_DIR) -> Iterator[tuple[st
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "fedlesion"\n\n[superlink.fedlesion]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    env = _environment(flwr_home)
+    env = flower_environment(flwr_home)
     log_path = workdir / "superlink.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
@@ -105,25 +106,34 @@ def local_superlink(workdir: Path, app_dir: Path = APP_DIR) -> Iterator[tuple[st
             cwd=app_dir, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with code {process.returncode}:\n{_tail(log_path)}")
-            try:
-                with urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"flower-superlink did not start within {STARTUP_TIMEOUT_S:.0f} s:\n{_tail(log_path)}")
-            time.sleep(0.5)
+        wait_healthy(process, f"http://127.0.0.1:{port}/health", log_path)
         yield "fedlesion", env
     finally:
-        _stop(process)
+        stop_process_group(process)
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def wait_healthy(process: subprocess.Popen[bytes], url: str, log_path: Path, context: ssl.SSLContext | None = None) -> None:
+    """Poll a SuperLink's health endpoint until it answers 200.
+
+    Raises:
+        RuntimeError: with the tail of its log, when it exits or does not answer in time.
+    """
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {process.returncode}:\n{log_tail(log_path)}")
+        try:
+            with urlopen(url, timeout=2, context=context) as response:
+                if response.status == 200:
+                    return
+        except (URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"flower-superlink did not start within {STARTUP_TIMEOUT_S:.0f} s:\n{log_tail(log_path)}")
+        time.sleep(0.5)
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
