@@ -112,7 +112,7 @@ def locate(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Sit
 def _split(root: str, manifest: str | None, kind: str, num_sites: int, alpha: float, seed: int) -> Split:
     if Path(kind).suffix == ".json":
         return Split.load(kind)
-    spec = resolve_spec(root, manifest)
+    spec = dataset_spec(manifest) if manifest else resolve_spec(root)
     ids = discover_cases(root, spec)
     volumes = tumour_volumes(root, spec, ids) if kind == "dirichlet-volume" else None
     return make_split(kind, ids, num_sites=num_sites, alpha=alpha, seed=seed, volumes=volumes)
@@ -147,7 +147,7 @@ def load(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
     if key in _SITES:
         return _SITES[key]
     expected = dataset_spec(str(run_config.get("dataset", "brats2021")))
-    spec = resolve_spec(path, manifest)
+    spec = dataset_spec(manifest) if manifest else resolve_spec(path)
     if list(spec.regions) != list(expected.regions) or len(spec.channels) != len(expected.channels):
         raise ValueError(
             f"site {name}: data at {path} has channels {list(spec.channels)} and regions {list(spec.regions)}, "
