@@ -110,6 +110,7 @@ def local_superlink(workdir: Path, app_dir: Path = APP_DIR) -> Iterator[tuple[st
         yield "fedlesion", env
     finally:
         stop_process_group(process)
+        stop_orphans(port)
 
 
 def wait_healthy(process: subprocess.Popen[bytes], url: str, log_path: Path, context: ssl.SSLContext | None = None) -> None:
@@ -131,6 +132,15 @@ def wait_healthy(process: subprocess.Popen[bytes], url: str, log_path: Path, con
         if time.monotonic() > deadline:
             raise RuntimeError(f"flower-superlink did not start within {STARTUP_TIMEOUT_S:.0f} s:\n{log_tail(log_path)}")
         time.sleep(0.5)
+
+
+def stop_orphans(port: int) -> None:
+    """Stop what a SuperLink on ``port`` started outside its process group, if it was cut short:
+    the ``flwr-simulation`` process (found by its runtime address) and that process's Ray session."""
+    found = subprocess.run(["pgrep", "-f", f"runtime-api-address 127.0.0.1:{port}"], capture_output=True, text=True)
+    for pid in found.stdout.split():
+        for pattern in (f"--runtime-api-address 127.0.0.1:{port}", f"session_[0-9_-]*_{pid}/"):
+            subprocess.run(["pkill", "-KILL", "-f", pattern], capture_output=True)
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
