@@ -21,10 +21,12 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategies
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
 from flwr.supercore import log
 
-SERVER_STATE = ("m_t", "v_t", "momentum_vector")  # what Flower's server optimisers carry between rounds
+SERVER_STATE = ("m_t", "v_t", "momentum_vector")
+SERVER_OPTIMIZERS = (flwr_strategies.FedAdam, flwr_strategies.FedYogi, flwr_strategies.FedAdagrad, flwr_strategies.FedAvgM)
+STATISTICS_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")  # what Flower's server optimisers carry between rounds
 SUMMED_KEYS = ("num-examples",)  # counts that add up over sites rather than average
 SUMMED_SUFFIX = "-cases"
 
@@ -203,6 +205,24 @@ class RoundKeeper:
                 entry["node-id"], entry["reason"])
         return kept, rejected
 
+    def _average_statistics(self, arrays: ArrayRecord | None, replies: list[Message]) -> ArrayRecord | None:
+        """Give normalisation statistics (BatchNorm running mean/var, counters) their plain weighted average.
+
+        They are measurements, not parameters: a server optimiser (FedAdam, FedYogi, FedAvgM)
+        moving them by a bounded step per round leaves them far from the data's statistics
+        and breaks the model in evaluation mode. Averaging strategies are left as they are.
+        """
+        valid = [m.content for m in replies if not m.has_error()]
+        if arrays is None or not valid or not isinstance(self, SERVER_OPTIMIZERS):
+            return arrays
+        statistics = [key for key in arrays if key.endswith(STATISTICS_SUFFIXES)]
+        if not statistics:
+            return arrays
+        averaged = aggregate_arrayrecords(valid, self.weighted_by_key)  # type: ignore[attr-defined]
+        for key in statistics:
+            arrays[key] = averaged[key]
+        return arrays
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies, rejected = self.screen(list(replies))
         self._current["rejected"] = rejected
@@ -212,6 +232,7 @@ class RoundKeeper:
             for m in replies
         ]
         arrays, metrics = super().aggregate_train(self.absolute_round(server_round), replies)  # type: ignore[misc]
+        arrays = self._average_statistics(arrays, replies)
         if arrays is not None:
             self._arrays = arrays
         self._current["train"] = dict(metrics) if metrics is not None else {}

@@ -70,3 +70,19 @@ def test_honest_updates_pass(tmp_path: Path) -> None:
     arrays, _ = strategy.aggregate_train(1, [_reply(1, _update(0.1)), _reply(2, _update(0.3))])
     assert strategy._current["rejected"] == []
     np.testing.assert_allclose(arrays["b"].numpy(), np.full(4, 0.2), rtol=1e-5)
+
+
+def test_server_optimiser_leaves_normalisation_statistics_to_averaging(tmp_path: Path) -> None:
+    """FedAdam steps the weights, but BatchNorm running statistics get their weighted average."""
+    strategy = build_strategy({"strategy": "fedadam", "server-lr": 0.01}, save_checkpoint=lambda *a: None,
+                              out_dir=tmp_path, num_rounds=1, base_lr=1e-3)
+    start = {"conv.weight": np.zeros(3, np.float32), "bn.running_var": np.ones(3, np.float32)}
+    sent = ArrayRecord({k: Array(v) for k, v in start.items()})
+    strategy._arrays = sent
+    strategy._current = {"round": 1}
+    strategy.current_arrays = {k: v.copy() for k, v in start.items()}  # what FedAdam.configure_train records
+    replies = [_reply(1, {"conv.weight": np.full(3, 1.0, np.float32), "bn.running_var": np.full(3, 40.0, np.float32)}, n=1),
+               _reply(2, {"conv.weight": np.full(3, 1.0, np.float32), "bn.running_var": np.full(3, 80.0, np.float32)}, n=3)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["bn.running_var"].numpy(), np.full(3, 70.0))  # (40*1 + 80*3) / 4
+    assert float(arrays["conv.weight"].numpy()[0]) < 0.5, "weights still take FedAdam's bounded server step"
