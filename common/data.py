@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
+from monai.transforms import NormalizeIntensity
 
 logger = logging.getLogger(__name__)
 
@@ -446,18 +447,14 @@ def load_case(
 
 
 def zscore_nonzero(image: np.ndarray) -> np.ndarray:
-    """Z-score each channel of ``(C, ...)`` over its nonzero voxels; zero (background) stays zero.
+    """Z-score each channel of ``(C, ...)`` over its nonzero (brain) voxels; zero background stays zero.
 
-    Same rule as MONAI's ``NormalizeIntensity(nonzero=True, channel_wise=True)``.
+    MONAI's ``NormalizeIntensity(nonzero=True, channel_wise=True)``, the rule its BraTS recipes use.
     """
-    out = np.zeros_like(image, dtype=np.float32)
-    for c in range(image.shape[0]):
-        mask = image[c] != 0
-        if mask.any():
-            values = image[c][mask]
-            std = values.std()
-            out[c][mask] = (values - values.mean()) / (std if std > 0 else 1.0)
-    return out
+    return np.asarray(_ZSCORE(image), dtype=np.float32)
+
+
+_ZSCORE = NormalizeIntensity(nonzero=True, channel_wise=True)
 
 
 def foreground_box(image: np.ndarray, margin: int = 0) -> tuple[tuple[int, int], ...]:
