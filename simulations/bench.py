@@ -32,7 +32,7 @@ from monai.transforms import Compose, ConcatItemsd, EnsureChannelFirstd, LoadIma
 
 from common.checkpoint import load_checkpoint
 from common.data import DatasetSpec, case_paths, discover_cases, load_case, resolve_spec
-from common.engine import autocast, predict_probabilities, probabilities_to_labels, select_device
+from common.engine import autocast, predict_probabilities, probabilities_to_labels
 from common.metrics import region_metrics
 from common.model import build_model, model_spatial_dims
 

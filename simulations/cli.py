@@ -54,7 +54,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         overrides["num-server-rounds"] = args.rounds
     overrides["output-dir"] = args.out
     run_dir = run_federation(overrides, num_sites=args.sites, timeout_s=args.timeout)
-    print(f"\nPer-round metrics of the global model (validation cases of every site, weighted by cases):\n")
+    print("\nPer-round metrics of the global model (validation cases of every site, weighted by cases):\n")
     print(format_table(read_history(run_dir)))
     print(f"\nRun folder: {run_dir}\n  metrics.jsonl, metrics.csv, final.pt (global model), best.pt, last.pt, run_config.json")
     return 0
