@@ -17,6 +17,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from common.config import model_from, train_config_from
 from common.engine import evaluate as evaluate_cases
 from common.engine import train as train_cases
+from common.metrics import flat_means
 from common.model import build_model, model_spatial_dims
 
 from . import site as sites
@@ -103,9 +104,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     regions = list(site.spec.regions)
     patch_size = train_config_from(context.run_config).patch_size
     _, summary = evaluate_cases(model, site.val, regions, spatial_dims, site.device, patch_size=patch_size)
-    values: dict[str, float] = {"num-examples": len(site.val), **site.counts()}
-    for region in regions:
-        block = summary.get(region, {})
-        for metric in ("dice", "iou", "hd95"):
-            values[f"{metric}-{region.lower()}"] = float(block.get(f"{metric}_mean", 0.0))
+    values = {"num-examples": len(site.val), **site.counts(), **flat_means(summary, regions)}
     return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)

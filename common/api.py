@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +23,6 @@ from .engine import TrainConfig, evaluate, predict_probabilities, probabilities_
 from .metrics import region_metrics, summarize
 from .model import build_model, model_spatial_dims, resolved_model_args
 
-logger = logging.getLogger(__name__)
 
 
 def select_cases(case_ids: Sequence[str], include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[str]:

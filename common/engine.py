@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -20,7 +19,6 @@ from .losses import build_loss
 from .metrics import region_metrics, summarize
 from .transforms import training_transforms
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass

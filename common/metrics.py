@@ -100,3 +100,13 @@ def summarize(cases: Sequence[dict[str, dict[str, float]]], regions: Sequence[st
             block[f"{metric}_std"] = float(values.std())
         summary[region] = block
     return summary
+
+
+def flat_means(summary: dict[str, dict[str, float]], regions: Sequence[str]) -> dict[str, float]:
+    """``{"dice-wt": ..., "iou-wt": ..., "hd95-wt": ...}``: the per-region means as flat metric names.
+
+    These are the names round metrics carry; a region without cases (no validation case
+    at a site) reports 0.0.
+    """
+    return {f"{metric}-{region.lower()}": float(summary.get(region, {}).get(f"{metric}_mean", 0.0))
+            for region in regions for metric in ("dice", "iou", "hd95")}

@@ -25,6 +25,7 @@ from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from common.config import dataset_spec, model_from, train_config_from
 from common.data import DatasetSpec, discover_cases, load_site, resolve_spec
 from common.engine import evaluate, select_device
+from common.metrics import flat_means
 from common.model import build_model, model_spatial_dims
 
 from .strategy import build_strategy, format_table, with_privacy
@@ -59,7 +60,7 @@ def server_evaluator(run_config: dict[str, Any], model_name: str, model_args: di
         model = build_model(model_name, len(spec.channels), len(spec.regions), **model_args)
         model.load_state_dict(arrays.to_torch_state_dict())
         _, summary = evaluate(model.to(device), cases, list(spec.regions), spatial_dims, device, patch_size=patch_size)
-        out = {f"{m}-{r.lower()}": block[f"{m}_mean"] for r, block in summary.items() for m in ("dice", "iou", "hd95")}
+        out = flat_means(summary, list(spec.regions))
         log(INFO, "round %d: server-side Dice %s", server_round,
             " ".join(f"{r} {block['dice_mean']:.3f}" for r, block in summary.items()))
         return out

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
@@ -35,8 +36,6 @@ from common.data import DatasetSpec, case_paths, discover_cases, load_case, reso
 from common.engine import autocast, predict_probabilities, probabilities_to_labels
 from common.metrics import region_metrics
 from common.model import build_model, model_spatial_dims
-
-import nibabel as nib
 
 
 class SliceNet(torch.nn.Module):

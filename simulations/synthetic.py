@@ -9,7 +9,6 @@ bias field strength and contrast, so a federation over them is non-IID like real
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 # Relative signal per tissue and modality, after the usual BraTS appearance:
