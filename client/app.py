@@ -10,6 +10,7 @@ import logging
 import zlib
 from collections.abc import Callable
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
@@ -65,6 +66,22 @@ def _model(context: Context, site: sites.Site, arrays: ArrayRecord):  # noqa: AN
     return model.to(site.device), model_spatial_dims(name)
 
 
+TRANSPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def transport_state(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """The state dict as sent: floating tensors cast to ``transport-dtype`` (``float16`` halves the
+    upload; the server aggregates in float32), integer counters unchanged.
+
+    Raises:
+        ValueError: for a dtype other than ``float32`` or ``float16``.
+    """
+    if dtype not in TRANSPORT_DTYPES:
+        raise ValueError(f"transport-dtype '{dtype}' is unknown; choose one of {sorted(TRANSPORT_DTYPES)}.")
+    target = TRANSPORT_DTYPES[dtype]
+    return {k: v.detach().to("cpu", target) if v.is_floating_point() else v.detach().cpu() for k, v in state.items()}
+
+
 @app.train()
 @site_errors_stay_local
 def train(msg: Message, context: Context) -> Message:
@@ -81,7 +98,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=int(context.run_config.get("seed", 0)) * 100_003 + server_round * 1_009 + zlib.crc32(site.name.encode()) % 997,
     )
     stats = train_cases(model, site.train, spatial_dims, config, site.device)
-    arrays = ArrayRecord(model.state_dict())
+    arrays = ArrayRecord(transport_state(model.state_dict(), str(context.run_config.get("transport-dtype", "float32"))))
     metrics = MetricRecord({
         "train-loss": stats["train-loss"],
         "train-seconds": stats["train-seconds"],

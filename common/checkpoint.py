@@ -80,10 +80,13 @@ def state_dict_from_arrays(model: nn.Module, arrays: list[np.ndarray]) -> Ordere
 def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Path:
     """Write a checkpoint atomically: a temporary file in the same folder, then a rename.
 
-    A crash mid-write leaves the previous file at ``path`` intact.
+    A crash mid-write leaves the previous file at ``path`` intact; the temporary file a
+    killed writer left behind is removed by the next save (one writer per path).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     payload = {
         "format": FORMAT,
         "model": checkpoint.model,

@@ -15,17 +15,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class DoubleConv(nn.Module):
-    """(Conv3x3 -> BatchNorm -> ReLU) twice, the reference U-Net block."""
+NORMS = ("batch", "instance", "group")
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """A 2D normalisation layer: ``batch`` (the reference), ``instance`` or ``group`` (8 groups).
+
+    ``instance`` and ``group`` keep no running statistics, so a federated model behaves the same
+    in training and evaluation whatever mix of sites its statistics would have come from.
+    """
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    raise ValueError(f"norm must be one of {NORMS}, got '{kind}'.")
+
+
+class DoubleConv(nn.Module):
+    """(Conv3x3 -> norm -> ReLU) twice, the reference U-Net block (BatchNorm by default)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
         super().__init__()
         self.block = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            norm_layer(norm, out_channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            norm_layer(norm, out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -36,9 +54,9 @@ class DoubleConv(nn.Module):
 class Down(nn.Module):
     """MaxPool by 2, then DoubleConv."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
         super().__init__()
-        self.block = nn.Sequential(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
+        self.block = nn.Sequential(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels, norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
@@ -47,9 +65,9 @@ class Down(nn.Module):
 class Up(nn.Module):
     """Bilinear upsampling by 2, pad to the skip's size, concatenate, DoubleConv."""
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, norm: str = "batch") -> None:
         super().__init__()
-        self.conv = DoubleConv(in_channels + skip_channels, out_channels)
+        self.conv = DoubleConv(in_channels + skip_channels, out_channels, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
@@ -68,21 +86,25 @@ class UNet2D(nn.Module):
         out_channels: number of output region channels.
         base_channels: width of the first level; each level doubles it.
         depth: number of down-sampling steps (the U has ``depth + 1`` levels).
+        norm: ``batch`` (the reference), ``instance`` or ``group``; see :func:`norm_layer`.
 
     Raises:
-        ValueError: when a width or the depth is not positive.
+        ValueError: when a width or the depth is not positive, or the norm is unknown.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, base_channels: int = 32, depth: int = 4) -> None:
+    def __init__(self, in_channels: int, out_channels: int, base_channels: int = 32, depth: int = 4,
+                 norm: str = "batch") -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"UNet2D: norm must be one of {NORMS}, got '{norm}'.")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("base_channels", base_channels), ("depth", depth)):
             if value < 1:
                 raise ValueError(f"UNet2D: {name} must be >= 1, got {value}.")
         widths = [base_channels * 2**level for level in range(depth + 1)]
-        self.inc = DoubleConv(in_channels, widths[0])
-        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(depth))
-        self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], widths[i]) for i in reversed(range(depth)))
+        self.inc = DoubleConv(in_channels, widths[0], norm)
+        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], norm) for i in range(depth))
+        self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], widths[i], norm) for i in reversed(range(depth)))
         self.outc = nn.Conv2d(widths[0], out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +257,7 @@ class ModelEntry:
 
 
 MODELS: dict[str, ModelEntry] = {
-    "unet2d": ModelEntry(UNet2D, 2, {"base_channels": 32, "depth": 4}),
+    "unet2d": ModelEntry(UNet2D, 2, {"base_channels": 32, "depth": 4, "norm": "batch"}),
     "unet2d-lite": ModelEntry(UNet2DLite, 2, {"base_channels": 16, "depth": 4, "expand": 4}),
     "unet3d": ModelEntry(unet3d, 3, {"base_channels": 16, "depth": 4}),
     "dynunet": ModelEntry(dynunet, 3, {"base_channels": 32, "depth": 4}),

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
@@ -86,6 +86,14 @@ class RoundKeeper:
         history: the records of the rounds before a resume.
         max_norm_ratio: reject an update whose distance from the global model exceeds this
             multiple of the round's median (0 disables; needs three or more updates).
+        max_failed_rounds: consecutive rounds with fewer accepted updates than ``min_train_nodes``
+            that are tolerated (each keeps the global model and the next round tries again);
+            one more stops the run with a message saying how to resume.
+        node_wait_timeout: seconds a round waits for ``min_available_nodes`` SuperNodes to be
+            connected before the run stops with a message (Flower alone would wait forever).
+        round_timeout: the messages' time to live, in seconds. A SuperNode that comes back
+            late or restarts never receives a round that is already over, so it does not
+            spend the next round answering the last one.
     """
 
     def __init__(
@@ -101,9 +109,14 @@ class RoundKeeper:
         server_evaluate: Callable[[int, ArrayRecord], dict[str, float]] | None = None,
         history: list[dict[str, Any]] | None = None,
         max_norm_ratio: float = 10.0,
+        max_failed_rounds: int = 3,
+        node_wait_timeout: float = 600.0,
+        round_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if max_failed_rounds < 0 or node_wait_timeout <= 0:
+            raise ValueError("max-failed-rounds must be >= 0 and node-wait-timeout > 0.")
         learning_rate(base_lr, lr_schedule, 1, num_rounds)  # validate now, not at round 1
         self._save_checkpoint = save_checkpoint
         self.out_dir = Path(out_dir)
@@ -114,6 +127,10 @@ class RoundKeeper:
         self.round_offset = first_round - 1
         self.server_evaluate = server_evaluate
         self.max_norm_ratio = max_norm_ratio
+        self.max_failed_rounds = max_failed_rounds
+        self.node_wait_timeout = node_wait_timeout
+        self.failed_in_a_row = 0
+        self.round_timeout = round_timeout
         self.best_value = -math.inf
         self.history: list[dict[str, Any]] = list(history or [])
         for past in self.history:
@@ -145,15 +162,47 @@ class RoundKeeper:
                 raise ValueError(f"checkpoint holds server state '{name}' that {type(self).__name__} does not use.")
             setattr(self, name, value)
 
+    def wait_for_nodes(self, grid: Grid, server_round: int) -> None:
+        """Wait up to ``node_wait_timeout`` s for ``min_available_nodes`` SuperNodes, logging who is missing.
+
+        Raises:
+            RuntimeError: when too few are connected by then; the last checkpoint stays the resume point.
+        """
+        needed = int(getattr(self, "min_available_nodes", 1))
+        deadline = time.monotonic() + self.node_wait_timeout
+        next_log = 0.0
+        while (connected := len(list(grid.get_node_ids()))) < needed:
+            now = time.monotonic()
+            if now >= deadline:
+                message = (f"round {server_round}: only {connected} SuperNode(s) connected after waiting "
+                           f"{self.node_wait_timeout:.0f} s (node-wait-timeout); min-available-nodes is {needed}. "
+                           f"Stopping; restart the missing SuperNodes and resume with resume-from={self.out_dir / 'last.pt'}")
+                self._append_audit({"round": server_round, "stopped": message})
+                raise RuntimeError(message)
+            if now >= next_log:
+                log(WARNING, "round %d: waiting for SuperNodes: %d connected, %d needed (giving up in %.0f s)",
+                    server_round, connected, needed, deadline - now)
+                next_log = now + 30.0
+            time.sleep(1.0)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         absolute = self.absolute_round(server_round)
+        self.wait_for_nodes(grid, absolute)
         config["learning-rate"] = learning_rate(self.base_lr, self.lr_schedule, absolute, self.num_rounds)
         self._started = time.perf_counter()
         self._current = {"round": absolute, "learning-rate": config["learning-rate"]}
         self._arrays = arrays
-        messages = list(super().configure_train(absolute, arrays, config, grid))  # type: ignore[misc]
+        messages = self.expiring(super().configure_train(absolute, arrays, config, grid))  # type: ignore[misc]
         self._current["sampled"] = [m.metadata.dst_node_id for m in messages]
+        self._sent = messages  # Flower's Grid gives each its message ID when it pushes it
         return messages
+
+    def sender(self, reply: Message) -> int:
+        """The site a reply concerns. Errors the SuperLink itself generates (a node that stopped
+        sending heartbeats) come from the SuperLink's own ID; they are traced back to the node
+        the instruction went to."""
+        destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in getattr(self, "_sent", [])}
+        return destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def screen(self, replies: list[Message]) -> tuple[list[Message], list[dict[str, Any]]]:
         """Reject updates that must not reach aggregation: non-finite values, wrong array names
@@ -168,7 +217,7 @@ class RoundKeeper:
             if message.has_error():
                 kept.append(message)  # Flower logs and skips error replies itself
                 continue
-            node = message.metadata.src_node_id
+            node = self.sender(message)
             records = list(message.content.array_records.values())
             reason = None
             if len(records) != 1:
@@ -198,7 +247,7 @@ class RoundKeeper:
             for message in valid:
                 if median > 0 and norms[id(message)] > self.max_norm_ratio * median:
                     kept.remove(message)
-                    rejected.append({"node-id": message.metadata.src_node_id,
+                    rejected.append({"node-id": self.sender(message),
                                      "reason": f"update norm {norms[id(message)]:.3g} > {self.max_norm_ratio:g} x median {median:.3g}"})
         for entry in rejected:
             log(WARNING, "round %d: rejected the update of node %d: %s", self._current.get("round", 0),
@@ -223,14 +272,35 @@ class RoundKeeper:
             arrays[key] = averaged[key]
         return arrays
 
+    @staticmethod
+    def upcast(replies: list[Message]) -> None:
+        """Turn float16 updates (``transport-dtype = "float16"``) into float32 before screening and aggregation."""
+        for message in replies:
+            if message.has_error():
+                continue
+            for name, record in list(message.content.array_records.items()):
+                if any(array.dtype == "float16" for array in record.values()):
+                    message.content[name] = ArrayRecord({
+                        key: Array(array.numpy().astype(np.float32)) if array.dtype == "float16" else array
+                        for key, array in record.items()})
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies, rejected = self.screen(list(replies))
+        replies = list(replies)
+        self.upcast(replies)
+        replies, rejected = self.screen(replies)
         self._current["rejected"] = rejected
         self._current["replies"] = [
-            {"node-id": m.metadata.src_node_id, "error": m.error.reason} if m.has_error() else
-            {"node-id": m.metadata.src_node_id, **{k: v for r in m.content.metric_records.values() for k, v in r.items()}}
+            {"node-id": self.sender(m), "error": m.error.reason} if m.has_error() else
+            {"node-id": self.sender(m), **{k: v for r in m.content.metric_records.values() for k, v in r.items()}}
             for m in replies
         ]
+        answered = {self.sender(m) for m in replies} | {r["node-id"] for r in rejected}
+        self._current["no-reply"] = [n for n in self._current.get("sampled", []) if n not in answered]
+        accepted = sum(1 for m in replies if not m.has_error())
+        needed = max(int(getattr(self, "min_train_nodes", 1)), 1)
+        if accepted < needed:
+            return self._fail_round(accepted, needed)
+        self.failed_in_a_row = 0
         arrays, metrics = super().aggregate_train(self.absolute_round(server_round), replies)  # type: ignore[misc]
         arrays = self._average_statistics(arrays, replies)
         if arrays is not None:
@@ -238,10 +308,38 @@ class RoundKeeper:
         self._current["train"] = dict(metrics) if metrics is not None else {}
         return arrays, metrics
 
+    def _fail_round(self, accepted: int, needed: int) -> tuple[None, None]:
+        """Too few accepted updates: keep the global model (the next round retries), or stop the run."""
+        self.failed_in_a_row += 1
+        absolute = self._current.get("round", 0)
+        reason = (f"{accepted} accepted update(s), fewer than min-train-nodes={needed} "
+                  f"(no reply: {len(self._current.get('no-reply', []))}, errors: "
+                  f"{sum(1 for r in self._current.get('replies', []) if 'error' in r)}, "
+                  f"rejected: {len(self._current.get('rejected', []))})")
+        self._current["failed"] = reason
+        self._current["train"] = {}
+        if self.failed_in_a_row > self.max_failed_rounds:
+            message = (f"round {absolute}: {reason}; {self.failed_in_a_row} failed rounds in a row exceed "
+                       f"max-failed-rounds={self.max_failed_rounds}. Stopping; the last completed round is in "
+                       f"{self.out_dir / 'last.pt'} (resume with resume-from=that file).")
+            self._append_audit({"round": absolute, "stopped": message})
+            raise RuntimeError(message)
+        log(WARNING, "round %d: %s; the global model is kept and the next round tries again (%d of %d failed rounds allowed in a row)",
+            absolute, reason, self.failed_in_a_row, self.max_failed_rounds)
+        return None, None
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         # The global model as it stands after this round (a DP wrapper may have added noise after aggregation).
         self._arrays = arrays
-        return super().configure_evaluate(self.absolute_round(server_round), arrays, config, grid)  # type: ignore[misc]
+        return self.expiring(super().configure_evaluate(self.absolute_round(server_round), arrays, config, grid))  # type: ignore[misc]
+
+    def expiring(self, messages: Iterable[Message]) -> list[Message]:
+        """Give each message the round timeout as its time to live (Flower's default is 12 h)."""
+        messages = list(messages)
+        if self.round_timeout:
+            for message in messages:
+                message.metadata.ttl = float(self.round_timeout)
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics = super().aggregate_evaluate(self.absolute_round(server_round), list(replies))  # type: ignore[misc]
@@ -270,15 +368,21 @@ class RoundKeeper:
         """
         replies = record.get("replies", [])
         entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "round": record["round"],
+            "round": record["round"],
             "sampled": record.get("sampled", []),
             "replied": [r["node-id"] for r in replies if "error" not in r],
-            "failed": [{"node-id": r["node-id"], "reason": r["error"]} for r in replies if "error" in r],
+            "failed": [{"node-id": r["node-id"], "reason": r["error"]} for r in replies if "error" in r]
+            + [{"node-id": n, "reason": "no reply within round-timeout"} for n in record.get("no-reply", [])],
             "rejected": record.get("rejected", []),
+            "round-failed": record.get("failed"),
             "checkpoint": checkpoint,
         }
+        self._append_audit(entry)
+
+    def _append_audit(self, entry: dict[str, Any]) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "audit.jsonl", "a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+            handle.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}) + "\n")
 
     def record(self, record: dict[str, Any]) -> None:
         """Append one round to the history, ``metrics.jsonl`` and ``metrics.csv``, and log it."""
@@ -393,6 +497,9 @@ def build_strategy(run_config: Mapping[str, Any], **keeper_args: Any) -> RoundKe
     base, params = STRATEGIES[name]
     min_nodes = int(run_config.get("min-available-nodes", 2))
     keeper_args.setdefault("max_norm_ratio", float(run_config.get("max-update-norm-ratio", 10.0)))
+    keeper_args.setdefault("max_failed_rounds", int(run_config.get("max-failed-rounds", 3)))
+    keeper_args.setdefault("node_wait_timeout", float(run_config.get("node-wait-timeout", 600.0)))
+    keeper_args.setdefault("round_timeout", float(run_config.get("round-timeout", 3600.0)))
     kwargs: dict[str, Any] = {
         "fraction_train": float(run_config.get("fraction-train", 1.0)),
         "fraction_evaluate": float(run_config.get("fraction-evaluate", 1.0)),

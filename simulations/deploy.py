@@ -49,7 +49,7 @@ class Federation:
 
     def start_supernode(self, hospital: str, data_path: Path) -> subprocess.Popen[bytes]:
         """Start a hospital's ``flower-supernode`` with TLS, its private key and its data folder."""
-        log = open(self.workdir / f"supernode-{hospital}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        log = open(self.workdir / f"supernode-{hospital}.log", "ab")  # noqa: SIM115 - lives as long as the process
         process = subprocess.Popen(
             [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.superlink_port}",
              "--root-certificates", str(self.certs / "ca.crt"),
@@ -69,26 +69,57 @@ class Federation:
             return 0
         return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
 
-    def run(self, run_config: Mapping[str, Any], output: TextIO | None = None, timeout_s: float = 1800.0) -> int:
-        """``flwr run . <connection> --stream`` with these run-config overrides; returns its exit code."""
+    def start_run(self, run_config: Mapping[str, Any], stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+        """Start ``flwr run . <connection> --stream`` with these run-config overrides; return the process.
+
+        Raises:
+            ValueError: for a key ``[tool.flwr.app.config]`` does not declare.
+        """
         unknown = sorted(set(run_config) - set(declared_run_config()))
         if unknown:
             raise ValueError(f"unknown run-config key(s) {unknown}.")
         config_file = write_run_config(run_config, self.workdir / "run-config.toml")
-        process = subprocess.Popen([str(BIN / "flwr"), "run", str(APP_DIR), self.connection, "--stream",
-                                    "--run-config", str(config_file)], cwd=APP_DIR, env=self.env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen([str(BIN / "flwr"), "run", str(APP_DIR), self.connection, "--stream",
+                                 "--run-config", str(config_file)], cwd=APP_DIR, env=self.env,
+                                stdout=stdout, stderr=subprocess.STDOUT, text=True)
+
+    def serverapp_pids(self) -> list[int]:
+        """Process IDs of the ``flwr-serverapp`` processes the SuperLink has started (one per active run)."""
+        superlink = self.processes["superlink"].pid
+        found = subprocess.run(["pgrep", "-f", "flwr-serverapp"], capture_output=True, text=True).stdout.split()
+        return [int(pid) for pid in found if _ancestors(int(pid)) & {superlink}]
+
+    def run(self, run_config: Mapping[str, Any], output: TextIO | None = None, timeout_s: float = 1800.0) -> int:
+        """``flwr run . <connection> --stream`` with these run-config overrides; returns its exit code,
+        or 1 when the streamed log shows the ServerApp failed (``flwr run`` itself exits 0 then)."""
+        process = self.start_run(run_config)
         assert process.stdout is not None
         deadline = time.monotonic() + timeout_s
+        failed = False
         try:
             for line in process.stdout:
                 (output or sys.stdout).write(line)
+                failed = failed or "ServerApp raised an exception" in line
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"flwr run exceeded {timeout_s:.0f} s")
-            return process.wait()
+            code = process.wait()
+            return code if code != 0 or not failed else 1
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+def _ancestors(pid: int) -> set[int]:
+    """The parent, grandparent, ... process IDs of ``pid`` (from /proc; empty where it is gone)."""
+    found: set[int] = set()
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        found.add(pid)
+    return found
 
 
 @contextmanager

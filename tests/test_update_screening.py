@@ -86,3 +86,15 @@ def test_server_optimiser_leaves_normalisation_statistics_to_averaging(tmp_path:
     arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["bn.running_var"].numpy(), np.full(3, 70.0))  # (40*1 + 80*3) / 4
     assert float(arrays["conv.weight"].numpy()[0]) < 0.5, "weights still take FedAdam's bounded server step"
+
+
+def test_float16_updates_are_aggregated_in_float32(tmp_path: Path) -> None:
+    """``transport-dtype = "float16"``: sites upload half the bytes, the server averages in float32."""
+    strategy = _strategy(tmp_path)
+    half = {k: v.astype(np.float16) for k, v in _update(0.1).items()}
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, half), _reply(2, _update(0.3))])
+    assert arrays["w"].dtype == "float32"
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((4, 4), 0.2), rtol=1e-3)
+    overflow = {k: np.full(v.shape, np.inf, np.float16) for k, v in GLOBAL.items()}  # what 7e4 becomes in float16
+    strategy.aggregate_train(1, [_reply(1, _update(0.1)), _reply(2, _update(0.3)), _reply(3, overflow)])
+    assert [r["node-id"] for r in strategy._current["rejected"]] == [3]
