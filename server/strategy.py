@@ -131,6 +131,7 @@ class RoundKeeper:
         self.node_wait_timeout = node_wait_timeout
         self.failed_in_a_row = 0
         self.round_timeout = round_timeout
+        self._norms: dict[int, float] = {}
         self.best_value = -math.inf
         self.history: list[dict[str, Any]] = list(history or [])
         for past in self.history:
@@ -241,6 +242,7 @@ class RoundKeeper:
                 kept.append(message)
             else:
                 rejected.append({"node-id": node, "reason": reason})
+        self._norms = {self.sender(m): norms[id(m)] for m in kept if id(m) in norms}
         valid = [m for m in kept if id(m) in norms]
         if self.max_norm_ratio > 0 and len(valid) >= 3:
             median = float(np.median([norms[id(m)] for m in valid]))
@@ -285,13 +287,15 @@ class RoundKeeper:
                         for key, array in record.items()})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self._current["train-phase-seconds"] = time.perf_counter() - self._started
         replies = list(replies)
         self.upcast(replies)
         replies, rejected = self.screen(replies)
         self._current["rejected"] = rejected
         self._current["replies"] = [
             {"node-id": self.sender(m), "error": m.error.reason} if m.has_error() else
-            {"node-id": self.sender(m), **{k: v for r in m.content.metric_records.values() for k, v in r.items()}}
+            {"node-id": self.sender(m), **{k: v for r in m.content.metric_records.values() for k, v in r.items()},
+             **({"update-norm": self._norms[self.sender(m)]} if self.sender(m) in self._norms else {})}
             for m in replies
         ]
         answered = {self.sender(m) for m in replies} | {r["node-id"] for r in rejected}

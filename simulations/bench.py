@@ -142,26 +142,88 @@ def bench_inference(
     }
 
 
+SECTIONS = ("inference", "training", "federation", "scale")
+
+
 def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest: str | None = None,
               cases: int = 2, repeats: int = 3, checkpoints: dict[str, str] | None = None,
-              model_args: dict[str, dict] | None = None) -> dict[str, Any]:
-    """Benchmark inference for ``models`` on the CPU (and CUDA when present); write bench.json / bench.md."""
+              model_args: dict[str, dict] | None = None, sections: Sequence[str] = ("inference", "training"),
+              scale_sites: Sequence[int] = (8, 16, 33), federation_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the chosen ``sections`` (inference and training for ``models``, on the CPU and on CUDA
+    when present; federation overhead and scale in simulation); write bench.json / bench.md."""
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown bench section(s) {unknown}; choose from {list(SECTIONS)}.")
     spec = resolve_spec(data, manifest)
     ids = discover_cases(data, spec)[:cases]
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     result: dict[str, Any] = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                                           "cpu_threads": torch.get_num_threads(),
                                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-                              "versions": _versions(), "settings": {"data": str(data), "cases": ids, "repeats": repeats},
-                              "inference": {}}
-    for name in models:
-        for device in devices:
-            result["inference"].setdefault(name, {})[device.type] = bench_inference(
-                data, ids, name, device, spec, (checkpoints or {}).get(name), repeats,
-                model_args=(model_args or {}).get(name))
+                              "versions": _versions(), "settings": {"data": str(data), "cases": ids, "repeats": repeats,
+                                                                    "sections": list(sections)}}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if "inference" in sections:
+        result["inference"] = {}
+        for name in models:
+            for device in devices:
+                result["inference"].setdefault(name, {})[device.type] = bench_inference(
+                    data, ids, name, device, spec, (checkpoints or {}).get(name), repeats,
+                    model_args=(model_args or {}).get(name))
+    if "training" in sections:
+        from .bench_federation import bench_training
+
+        result["training"] = {}
+        for name in models:
+            for device in devices:
+                result["training"].setdefault(name, {})[device.type] = bench_training(
+                    data, ids, name, device, spec, repeats=repeats, model_args=(model_args or {}).get(name))
+    if "federation" in sections:
+        from .bench_federation import bench_federation
+        from .launch import declared_run_config
+
+        config = {**declared_run_config(), "num-server-rounds": 4, **(federation_config or {})}
+        result["federation"] = bench_federation(out, config)
+    if "scale" in sections:
+        from .bench_federation import bench_scale
+
+        result["scale"] = bench_scale(out, scale_sites)
     (out / "bench.json").write_text(json.dumps(result, indent=2))
+    (out / "bench.md").write_text(bench_markdown(result))
+    return result
+
+
+def bench_markdown(result: dict[str, Any]) -> str:
+    """The short tables of ``bench.md``."""
+    lines = [f"Machine: {result['machine']['platform']}, {result['machine']['cpu_threads']} CPU threads, "
+             f"CUDA {result['machine']['cuda'] or 'none'}; versions {result['versions']}.", ""]
+    if "inference" in result:
+        lines += _inference_lines(result)
+    if "training" in result:
+        lines += ["", "| model | device | ours (samples/s) | MONAI recipe (samples/s) | ratio | batch | slice/patch |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, by_device in result["training"].items():
+            for device, row in by_device.items():
+                lines.append(f"| {name} | {device} | {row['samples_per_s']:.2f} | {row['reference_samples_per_s']:.2f} | "
+                             f"{row['throughput_ratio']:.2f} | {row['batch_size']} | {'x'.join(map(str, row['window']))} |")
+    if "federation" in result:
+        fed = result["federation"]
+        lines += ["", "| transport | overhead share of the training phase | bytes per site per round / fp32 model | final Dice |",
+                  "|---|---|---|---|"]
+        for dtype in ("float32", "float16"):
+            row = fed[dtype]
+            dice = " ".join(f"{k[5:].upper()} {v:.3f}" for k, v in row["final_dice"].items())
+            lines.append(f"| {dtype} | {row['overhead_fraction']:.3f} | {row['bytes_ratio']:.3f} | {dice} |")
+    if "scale" in result:
+        lines += ["", "| sites | cases | peak RSS (GiB) | s / round | s / round / case |", "|---|---|---|---|---|"]
+        for row in result["scale"].values():
+            lines.append(f"| {row['sites']} | {row['total_cases']} | {row['peak_rss_gib']:.2f} | {row['seconds_per_round']:.1f} | "
+                         f"{row['seconds_per_round_per_case']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _inference_lines(result: dict[str, Any]) -> list[str]:
     lines = ["| model | device | parameters | ours end to end (s) | MONAI reference (s) | ratio | network only (s) | Dice ours / reference |",
              "|---|---|---|---|---|---|---|---|"]
     for name, by_device in result["inference"].items():
@@ -170,8 +232,7 @@ def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest
             dice_text = ", ".join(f"{a:.3f} / {b:.3f}" for a, b in dice if a is not None)
             lines.append(f"| {name} | {device} | {row['params'] / 1e6:.2f} M | {row['end_to_end_s']:.2f} | "
                          f"{row['reference_s']:.2f} | {row['end_to_end_ratio']:.2f} | {row['model_only_s']:.2f} | {dice_text} |")
-    (out / "bench.md").write_text("\n".join(lines) + "\n")
-    return result
+    return lines
 
 
 def _versions() -> dict[str, str]:

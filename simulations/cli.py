@@ -170,7 +170,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint or [])
     model_args = {name: parse_model_args(args.model_args) for name in models} if args.model_args else None
     run_bench(args.data, args.out, models, manifest=args.manifest, cases=args.cases, repeats=args.repeats,
-              checkpoints=checkpoints, model_args=model_args)
+              checkpoints=checkpoints, model_args=model_args, sections=args.sections.split(","),
+              scale_sites=[int(n) for n in args.scale_sites.split(",")])
     print((Path(args.out) / "bench.md").read_text())
     print(f"bench.json, bench.md -> {args.out}")
     return 0
@@ -311,10 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     demo.set_defaults(func=cmd_demo)
 
-    bench = sub.add_parser("bench", help="inference end to end per case, ours beside a plain MONAI pipeline",
-                           description="Time load -> preprocess -> predict -> labels -> NIfTI per case, for the project and "
-                                       "for a plain MONAI pipeline with the same network and weights (warm-up, median of "
-                                       "--repeats), on the CPU and on CUDA when present. Writes bench.json and bench.md.")
+    bench = sub.add_parser("bench", help="speed and memory, ours beside the MONAI pipelines users would otherwise pick",
+                           description="Sections (--sections): inference = load -> preprocess -> predict -> labels -> NIfTI "
+                                       "per case, ours and a plain MONAI pipeline with the same network and weights; training "
+                                       "= samples/s, ours and MONAI's CacheDataset + DataLoader recipe; federation = a "
+                                       "simulation of the main job: orchestration overhead and upload bytes, float32 and "
+                                       "float16 transport; scale = simulations of --scale-sites sites (FeTS partitioning_2 "
+                                       "proportions): peak memory and seconds per round. Warm-up, median of --repeats, CPU "
+                                       "and CUDA when present. Writes bench.json and bench.md.")
     bench.add_argument("--data", required=True, help="data folder")
     bench.add_argument("--manifest", help="its manifest (default: found in the folder)")
     bench.add_argument("--models", default="unet2d,unet2d-lite", help="comma-separated models (default unet2d,unet2d-lite)")
@@ -322,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model-args", default="", help="model argument overrides for untrained models")
     bench.add_argument("--cases", type=int, default=2, help="cases to time (default 2)")
     bench.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up (default 3)")
+    bench.add_argument("--sections", default="inference,training",
+                       help="comma-separated: inference, training, federation, scale (default inference,training)")
+    bench.add_argument("--scale-sites", default="8,16,33", help="site counts for the scale section (default 8,16,33)")
     bench.add_argument("--out", default="outputs/bench", help="output folder")
     bench.set_defaults(func=cmd_bench)
 

@@ -1,0 +1,291 @@
+"""``fedlesion bench`` sections beyond inference: training throughput, federation overhead, scale.
+
+- ``training``: samples per second of the project's training loop (preprocessed cases kept
+  in memory, MONAI dictionary transforms on arrays, Adam, DiceFocal) against MONAI's standard
+  recipe with the same network, loss, optimiser, batch and slice/patch size: ``LoadImaged`` ...
+  ``NormalizeIntensityd`` cached by a ``CacheDataset``, ``RandCropByPosNegLabeld`` + flips per
+  step, a ``DataLoader`` with worker processes, float32.
+- ``federation``: a simulation of the main job; per round, the time outside the slowest
+  site's local training (orchestration, transfer, aggregation, checkpoints) as a share of the
+  training phase; and the bytes each site uploads against the model's float32 size.
+- ``scale``: simulations of 8, 16 and 33 sites of small synthetic cases whose sizes follow
+  the FeTS 2022 ``partitioning_2`` proportions; peak resident memory of the whole process
+  tree (SuperLink, Ray, workers) and seconds per round.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.data import DatasetSpec, case_paths, load_case
+from common.engine import TrainConfig, train
+from common.losses import build_loss
+from common.model import build_model, model_spatial_dims
+
+PARTITIONS = Path(__file__).resolve().parent / "partitions"
+
+
+# --- training throughput -----------------------------------------------------------------
+
+def bench_training(data: str | Path, cases: Sequence[str], model_name: str, device: torch.device, spec: DatasetSpec,
+                   batch_size: int = 8, steps: int = 12, repeats: int = 3, workers: int = 2,
+                   model_args: Mapping[str, Any] | None = None, patch_size: Sequence[int] = (96, 96, 96)) -> dict[str, Any]:
+    """Median samples per second over ``repeats`` epochs of ``steps`` optimiser steps, after one warm-up epoch."""
+    from monai.data import CacheDataset, DataLoader
+    from monai.transforms import (
+        Compose,
+        ConcatItemsd,
+        ConvertToMultiChannelBasedOnBratsClassesd,
+        CropForegroundd,
+        EnsureChannelFirstd,
+        LoadImaged,
+        NormalizeIntensityd,
+        Orientationd,
+        RandCropByPosNegLabeld,
+        RandFlipd,
+        SpatialPadd,
+        SqueezeDimd,
+    )
+
+    dims = model_spatial_dims(model_name)
+    prepared = [load_case(data, spec, c, crop_foreground=True) for c in cases]
+    if dims == 2:
+        window = tuple(max(p.image.shape[axis] for p in prepared) for axis in (1, 2)) + (1,)
+    else:
+        window = tuple(patch_size)
+    samples = steps * batch_size
+
+    def network() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model(model_name, len(spec.channels), len(spec.regions), **(model_args or {})).to(device)
+
+    # The project: TrainConfig with samples_per_case so one epoch is `steps` steps.
+    per_case = max(1, samples // len(prepared))
+    config = TrainConfig(epochs=1, batch_size=batch_size, samples_per_case=per_case, seed=0, patch_size=tuple(patch_size))
+    ours_model = network()
+
+    def ours() -> int:
+        return int(train(ours_model, prepared, dims, config, device)["train-samples"])
+
+    # The reference recipe.
+    names = list(spec.channels)
+    files = [{**{n: str(p) for n, (p, _) in case_paths(data, spec, c).items() if n in names},
+              "label": str(case_paths(data, spec, c)["label"][0])} for c in cases]
+    label_step = (ConvertToMultiChannelBasedOnBratsClassesd(keys="label") if set(spec.regions) == {"WT", "TC", "ET"}
+                  else _RegionsFromLabels(spec))
+    deterministic = [LoadImaged(keys=[*names, "label"], image_only=True), EnsureChannelFirstd(keys=[*names, "label"]),
+                     ConcatItemsd(keys=names, name="image"), Orientationd(keys=["image", "label"], axcodes="RAS"),
+                     NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True), label_step,
+                     CropForegroundd(keys=["image", "label"], source_key="image")]
+    random = [SpatialPadd(keys=["image", "label"], spatial_size=window),
+              RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=window, pos=2, neg=1,
+                                     num_samples=max(1, per_case)),
+              RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+              RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1)]
+    if dims == 2:
+        random.append(SqueezeDimd(keys=["image", "label"], dim=-1))
+    dataset = CacheDataset(files, transform=Compose(deterministic + random), num_workers=0, progress=False)
+    # One case per loader item; its `per_case` crops make the batch (the MONAI tutorials' pattern).
+    loader = DataLoader(dataset, batch_size=max(1, batch_size // max(1, per_case)), shuffle=True, num_workers=workers,
+                        persistent_workers=workers > 0)
+    ref_model = network()
+    loss_fn = build_loss()
+    optimizer = torch.optim.Adam(ref_model.parameters(), lr=1e-3, weight_decay=1e-5)
+
+    def reference() -> int:
+        ref_model.train()
+        seen = 0
+        while seen < samples:
+            for batch in loader:
+                image, label = batch["image"].to(device).float(), batch["label"].to(device).float()
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(ref_model(image), label)
+                loss.backward()
+                optimizer.step()
+                seen += image.shape[0]
+                if seen >= samples:
+                    break
+        return seen
+
+    ours_rate = _median_rate(ours, repeats)
+    ref_rate = _median_rate(reference, repeats)
+    return {"samples_per_s": ours_rate, "reference_samples_per_s": ref_rate, "throughput_ratio": ours_rate / ref_rate,
+            "batch_size": batch_size, "window": list(window), "steps": steps, "reference_workers": workers,
+            "cases": list(cases)}
+
+
+class _RegionsFromLabels:
+    """Label map -> one channel per declared region (for non-BraTS manifests)."""
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        label = item["label"]
+        item["label"] = torch.cat([sum((label == v) for v in values).bool() for values in self.spec.regions.values()]).float()
+        return item
+
+
+def _median_rate(fn: Callable[[], int], repeats: int) -> float:
+    fn()  # warm-up: caches, worker start, allocator
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        count = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        rates.append(count / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+# --- federation overhead --------------------------------------------------------------------
+
+def model_fp32_bytes(run_config: Mapping[str, Any], spec: DatasetSpec) -> int:
+    from common.config import model_from
+
+    name, args = model_from(run_config)
+    state = build_model(name, len(spec.channels), len(spec.regions), **args).state_dict()
+    return sum(v.numel() * 4 for v in state.values())
+
+
+def federation_overhead(history: Sequence[Mapping[str, Any]], fp32_bytes: int) -> dict[str, Any]:
+    """From a run's ``metrics.jsonl`` records: overhead share per round and upload bytes ratio."""
+    rows = []
+    for record in history:
+        replies = [r for r in record.get("replies", []) if "train-seconds" in r]
+        phase = record.get("train-phase-seconds")
+        if not replies or not phase:
+            continue
+        slowest = max(r["train-seconds"] for r in replies)
+        rows.append({"round": record["round"], "train_phase_s": phase, "slowest_local_training_s": slowest,
+                     "overhead_fraction": max(0.0, (phase - slowest) / phase),
+                     "bytes_per_client": statistics.mean(r["update-bytes"] for r in replies if "update-bytes" in r)})
+    if not rows:
+        raise ValueError("no round with training replies and a train-phase time in this run.")
+    later = rows[1:] or rows  # round 1 also pays for first data loading and worker start
+    return {"overhead_fraction": statistics.median(r["overhead_fraction"] for r in later),
+            "bytes_ratio": statistics.median(r["bytes_per_client"] for r in rows) / fp32_bytes,
+            "model_fp32_bytes": fp32_bytes, "rounds": rows}
+
+
+def bench_federation(out: Path, run_config: Mapping[str, Any], num_sites: int = 3) -> dict[str, Any]:
+    """Run the simulation (the main job's settings) and measure overhead and bytes, float32 and float16 transport."""
+    from common.config import dataset_spec
+
+    from .launch import read_history, run_federation
+
+    spec = dataset_spec(str(run_config.get("dataset", "brats2021")))
+    result: dict[str, Any] = {"settings": dict(run_config), "sites": num_sites}
+    for dtype in ("float32", "float16"):
+        run_dir = run_federation({**run_config, "transport-dtype": dtype, "output-dir": str(out / "federation"),
+                                  "run-name": f"transport-{dtype}"}, num_sites=num_sites, output=io.StringIO())
+        history = read_history(run_dir)
+        result[dtype] = federation_overhead(history, model_fp32_bytes(run_config, spec))
+        last = history[-1].get("evaluate", {})
+        result[dtype]["final_dice"] = {k: v for k, v in last.items() if k.startswith("dice-")}
+    result["overhead_fraction"] = result["float32"]["overhead_fraction"]
+    result["bytes_ratio"] = result["float32"]["bytes_ratio"]
+    result["bytes_ratio_float16"] = result["float16"]["bytes_ratio"]
+    return result
+
+
+# --- scale ------------------------------------------------------------------------------------
+
+def fets2_sizes(num_sites: int, total_cases: int) -> list[int]:
+    """Site sizes for ``num_sites`` sites in the proportions of FeTS ``partitioning_2``'s largest sites, at least 1 each."""
+    with open(PARTITIONS / "partitioning_2.csv") as handle:
+        counts = Counter(row["Partition_ID"] for row in csv.DictReader(handle))
+    largest = sorted(counts.values(), reverse=True)[:num_sites]
+    if len(largest) < num_sites:
+        raise ValueError(f"partitioning_2 has {len(largest)} sites, fewer than {num_sites}.")
+    shares = np.array(largest, float) / sum(largest)
+    sizes = np.maximum(1, np.floor(shares * total_cases)).astype(int)
+    for i in np.argsort(-shares)[: max(0, total_cases - int(sizes.sum()))]:
+        sizes[i] += 1
+    return sizes.tolist()
+
+
+class TreeMemory:
+    """Samples the resident memory of this process and all its descendants; keeps the peak."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss(os.getpid()))
+            self._stop.wait(self.interval)
+
+
+def tree_rss(root: int) -> int:
+    """Bytes resident in ``root`` and every process descending from it (from /proc)."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            rss[int(entry.name)] = next(int(line.split()[1]) * 1024 for line in (entry / "status").read_text().splitlines()
+                                        if line.startswith("VmRSS:"))
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    total = 0
+    for pid, size in rss.items():
+        current = pid
+        while current > 1 and current != root:
+            current = parents.get(current, 0)
+        if current == root:
+            total += size
+    return total
+
+
+def bench_scale(out: Path, site_counts: Sequence[int] = (8, 16, 33), cases_per_site: int = 3, rounds: int = 2,
+                shape: tuple[int, int, int] = (48, 48, 24), run_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Simulate ``site_counts`` sites of small synthetic cases (FeTS partitioning_2 proportions)."""
+    from .launch import read_history, run_federation
+    from .synthetic import write_site
+
+    result: dict[str, Any] = {}
+    for sites in site_counts:
+        sizes = fets2_sizes(sites, cases_per_site * sites)
+        root = Path(tempfile.mkdtemp(prefix=f"fedlesion-scale-{sites}-"))
+        for index, size in enumerate(sizes):
+            write_site(root / f"site-{index:02d}", index, max(size, 1), shape, seed=0)
+        values = {"num-server-rounds": rounds, "data-root": str(root), "split": "folders", "min-available-nodes": sites,
+                  "model-args": "base_channels=8 depth=3", "samples-per-case": 8, "batch-size": 8, "val-fraction": 0.0,
+                  "fraction-evaluate": 0.0, "evaluate-initial": False, "output-dir": str(out / "scale"),
+                  "run-name": f"sites-{sites}", **(run_config or {})}
+        start = time.perf_counter()
+        with TreeMemory() as memory:
+            run_dir = run_federation(values, num_sites=sites, output=io.StringIO())
+        wall = time.perf_counter() - start
+        history = read_history(run_dir)
+        per_round = [r["seconds"] for r in history if r["round"] > 0]
+        result[str(sites)] = {"sites": sites, "total_cases": int(sum(sizes)), "site_sizes": sizes,
+                              "peak_rss_gib": memory.peak / 2**30, "seconds_per_round": statistics.median(per_round),
+                              "seconds_per_round_per_case": statistics.median(per_round) / sum(sizes),
+                              "rounds": rounds, "wall_s": wall}
+    return result
