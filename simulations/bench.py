@@ -168,6 +168,7 @@ def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest
         result["inference"] = {}
         for name in models:
             for device in devices:
+                print(f"inference: {name} on {device.type} ...", flush=True)
                 result["inference"].setdefault(name, {})[device.type] = bench_inference(
                     data, ids, name, device, spec, (checkpoints or {}).get(name), repeats,
                     model_args=(model_args or {}).get(name))
@@ -177,6 +178,7 @@ def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest
         result["training"] = {}
         for name in models:
             for device in devices:
+                print(f"training: {name} on {device.type}, ours then MONAI's recipe ...", flush=True)
                 result["training"].setdefault(name, {})[device.type] = bench_training(
                     data, ids, name, device, spec, repeats=repeats, model_args=(model_args or {}).get(name))
     if "federation" in sections:
@@ -184,10 +186,12 @@ def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest
         from .launch import declared_run_config
 
         config = {**declared_run_config(), "num-server-rounds": 4, **(federation_config or {})}
+        print("federation: simulating the main job with float32, then float16 transport ...", flush=True)
         result["federation"] = bench_federation(out, config)
     if "scale" in sections:
         from .bench_federation import bench_scale
 
+        print(f"scale: simulating {', '.join(map(str, scale_sites))} sites ...", flush=True)
         result["scale"] = bench_scale(out, scale_sites)
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     (out / "bench.md").write_text(bench_markdown(result))
@@ -215,6 +219,11 @@ def bench_markdown(result: dict[str, Any]) -> str:
             row = fed[dtype]
             dice = " ".join(f"{k[5:].upper()} {v:.3f}" for k, v in row["final_dice"].items())
             lines.append(f"| {dtype} | {row['overhead_fraction']:.3f} | {row['bytes_ratio']:.3f} | {dice} |")
+        if "float16_cost" in fed:
+            cost = fed["float16_cost"]
+            lines += ["", "float16 transport, paired (same site updates averaged as float32 and as float16, "
+                      f"{cost['validation_cases']} validation cases): largest Dice difference per region over "
+                      f"{len(cost['rounds'])} rounds: " + ", ".join(f"{r} {v:.4f}" for r, v in cost["max_abs_dice_difference"].items())]
     if "scale" in result:
         lines += ["", "| sites | cases | peak RSS (GiB) | s / round | s / round / case |", "|---|---|---|---|---|"]
         for row in result["scale"].values():

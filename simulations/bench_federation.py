@@ -182,7 +182,12 @@ def federation_overhead(history: Sequence[Mapping[str, Any]], fp32_bytes: int) -
 
 
 def bench_federation(out: Path, run_config: Mapping[str, Any], num_sites: int = 3) -> dict[str, Any]:
-    """Run the simulation (the main job's settings) and measure overhead and bytes, float32 and float16 transport."""
+    """Run the simulation (the main job's settings) and measure overhead and bytes, float32 and float16 transport.
+
+    Ray is told there are ``num_sites`` CPUs so every site trains in the same round at once, as
+    hospitals do; otherwise on a 2-core machine a third site would wait for a free worker and
+    that wait would be counted as overhead.
+    """
     from common.config import dataset_spec
 
     from .launch import read_history, run_federation
@@ -191,11 +196,16 @@ def bench_federation(out: Path, run_config: Mapping[str, Any], num_sites: int = 
     result: dict[str, Any] = {"settings": dict(run_config), "sites": num_sites}
     for dtype in ("float32", "float16"):
         run_dir = run_federation({**run_config, "transport-dtype": dtype, "output-dir": str(out / "federation"),
-                                  "run-name": f"transport-{dtype}"}, num_sites=num_sites, output=io.StringIO())
+                                  "run-name": f"transport-{dtype}"}, num_sites=num_sites, output=io.StringIO(),
+                                 ray_cpus=num_sites)
         history = read_history(run_dir)
         result[dtype] = federation_overhead(history, model_fp32_bytes(run_config, spec))
         last = history[-1].get("evaluate", {})
         result[dtype]["final_dice"] = {k: v for k, v in last.items() if k.startswith("dice-")}
+    from client.site import synthetic_root
+
+    data_root = synthetic_root({**run_config, "output-dir": str(out / "federation")}, num_sites)  # what the runs generated
+    result["float16_cost"] = transport_cost(data_root, run_config, rounds=int(run_config.get("num-server-rounds", 4)))
     result["overhead_fraction"] = result["float32"]["overhead_fraction"]
     result["bytes_ratio"] = result["float32"]["bytes_ratio"]
     result["bytes_ratio_float16"] = result["float16"]["bytes_ratio"]
@@ -262,7 +272,7 @@ def tree_rss(root: int) -> int:
     return total
 
 
-def bench_scale(out: Path, site_counts: Sequence[int] = (8, 16, 33), cases_per_site: int = 3, rounds: int = 2,
+def bench_scale(out: Path, site_counts: Sequence[int] = (8, 16, 33), cases_per_site: int = 3, rounds: int = 3,
                 shape: tuple[int, int, int] = (48, 48, 24), run_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Simulate ``site_counts`` sites of small synthetic cases (FeTS partitioning_2 proportions)."""
     from .launch import read_history, run_federation
@@ -283,9 +293,67 @@ def bench_scale(out: Path, site_counts: Sequence[int] = (8, 16, 33), cases_per_s
             run_dir = run_federation(values, num_sites=sites, output=io.StringIO())
         wall = time.perf_counter() - start
         history = read_history(run_dir)
-        per_round = [r["seconds"] for r in history if r["round"] > 0]
+        # Round 1 also pays for Ray's workers starting and every site's first decoding: steady state is after it.
+        per_round = [r["seconds"] for r in history if r["round"] > 1] or [r["seconds"] for r in history if r["round"] > 0]
         result[str(sites)] = {"sites": sites, "total_cases": int(sum(sizes)), "site_sizes": sizes,
                               "peak_rss_gib": memory.peak / 2**30, "seconds_per_round": statistics.median(per_round),
                               "seconds_per_round_per_case": statistics.median(per_round) / sum(sizes),
                               "rounds": rounds, "wall_s": wall}
     return result
+
+
+# --- what float16 transport costs -----------------------------------------------------------------
+
+def transport_cost(data_root: Path, run_config: Mapping[str, Any], rounds: int = 4) -> dict[str, Any]:
+    """Paired measurement of float16 transport: each round the same site updates are averaged
+    twice, as sent in float32 and as sent in float16, with Flower's own aggregation; both global
+    models are scored on the sites' validation cases. The run continues from the float32 one.
+
+    Two separate simulations differ by more than this from run to run (float sums in another
+    order diverge over rounds), so only a paired comparison can resolve a 0.005 Dice bar.
+    """
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from client.app import transport_state
+    from common.config import model_from, train_config_from
+    from common.data import load_site, resolve_spec, split_train_val
+    from common.engine import evaluate
+
+    name, args = model_from(run_config)
+    dims = model_spatial_dims(name)
+    device = torch.device("cpu")
+    sites, validation = [], []
+    for folder in sorted(p for p in Path(data_root).iterdir() if p.is_dir()):
+        spec = resolve_spec(folder)
+        cases = {c.case: c for c in load_site(folder, spec, crop_foreground=bool(run_config.get("crop-foreground", False))).cases}
+        train_ids, val_ids = split_train_val(list(cases), float(run_config.get("val-fraction", 0.25)), int(run_config.get("seed", 0)))
+        sites.append([cases[c] for c in train_ids])
+        validation += [cases[c] for c in val_ids]
+    regions = list(spec.regions)
+    torch.manual_seed(int(run_config.get("seed", 0)))
+    global_model = build_model(name, len(spec.channels), len(regions), **args)
+    rows = []
+    for server_round in range(1, rounds + 1):
+        sent: dict[str, list[RecordDict]] = {"float32": [], "float16": []}
+        for index, cases in enumerate(sites):
+            local = build_model(name, len(spec.channels), len(regions), **args)
+            local.load_state_dict(global_model.state_dict())
+            config = train_config_from(run_config, seed=server_round * 1009 + index)
+            train(local, cases, dims, config, device)
+            for dtype in sent:
+                state = {k: v.float() if v.is_floating_point() else v for k, v in transport_state(local.state_dict(), dtype).items()}
+                sent[dtype].append(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": len(cases)})}))
+        scores = {}
+        for dtype, replies in sent.items():
+            model = build_model(name, len(spec.channels), len(regions), **args)
+            model.load_state_dict(aggregate_arrayrecords(replies, "num-examples").to_torch_state_dict())
+            _, summary = evaluate(model, validation, regions, dims, device)
+            scores[dtype] = {r: summary[r]["dice_mean"] for r in regions}
+            if dtype == "float32":
+                global_model = model
+        rows.append({"round": server_round, **{f"{dtype}_dice": s for dtype, s in scores.items()},
+                     "abs_difference": {r: abs(scores["float32"][r] - scores["float16"][r]) for r in regions}})
+    worst = {r: max(row["abs_difference"][r] for row in rows) for r in regions}
+    return {"rounds": rows, "max_abs_dice_difference": worst, "max_abs_dice_difference_any_region": max(worst.values()),
+            "validation_cases": len(validation)}

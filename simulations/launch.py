@@ -158,6 +158,7 @@ def run_federation(
     output: TextIO | None = None,
     timeout_s: float = 3600.0,
     num_cpus_per_site: int = 1,
+    ray_cpus: int | None = None,
 ) -> Path:
     """Run the federation in simulation and return its run folder.
 
@@ -170,6 +171,8 @@ def run_federation(
         output: where Flower's streamed log goes (standard output when None).
         timeout_s: the most the whole run may take.
         num_cpus_per_site: CPU cores Ray reserves per virtual SuperNode.
+        ray_cpus: CPUs Ray believes it has (default: the machine's). ``num_sites`` here lets
+            every site train at once, as separate hospitals would, however many cores there are.
 
     Returns:
         The run folder holding ``metrics.jsonl``, ``metrics.csv`` and the checkpoints.
@@ -192,7 +195,8 @@ def run_federation(
             command = [
                 str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), connection, "--stream",
                 "--run-config", str(write_run_config(values, work / "run-config.toml")),
-                "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={num_cpus_per_site}",
+                "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={num_cpus_per_site}"
+                + (f" init-args-num-cpus={ray_cpus}" if ray_cpus else ""),
             ]
             process = subprocess.Popen(command, cwd=app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             assert process.stdout is not None
