@@ -19,7 +19,15 @@ import torch
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import DatasetSpec, PreparedCase, discover_cases, load_case, load_site, resolve_spec, split_train_val
-from .engine import TrainConfig, evaluate, predict_probabilities, probabilities_to_labels, select_device, train
+from .engine import (
+    TrainConfig,
+    evaluate,
+    learning_rate,
+    predict_probabilities,
+    probabilities_to_labels,
+    select_device,
+    train,
+)
 from .metrics import region_metrics, summarize
 from .model import build_model, model_spatial_dims, resolved_model_args
 
@@ -47,6 +55,8 @@ def train_centralized(
     device: str = "auto",
     report: Callable[[str], None] = print,
     on_epoch: Callable[[int, torch.nn.Module], dict[str, float] | None] | None = None,
+    lr_schedule: str = "constant",
+    epochs_per_round: int = 1,
 ) -> Checkpoint:
     """Pooled (centralized) training: the baseline federation is compared with.
 
@@ -65,6 +75,9 @@ def train_centralized(
         report: where per-epoch progress lines go.
         on_epoch: called as ``on_epoch(epoch, model)`` after each epoch; metrics it returns
             are added to the epoch's record (``checkpoint.extra["history"]``).
+        lr_schedule: ``constant`` or ``cosine`` over ``config.epochs / epochs_per_round``
+            "rounds", the schedule a federated run with ``local-epochs = epochs_per_round`` follows.
+        epochs_per_round: epochs that share one learning rate.
 
     Returns:
         The final :class:`Checkpoint`.
@@ -95,6 +108,8 @@ def train_centralized(
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         one_epoch.seed = None if config.seed is None else config.seed + epoch
+        one_epoch.learning_rate = learning_rate(config.learning_rate, lr_schedule, (epoch - 1) // epochs_per_round + 1,
+                                                max(1, config.epochs // epochs_per_round))
         stats = train(network, [by_id[c] for c in train_ids], spatial_dims, one_epoch, dev)
         line = f"epoch {epoch}/{config.epochs}: loss {stats['train-loss']:.4f}"
         metrics: dict[str, Any] = {"train-loss": stats["train-loss"]}

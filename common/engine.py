@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -52,6 +53,25 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def learning_rate(base: float, schedule: str, server_round: int, num_rounds: int) -> float:
+    """The learning rate of ``server_round`` (1-based): what the server sends sites each round,
+    and what pooled and local-only baselines use per ``local-epochs`` epochs.
+
+    Args:
+        base: the configured ``learning-rate``.
+        schedule: ``constant``, or ``cosine`` (from ``base`` down to 5% of it at the last round).
+
+    Raises:
+        ValueError: for an unknown schedule.
+    """
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        progress = (server_round - 1) / max(num_rounds - 1, 1)
+        return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"lr-schedule '{schedule}' is unknown; choose 'constant' or 'cosine'.")
 
 
 def select_device(preference: str = "auto") -> torch.device:

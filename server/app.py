@@ -26,7 +26,7 @@ from common.config import dataset_spec, model_from, train_config_from
 from common.data import DatasetSpec, discover_cases, load_site, resolve_spec
 from common.engine import evaluate, select_device
 from common.metrics import flat_means
-from common.model import build_model, model_spatial_dims
+from common.model import build_model, model_spatial_dims, resolved_model_args
 
 from .strategy import build_strategy, format_table, with_privacy
 
@@ -85,7 +85,8 @@ def load_resume(path: str, model_name: str, model_args: dict[str, Any], out_dir:
         ValueError: when the checkpoint is unreadable or was made with another model.
     """
     ckpt = load_checkpoint(path)
-    if ckpt.model != model_name or ckpt.model_args != model_args:
+    # Arguments added to a model since the checkpoint was written take their defaults.
+    if ckpt.model != model_name or resolved_model_args(ckpt.model, **ckpt.model_args) != model_args:
         raise ValueError(f"resume-from {path}: trained {ckpt.model} {ckpt.model_args}, but this run configures "
                          f"{model_name} {model_args}; resume with the run's own config.")
     metrics = out_dir / "metrics.jsonl"

@@ -24,6 +24,8 @@ from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
 from flwr.supercore import log
 
+from common.engine import learning_rate
+
 SERVER_STATE = ("m_t", "v_t", "momentum_vector")
 SERVER_OPTIMIZERS = (flwr_strategies.FedAdam, flwr_strategies.FedYogi, flwr_strategies.FedAdagrad, flwr_strategies.FedAvgM)
 STATISTICS_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")  # what Flower's server optimisers carry between rounds
@@ -44,24 +46,6 @@ def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRe
     for key in keys:
         out[key] = sum(float(m[key]) for m in values if key in m)
     return out
-
-
-def learning_rate(base: float, schedule: str, server_round: int, num_rounds: int) -> float:
-    """The learning rate sites use in ``server_round`` (1-based).
-
-    Args:
-        base: the configured ``learning-rate``.
-        schedule: ``constant``, or ``cosine`` (from ``base`` down to 5% of it at the last round).
-
-    Raises:
-        ValueError: for an unknown schedule.
-    """
-    if schedule == "constant":
-        return base
-    if schedule == "cosine":
-        progress = (server_round - 1) / max(num_rounds - 1, 1)
-        return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-    raise ValueError(f"lr-schedule '{schedule}' is unknown; choose 'constant' or 'cosine'.")
 
 
 class RoundKeeper:

@@ -132,7 +132,8 @@ def reproduce(
 
         start = time.perf_counter()
         train_centralized(data, out / "runs" / f"{name}.pt", model=model_name, model_args=model_args, manifest=manifest,
-                          config=train_config, case_ids=cases, crop_foreground=crop, report=report, on_epoch=on_epoch)
+                          config=train_config, case_ids=cases, crop_foreground=crop, report=report, on_epoch=on_epoch,
+                          lr_schedule=str(values.get("lr-schedule", "constant")), epochs_per_round=local_epochs)
         timings[name] = time.perf_counter() - start
         curves[name], checkpoints[name] = curve, out / "runs" / f"{name}.pt"
 

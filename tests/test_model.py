@@ -74,3 +74,18 @@ def test_lite_model_is_much_smaller_than_the_reference() -> None:
 def test_3d_models_validate_arguments(name: str, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         build_model(name, 4, 3, **kwargs)
+
+
+@pytest.mark.parametrize("norm, layer", [("batch", torch.nn.BatchNorm2d), ("instance", torch.nn.InstanceNorm2d),
+                                         ("group", torch.nn.GroupNorm)])
+def test_unet2d_normalisation_is_selectable(norm: str, layer: type) -> None:
+    model = build_model("unet2d", 4, 3, base_channels=8, depth=2, norm=norm)
+    assert any(isinstance(m, layer) for m in model.modules())
+    assert model(torch.randn(2, 4, 32, 32)).shape == (2, 3, 32, 32)
+    has_statistics = any(k.endswith("running_mean") for k in model.state_dict())
+    assert has_statistics == (norm == "batch")
+
+
+def test_unknown_normalisation_is_refused() -> None:
+    with pytest.raises(ValueError, match="norm must be one of"):
+        build_model("unet2d", 4, 3, norm="layer")

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from flwr.app import MetricRecord, RecordDict
 
-from server.strategy import STRATEGIES, aggregate_metrics, build_strategy, format_table, learning_rate
+from common.engine import learning_rate
+from server.strategy import STRATEGIES, aggregate_metrics, build_strategy, format_table
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
