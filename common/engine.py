@@ -124,7 +124,6 @@ def train(
     config: TrainConfig,
     device: torch.device,
     progress: Callable[[int, float], None] | None = None,
-    optimizer_state: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on labelled cases.
 
@@ -135,9 +134,6 @@ def train(
         config: the settings.
         device: where to train; CUDA uses float16 mixed precision.
         progress: called after each epoch with ``(epoch, mean loss)``.
-        optimizer_state: carries Adam's moments from one call to the next (a site's
-            successive rounds): read when not empty, replaced by the new state at the end.
-            The learning rate is always ``config.learning_rate``.
 
     Returns:
         ``{"train-loss": mean loss of the last epoch, "train-samples": samples seen, "train-seconds": wall time}``.
@@ -151,10 +147,6 @@ def train(
     loader = _training_loader(labelled, spatial_dims, config)
     loss_fn = build_loss(config.lambda_dice, config.lambda_focal, config.focal_gamma, config.focal_alpha)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    if optimizer_state:
-        optimizer.load_state_dict(optimizer_state)
-        for group in optimizer.param_groups:
-            group["lr"], group["weight_decay"] = config.learning_rate, config.weight_decay
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else None
     model.train()
@@ -179,9 +171,6 @@ def train(
         epoch_loss = total / max(batches, 1)
         if progress is not None:
             progress(epoch, epoch_loss)
-    if optimizer_state is not None:
-        optimizer_state.clear()
-        optimizer_state.update(optimizer.state_dict())
     return {"train-loss": epoch_loss, "train-samples": float(seen), "train-seconds": time.perf_counter() - start}
 
 

@@ -26,9 +26,9 @@ from flwr.supercore import log
 
 from common.engine import learning_rate
 
-SERVER_STATE = ("m_t", "v_t", "momentum_vector")
+SERVER_STATE = ("m_t", "v_t", "momentum_vector")  # what Flower's server optimisers carry between rounds
 SERVER_OPTIMIZERS = (flwr_strategies.FedAdam, flwr_strategies.FedYogi, flwr_strategies.FedAdagrad, flwr_strategies.FedAvgM)
-STATISTICS_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")  # what Flower's server optimisers carry between rounds
+STATISTICS_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")  # normalisation statistics, averaged
 SUMMED_KEYS = ("num-examples",)  # counts that add up over sites rather than average
 SUMMED_SUFFIX = "-cases"
 
@@ -116,6 +116,8 @@ class RoundKeeper:
         self.failed_in_a_row = 0
         self.round_timeout = round_timeout
         self._norms: dict[int, float] = {}
+        self._sent: list[Message] = []
+        self._destinations: dict[str, int] = {}
         self.best_value = -math.inf
         self.history: list[dict[str, Any]] = list(history or [])
         for past in self.history:
@@ -186,8 +188,7 @@ class RoundKeeper:
         """The site a reply concerns. Errors the SuperLink itself generates (a node that stopped
         sending heartbeats) come from the SuperLink's own ID; they are traced back to the node
         the instruction went to."""
-        destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in getattr(self, "_sent", [])}
-        return destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        return self._destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def screen(self, replies: list[Message]) -> tuple[list[Message], list[dict[str, Any]]]:
         """Reject updates that must not reach aggregation: non-finite values, wrong array names
@@ -272,16 +273,13 @@ class RoundKeeper:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self._current["train-phase-seconds"] = time.perf_counter() - self._started
+        # Message IDs exist once the Grid has pushed the messages, so the map is built here.
+        self._destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         replies = list(replies)
         self.upcast(replies)
         replies, rejected = self.screen(replies)
         self._current["rejected"] = rejected
-        self._current["replies"] = [
-            {"node-id": self.sender(m), "error": m.error.reason} if m.has_error() else
-            {"node-id": self.sender(m), **{k: v for r in m.content.metric_records.values() for k, v in r.items()},
-             **({"update-norm": self._norms[self.sender(m)]} if self.sender(m) in self._norms else {})}
-            for m in replies
-        ]
+        self._current["replies"] = [self._reply_record(m) for m in replies]
         answered = {self.sender(m) for m in replies} | {r["node-id"] for r in rejected}
         self._current["no-reply"] = [n for n in self._current.get("sampled", []) if n not in answered]
         accepted = sum(1 for m in replies if not m.has_error())
@@ -295,6 +293,16 @@ class RoundKeeper:
             self._arrays = arrays
         self._current["train"] = dict(metrics) if metrics is not None else {}
         return arrays, metrics
+
+    def _reply_record(self, message: Message) -> dict[str, Any]:
+        """What the metrics file keeps of one reply: the node, and its error or its metrics and update norm."""
+        node = self.sender(message)
+        if message.has_error():
+            return {"node-id": node, "error": message.error.reason}
+        record = {"node-id": node, **{k: v for r in message.content.metric_records.values() for k, v in r.items()}}
+        if node in self._norms:
+            record["update-norm"] = self._norms[node]
+        return record
 
     def _fail_round(self, accepted: int, needed: int) -> tuple[None, None]:
         """Too few accepted updates: keep the global model (the next round retries), or stop the run."""

@@ -164,23 +164,22 @@ def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest
                                                                     "sections": list(sections)}}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if "inference" in sections:
-        result["inference"] = {}
-        for name in models:
-            for device in devices:
-                print(f"inference: {name} on {device.type} ...", flush=True)
-                result["inference"].setdefault(name, {})[device.type] = bench_inference(
-                    data, ids, name, device, spec, (checkpoints or {}).get(name), repeats,
-                    model_args=(model_args or {}).get(name))
-    if "training" in sections:
-        from .bench_federation import bench_training
+    from .bench_federation import bench_training
 
-        result["training"] = {}
+    per_model = {
+        "inference": lambda name, device: bench_inference(data, ids, name, device, spec, (checkpoints or {}).get(name),
+                                                          repeats, model_args=(model_args or {}).get(name)),
+        "training": lambda name, device: bench_training(data, ids, name, device, spec, repeats=repeats,
+                                                        model_args=(model_args or {}).get(name)),
+    }
+    for section, measure in per_model.items():
+        if section not in sections:
+            continue
+        result[section] = {}
         for name in models:
             for device in devices:
-                print(f"training: {name} on {device.type}, ours then MONAI's recipe ...", flush=True)
-                result["training"].setdefault(name, {})[device.type] = bench_training(
-                    data, ids, name, device, spec, repeats=repeats, model_args=(model_args or {}).get(name))
+                print(f"{section}: {name} on {device.type}, ours then the MONAI reference ...", flush=True)
+                result[section].setdefault(name, {})[device.type] = measure(name, device)
     if "federation" in sections:
         from .bench_federation import bench_federation
         from .launch import declared_run_config
