@@ -1,6 +1,9 @@
 """The FedLesion ClientApp: local training and validation on one site's own scans.
 
 Only the model's arrays and scalar metrics leave the site: no case IDs, paths or voxels.
+Two mods stand around the handlers, outermost first: :func:`send_as_configured` (the upload's
+dtype) and :func:`clip_when_asked` (client-side DP clipping), so clipping sees float32 weights
+and the upload carries the clipped update.
 """
 
 from __future__ import annotations
@@ -8,35 +11,84 @@ from __future__ import annotations
 import functools
 import logging
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-import torch
-from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
-from common.config import model_from, train_config_from
+from common.config import model_from, train_config_from, with_defaults
 from common.engine import evaluate as evaluate_cases
 from common.engine import train as train_cases
 from common.metrics import flat_means
 from common.model import build_model, model_spatial_dims
+from common.postprocess import PostProcessing
+from common.privacy import clip_update
 
 from . import site as sites
 
 logger = logging.getLogger("flwr")
 
+TRANSPORT_DTYPES = ("float32", "float16")
+
+
+def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def encode_update(trained: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """What a site uploads: its model as float32 weights, or in float16 its change from the global model.
+
+    float16 keeps 11 significant bits: rounding errs by up to 5e-4 of the value rounded. Rounded
+    weights would err by 5e-4 of each weight, more than a late round's whole update; the update
+    itself, the difference from the float32 global model the server keeps, loses 5e-4 of its own size.
+    The server adds it back (:func:`server.strategy.decode_update`). Integer counters are sent as they are.
+
+    Args:
+        trained: the site's model after training.
+        sent: the global model the server sent this round.
+        dtype: ``transport-dtype``, ``float32`` or ``float16``.
+
+    Raises:
+        ValueError: for another dtype.
+    """
+    if dtype not in TRANSPORT_DTYPES:
+        raise ValueError(f"transport-dtype '{dtype}' is unknown; choose one of {list(TRANSPORT_DTYPES)}.")
+    if dtype == "float32":
+        return dict(trained)
+    return {key: np.asarray(value - sent[key], np.float16) if value.dtype.kind == "f" else value
+            for key, value in trained.items()}
+
+
+def send_as_configured(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Encode a training reply's arrays as ``transport-dtype`` says, and report the bytes uploaded."""
+    reply = call_next(msg, context)
+    if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
+        return reply
+    dtype = with_defaults(context.run_config)["transport-dtype"]
+    arrays = encode_update(numpy_arrays(reply.content["arrays"]), numpy_arrays(msg.content["arrays"]), dtype)
+    reply.content["arrays"] = ArrayRecord({key: Array(value) for key, value in arrays.items()})
+    reply.content["metrics"]["update-bytes"] = float(sum(len(array.data) for array in reply.content["arrays"].values()))
+    return reply
+
 
 def clip_when_asked(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
-    """Flower's client-side DP clipping mods, applied to training when the run's ``dp`` is ``client-*``."""
-    mode = str(context.run_config.get("dp", "none"))
-    if msg.metadata.message_type == MessageType.TRAIN and mode == "client-fixed":
-        return fixedclipping_mod(msg, context, call_next)
-    if msg.metadata.message_type == MessageType.TRAIN and mode == "client-adaptive":
-        return adaptiveclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
+    """Client-side DP clipping (``dp = client-*``): when the round's config carries a clipping
+    norm, the update's parameters are clipped to it (statistics are not: see
+    :mod:`common.privacy`) and the reply says whether clipping was needed (``norm_bit``, from
+    which the adaptive modes learn the norm)."""
+    reply = call_next(msg, context)
+    if msg.metadata.message_type != MessageType.TRAIN or reply.has_error() or KEY_CLIPPING_NORM not in msg.content["config"]:
+        return reply
+    clipping_norm = float(msg.content["config"][KEY_CLIPPING_NORM])
+    clipped, norm = clip_update(numpy_arrays(reply.content["arrays"]), numpy_arrays(msg.content["arrays"]), clipping_norm)
+    reply.content["arrays"] = ArrayRecord({key: Array(value) for key, value in clipped.items()})
+    reply.content["metrics"][KEY_NORM_BIT] = int(norm > clipping_norm)
+    return reply
 
 
-app = ClientApp(mods=[clip_when_asked])
+app = ClientApp(mods=[send_as_configured, clip_when_asked])
 
 
 def site_errors_stay_local(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
@@ -66,60 +118,45 @@ def _model(context: Context, site: sites.Site, arrays: ArrayRecord):  # noqa: AN
     return model.to(site.device), model_spatial_dims(name)
 
 
-TRANSPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-def transport_state(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    """The state dict as sent: floating tensors cast to ``transport-dtype`` (``float16`` halves the
-    upload; the server aggregates in float32), integer counters unchanged.
-
-    Raises:
-        ValueError: for a dtype other than ``float32`` or ``float16``.
-    """
-    if dtype not in TRANSPORT_DTYPES:
-        raise ValueError(f"transport-dtype '{dtype}' is unknown; choose one of {sorted(TRANSPORT_DTYPES)}.")
-    target = TRANSPORT_DTYPES[dtype]
-    return {k: v.detach().to("cpu", target) if v.is_floating_point() else v.detach().cpu() for k, v in state.items()}
-
-
 @app.train()
 @site_errors_stay_local
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model for ``local-epochs`` on this site's training cases."""
-    site = sites.load(context.node_config, context.run_config)
+    values = with_defaults(context.run_config)
+    site = sites.load(context.node_config, values)
     model, spatial_dims = _model(context, site, msg.content["arrays"])
     round_config = msg.content["config"]
     server_round = int(round_config.get("server-round", 0))
+    # Only the FedProx server sends a proximal term; without one TrainConfig's default (none) applies.
+    proximal = {"proximal_mu": float(round_config["proximal-mu"])} if "proximal-mu" in round_config else {}
     config = train_config_from(
-        context.run_config,
-        learning_rate=float(round_config.get("learning-rate", context.run_config.get("learning-rate", 1e-3))),
-        proximal_mu=float(round_config.get("proximal-mu", 0.0)),
+        values,
+        learning_rate=float(round_config.get("learning-rate", values["learning-rate"])),
         # Seeded by site and round (not node ID), so a resumed run retrains exactly as the original would.
-        seed=int(context.run_config.get("seed", 0)) * 100_003 + server_round * 1_009 + zlib.crc32(site.name.encode()) % 997,
+        seed=values["seed"] * 100_003 + server_round * 1_009 + zlib.crc32(site.name.encode()) % 997,
+        **proximal,
     )
     stats = train_cases(model, site.train, spatial_dims, config, site.device)
-    arrays = ArrayRecord(transport_state(model.state_dict(), str(context.run_config.get("transport-dtype", "float32"))))
     metrics = MetricRecord({
         "train-loss": stats["train-loss"],
         "train-seconds": stats["train-seconds"],
         # FedAvg weights updates by this: cases, not batches or slices.
         "num-examples": len(site.train),
-        # What this site uploads this round: the arrays' serialized bytes.
-        "update-bytes": float(sum(len(array.data) for array in arrays.values())),
         **site.counts(),
     })
-    content = RecordDict({"arrays": arrays, "metrics": metrics})
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 @site_errors_stay_local
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the received global model on this site's validation cases, per region."""
+    """Score the received global model on this site's validation cases, per region, post-processed as the run says."""
     site = sites.load(context.node_config, context.run_config)
     model, spatial_dims = _model(context, site, msg.content["arrays"])
     regions = list(site.spec.regions)
     patch_size = train_config_from(context.run_config).patch_size
-    _, summary = evaluate_cases(model, site.val, regions, spatial_dims, site.device, patch_size=patch_size)
+    _, summary = evaluate_cases(model, site.val, site.spec, spatial_dims, site.device, patch_size=patch_size,
+                                postprocessing=PostProcessing.from_run_config(context.run_config))
     values = {"num-examples": len(site.val), **site.counts(), **flat_means(summary, regions)}
     return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)

@@ -17,11 +17,20 @@ from typing import Any
 
 import torch
 
-from common.config import dataset_spec, parse_shape
-from common.data import CACHE, CaseCache, DatasetSpec, PreparedCase, discover_cases, load_site, resolve_spec, split_train_val
+from common.config import dataset_spec, parse_shape, with_defaults
+from common.data import (
+    CACHE,
+    CaseCache,
+    DatasetSpec,
+    PreparedCase,
+    conform_spec,
+    discover_cases,
+    load_site,
+    resolve_spec,
+    split_train_val,
+)
 from common.engine import select_device
-from simulations.splits import Split, make_split, tumour_volumes
-from simulations.synthetic import site_case_counts, site_dir, write_site
+from common.splits import Split, make_split, tumour_volumes
 
 logger = logging.getLogger("flwr")
 
@@ -49,10 +58,10 @@ class Site:
 
 def synthetic_root(run_config: Mapping[str, Any], num_sites: int) -> Path:
     """The folder synthetic sites for this configuration live in (reused across runs)."""
-    shape = parse_shape(str(run_config.get("synth-shape", "64,64,40")))
-    key = (f"sites{num_sites}-cases{int(run_config.get('synth-cases-per-site', 6))}"
-           f"-shape{'x'.join(map(str, shape))}-seed{int(run_config.get('seed', 0))}")
-    return Path(str(run_config.get("output-dir", "outputs"))).resolve() / "synthetic" / key
+    values = with_defaults(run_config)
+    shape = parse_shape(values["synth-shape"])
+    key = f"sites{num_sites}-cases{values['synth-cases-per-site']}-shape{'x'.join(map(str, shape))}-seed{values['seed']}"
+    return Path(values["output-dir"]).resolve() / "synthetic" / key
 
 
 @dataclass(frozen=True)
@@ -69,13 +78,16 @@ def locate(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Sit
     """This SuperNode's :class:`SiteSource`.
 
     Real SuperNodes name ``data-path``. In simulation ``partition-id`` selects: a synthetic
-    site (``data-root`` empty); the ``partition-id``-th sub-folder of ``data-root``
+    site (``data-root`` empty; the launcher writes them under :func:`synthetic_root` before the
+    run, the hospital side never generates data); the ``partition-id``-th sub-folder of ``data-root``
     (``split = "folders"``); or the ``partition-id``-th site of a split of ``data-root``'s
-    cases (``split`` = a kind from :mod:`simulations.splits` or a split JSON file).
+    cases (``split`` = a kind from :mod:`common.splits` or a split JSON file).
 
     Raises:
-        ValueError: when the node config names no data and this is not a simulation.
+        ValueError: when the node config names no data and this is not a simulation, or a
+            simulation's synthetic site has not been written.
     """
+    values = with_defaults(run_config)
     if "data-path" in node_config:
         path = Path(str(node_config["data-path"])).expanduser()
         manifest = str(node_config.get("manifest", "")) or None
@@ -86,22 +98,23 @@ def locate(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Sit
             "(optionally manifest=..., site-name=..., device=...)."
         )
     pid, num = int(node_config["partition-id"]), int(node_config.get("num-partitions", 1))
-    root = str(run_config.get("data-root", ""))
-    seed = int(run_config.get("seed", 0))
+    root, seed, split_kind = values["data-root"], values["seed"], values["split"]
     if not root:
-        shape = parse_shape(str(run_config.get("synth-shape", "64,64,40")))
-        counts = site_case_counts(num, int(run_config.get("synth-cases-per-site", 6)))
-        path = site_dir(synthetic_root(run_config, num), pid)
-        write_site(path, pid, counts[pid], shape, seed)
+        path = synthetic_root(values, num) / f"site-{pid}"
+        if not path.is_dir():
+            raise ValueError(
+                f"synthetic site {path} does not exist: `fedlesion simulate` generates the synthetic sites before "
+                f"the run; with `flwr run` directly, write them first with `fedlesion synth --out {path.parent} "
+                f"--sites {num} --cases-per-site {values['synth-cases-per-site']} --shape {values['synth-shape']} "
+                f"--seed {seed}`, or point data-root at your own site folders.")
         return SiteSource(f"synthetic-{pid}", path)
-    split_kind = str(run_config.get("split", "folders"))
     if split_kind == "folders":
         sites = sorted(p for p in Path(root).iterdir() if p.is_dir())
         if pid >= len(sites):
             raise ValueError(f"data-root {root} has {len(sites)} site folder(s); partition-id {pid} has none.")
         return SiteSource(sites[pid].name, sites[pid])
-    manifest = str(run_config.get("manifest", "")) or None
-    split = _split(root, manifest, split_kind, num, float(run_config.get("split-alpha", 0.5)), seed)
+    manifest = values["manifest"] or None
+    split = _split(root, manifest, split_kind, num, values["split-alpha"], seed)
     names = split.site_names()
     if pid >= len(names):
         raise ValueError(f"split '{split_kind}' of {root} has {len(names)} site(s); partition-id {pid} has none "
@@ -137,24 +150,20 @@ def load(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
     """This SuperNode's :class:`Site`, validated once and kept for the process's lifetime.
 
     Raises:
-        ValueError: when the data is missing, matches a different dataset than the
-            run's, or holds no usable case.
+        ValueError: when the data is missing, its channels or regions are not the run's
+            dataset's (channels listed in another order are reordered), or it holds no usable case.
     """
-    source = locate(node_config, run_config)
+    values = with_defaults(run_config)
+    source = locate(node_config, values)
     name, path, manifest = source.name, source.path, source.manifest
-    seed, val_fraction = int(run_config.get("seed", 0)), float(run_config.get("val-fraction", 0.25))
-    key = (str(path.resolve()), manifest, source.case_ids, seed, val_fraction, str(run_config.get("dataset", "brats2021")))
+    seed, val_fraction, crop = values["seed"], values["val-fraction"], values["crop-foreground"]
+    key = (str(path.resolve()), manifest, source.case_ids, seed, val_fraction, values["dataset"], crop)
     if key in _SITES:
         return _SITES[key]
-    expected = dataset_spec(str(run_config.get("dataset", "brats2021")))
-    spec = dataset_spec(manifest) if manifest else resolve_spec(path)
-    if list(spec.regions) != list(expected.regions) or len(spec.channels) != len(expected.channels):
-        raise ValueError(
-            f"site {name}: data at {path} has channels {list(spec.channels)} and regions {list(spec.regions)}, "
-            f"but the run's dataset '{expected.name}' expects {list(expected.channels)} and {list(expected.regions)}."
-        )
+    expected = dataset_spec(values["dataset"])
+    spec = conform_spec(dataset_spec(manifest) if manifest else resolve_spec(path), expected, f"site {name} ({path})")
     data = load_site(path, spec, case_ids=None if source.case_ids is None else list(source.case_ids),
-                     crop_foreground=bool(run_config.get("crop-foreground", False)), cache=_cache(node_config))
+                     crop_foreground=crop, cache=_cache(node_config))
     if not data.cases:
         raise ValueError(f"site {name}: no usable case in {path}; {len(data.skipped)} skipped (see the SuperNode log).")
     by_id = {c.case: c for c in data.cases}

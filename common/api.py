@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +18,30 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .data import DatasetSpec, PreparedCase, discover_cases, load_case, load_site, resolve_spec, split_train_val
+from .config import TrainConfig
+from .data import (
+    DatasetSpec,
+    PreparedCase,
+    conform_spec,
+    discover_cases,
+    load_case,
+    load_site,
+    regions_from_labels,
+    resolve_spec,
+    split_train_val,
+)
 from .engine import (
-    TrainConfig,
     evaluate,
     learning_rate,
     predict_probabilities,
     probabilities_to_labels,
+    score_case,
     select_device,
     train,
 )
-from .metrics import region_metrics, summarize
+from .metrics import summarize
 from .model import build_model, model_spatial_dims, resolved_model_args
+from .postprocess import PostProcessing
 
 
 
@@ -66,7 +78,7 @@ def train_centralized(
         model: a registered model name.
         model_args: overrides of the model's defaults.
         manifest: a manifest path or built-in layout name; found in ``data`` when ``None``.
-        config: training settings; ``config.epochs`` epochs are run one by one.
+        config: training settings; ``config.epochs`` epochs with one optimiser and one schedule.
         val_fraction: share of cases held out to report validation Dice each epoch.
         include / exclude: glob patterns on case IDs selecting the cases to use.
         case_ids: an explicit list of cases (instead of all discovered ones) before the filters.
@@ -76,7 +88,8 @@ def train_centralized(
         on_epoch: called as ``on_epoch(epoch, model)`` after each epoch; metrics it returns
             are added to the epoch's record (``checkpoint.extra["history"]``).
         lr_schedule: ``constant`` or ``cosine`` over ``config.epochs / epochs_per_round``
-            "rounds", the schedule a federated run with ``local-epochs = epochs_per_round`` follows.
+            "rounds", the schedule a federated run with ``local-epochs = epochs_per_round`` follows
+            (stepped by torch's ``LambdaLR``).
         epochs_per_round: epochs that share one learning rate.
 
     Returns:
@@ -102,31 +115,34 @@ def train_centralized(
            f"on {dev}{' with float16 mixed precision' if dev.type == 'cuda' else ''}")
     checkpoint = Checkpoint(model=model, model_args=args, spec=spec, state_dict={},
                             run_config={"data": str(data), "train_cases": train_ids, "val_cases": val_ids,
-                                        **config.to_dict(), "crop_foreground": crop_foreground})
-    one_epoch = TrainConfig(**{**config.to_dict(), "epochs": 1})
+                                        **config.to_dict(), "crop_foreground": crop_foreground,
+                                        **PostProcessing.from_run_config({}).to_run_config()})
     history: list[dict[str, Any]] = []
     start = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
-        one_epoch.seed = None if config.seed is None else config.seed + epoch
-        one_epoch.learning_rate = learning_rate(config.learning_rate, lr_schedule, (epoch - 1) // epochs_per_round + 1,
-                                                max(1, config.epochs // epochs_per_round))
-        stats = train(network, [by_id[c] for c in train_ids], spatial_dims, one_epoch, dev)
-        line = f"epoch {epoch}/{config.epochs}: loss {stats['train-loss']:.4f}"
-        metrics: dict[str, Any] = {"train-loss": stats["train-loss"]}
+    rounds = max(1, config.epochs // epochs_per_round)
+
+    def lr_factor(epoch_index: int) -> float:
+        return learning_rate(1.0, lr_schedule, min(epoch_index // epochs_per_round + 1, rounds), rounds)
+
+    def after_epoch(epoch: int, loss: float) -> None:
+        line = f"epoch {epoch}/{config.epochs}: loss {loss:.4f}"
+        metrics: dict[str, Any] = {"train-loss": loss}
         if val_ids:
-            _, summary = evaluate(network, [by_id[c] for c in val_ids], list(spec.regions), spatial_dims, dev,
+            _, summary = evaluate(network, [by_id[c] for c in val_ids], spec, spatial_dims, dev,
                                   patch_size=config.patch_size)
             metrics.update({f"dice-{r.lower()}": s["dice_mean"] for r, s in summary.items()})
             line += " | validation Dice " + " ".join(f"{r} {s['dice_mean']:.3f}" for r, s in summary.items())
         if on_epoch is not None:
             metrics.update(on_epoch(epoch, network) or {})
-            network.train()
         report(f"{line} | {time.perf_counter() - start:.0f} s")
         history.append({"epoch": epoch, **metrics})
         checkpoint.state_dict = network.state_dict()
         checkpoint.epoch, checkpoint.metrics = epoch, metrics
         checkpoint.extra["history"] = history
         save_checkpoint(checkpoint, out)
+
+    # One optimiser and one schedule for the whole run: the pooled baseline is not restarted every epoch.
+    train(network, [by_id[c] for c in train_ids], spatial_dims, config, dev, progress=after_epoch, lr_factor=lr_factor)
     return checkpoint
 
 
@@ -139,21 +155,30 @@ def evaluate_checkpoint(
     exclude: Sequence[str] = (),
     device: str = "auto",
     report: Callable[[str], None] = print,
+    postprocess: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score a checkpoint on every labelled case of a data folder.
 
     Per case the clock runs over loading, preprocessing and prediction (not scoring),
-    so ``seconds_per_case`` is the end-to-end inference time.
+    so ``seconds_per_case`` is the end-to-end inference time. The label map scored is the
+    one :func:`predict_case` writes, post-processed as the checkpoint says.
+
+    Args:
+        postprocess: post-processing run-config values that win over the checkpoint's
+            (see :meth:`common.checkpoint.Checkpoint.postprocessing`).
 
     Returns:
-        ``{"checkpoint", "data", "summary": {region: {dice_mean, dice_std, iou_mean, iou_std,
-        hd95_mean, ...}}, "cases": [{"case", "seconds", region: {dice, iou, hd95, ...}}],
-        "seconds_per_case", "skipped"}``, also written to ``out`` as JSON when given.
+        ``{"checkpoint", "data", "postprocessing": {postprocess, postprocess-min-mm3, postprocess-components},
+        "summary": {region: {dice_mean, dice_std, iou_mean, iou_std, hd95_mean, ...}},
+        "cases": [{"case", "seconds", region: {dice, iou, hd95, ...}}], "seconds_per_case", "skipped"}``,
+        also written to ``out`` as JSON when given.
 
     Raises:
-        ValueError: for an unreadable checkpoint, or data whose regions differ from it.
+        ValueError: for an unreadable checkpoint, data whose channels or regions differ from it,
+            or a post-processing value of the wrong type.
     """
     ckpt = load_checkpoint(checkpoint)
+    postprocessing = ckpt.postprocessing(postprocess)
     spec = _data_spec(ckpt.spec, data, manifest)
     crop = ckpt.crop_foreground
     dev = select_device(device)
@@ -173,13 +198,14 @@ def evaluate_checkpoint(
             continue
         probs = predict_probabilities(model, case.image, ckpt.spatial_dims, dev, patch_size=ckpt.patch_size)
         seconds = time.perf_counter() - start
-        scores = region_metrics(probs > 0.5, case.regions, regions, spacing=case.spacing)
+        scores = score_case(probs, case, spec, postprocessing)
         cases.append({"case": case_id, "seconds": seconds, **scores})
         report(f"[{i}/{len(ids)}] {case_id}: " + " ".join(f"{r} Dice {scores[r]['dice']:.3f}" for r in regions)
                + f" | {seconds:.2f} s")
     result = {
         "checkpoint": str(checkpoint),
         "data": str(data),
+        "postprocessing": postprocessing.to_run_config(),
         "summary": summarize([{r: c[r] for r in regions} for c in cases], regions),
         "cases": cases,
         "seconds_per_case": float(np.mean([c["seconds"] for c in cases])) if cases else None,
@@ -192,19 +218,18 @@ def evaluate_checkpoint(
 
 
 def _data_spec(trained: DatasetSpec, data: str | Path, manifest: str | None) -> DatasetSpec:
-    """The layout of ``data``, which must have the checkpoint's channel count and regions."""
+    """The layout of ``data``, its channels and regions matched by name to the checkpoint's and put in its order.
+
+    Raises:
+        ValueError: when ``data``'s channels or regions are not the checkpoint's (see :func:`conform_spec`).
+    """
     try:
         spec = resolve_spec(data, manifest)
     except ValueError:
         if manifest:
             raise
-        spec = trained  # the checkpoint's own layout, for folders without a recognisable one
-    if list(spec.regions) != list(trained.regions) or len(spec.channels) != len(trained.channels):
-        raise ValueError(
-            f"{data}: layout '{spec.name}' has channels {list(spec.channels)} and regions {list(spec.regions)}; "
-            f"the checkpoint was trained on {list(trained.channels)} and {list(trained.regions)}."
-        )
-    return spec
+        return trained  # the checkpoint's own layout, for folders without a recognisable one
+    return conform_spec(spec, trained, str(data))
 
 
 def predict_case(
@@ -214,23 +239,31 @@ def predict_case(
     manifest: str | None = None,
     overlay: str | Path | None = None,
     device: str = "auto",
+    postprocess: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Segment one case folder and write the label map as NIfTI with the input's affine and header.
 
-    Region channels are turned back into the dataset's label values (0/1/2/4 for BraTS).
+    Region channels are turned back into the dataset's label values (0/1/2/4 for BraTS), then
+    post-processed as the checkpoint says.
+
+    Args:
+        postprocess: post-processing run-config values that win over the checkpoint's
+            (see :meth:`common.checkpoint.Checkpoint.postprocessing`).
 
     Returns:
-        ``{"case", "out", "seconds", "labels": {value: voxels}}`` (and ``"overlay"``).
+        ``{"case", "out", "seconds", "postprocessing", "labels": {value: voxels}}`` (and ``"overlay"``).
     """
     case_dir = Path(case_dir)
     ckpt = load_checkpoint(checkpoint)
+    postprocessing = ckpt.postprocessing(postprocess)
     spec = _data_spec(ckpt.spec, case_dir.parent, manifest) if manifest else ckpt.spec
     dev = select_device(device)
     model = ckpt.build().to(dev)
     start = time.perf_counter()
     case = load_case(case_dir.parent, spec, case_dir.name, crop_foreground=ckpt.crop_foreground, require_label=False)
     probs = predict_probabilities(model, case.image, ckpt.spatial_dims, dev, patch_size=ckpt.patch_size)
-    labels = case.restore(probabilities_to_labels(probs.numpy(), spec))
+    prepared_labels = probabilities_to_labels(probs, spec, case.spacing, postprocessing)
+    labels = case.restore(prepared_labels)
     header = case.header.copy()
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(1, 0)
@@ -238,10 +271,11 @@ def predict_case(
     nib.save(nib.Nifti1Image(labels, case.affine, header), str(out))
     result: dict[str, Any] = {
         "case": case.case, "out": str(out), "seconds": time.perf_counter() - start,
+        "postprocessing": postprocessing.to_run_config(),
         "labels": {int(v): int(n) for v, n in zip(*np.unique(labels, return_counts=True))},
     }
     if overlay is not None:
-        result["overlay"] = str(write_overlay([(case, probs.numpy() > 0.5)], spec, overlay))
+        result["overlay"] = str(write_overlay([(case, regions_from_labels(prepared_labels, spec))], spec, overlay))
     return result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import TrainConfig, declared_run_config
 from .data import DatasetSpec
 from .model import build_model, model_spatial_dims
+from .postprocess import PostProcessing
 
 FORMAT = "fedlesion-checkpoint/1"
 
@@ -45,13 +48,26 @@ class Checkpoint:
     @property
     def crop_foreground(self) -> bool:
         """Whether the model was trained on volumes cropped to their nonzero box (predict the same way)."""
-        return bool(self.run_config.get("crop_foreground", self.run_config.get("crop-foreground", False)))
+        default = declared_run_config()["crop-foreground"]
+        return bool(self.run_config.get("crop_foreground", self.run_config.get("crop-foreground", default)))
 
     @property
     def patch_size(self) -> tuple[int, ...]:
         """The 3D training patch, which is also the sliding-window size."""
-        value = self.run_config.get("patch_size", self.run_config.get("patch-size", (96, 96, 96)))
+        value = self.run_config.get("patch_size", self.run_config.get("patch-size", TrainConfig.patch_size))
         return tuple(int(v) for v in (value.split(",") if isinstance(value, str) else value))
+
+    def postprocessing(self, overrides: Mapping[str, Any] | None = None) -> PostProcessing:
+        """The post-processing the model was trained with (the declared defaults for checkpoints that predate it).
+
+        Args:
+            overrides: run-config values (``postprocess``, ``postprocess-min-mm3``, ``postprocess-components``)
+                that win over the checkpoint's, e.g. ``fedlesion evaluate --no-postprocess``.
+
+        Raises:
+            ValueError: for a value of the wrong type.
+        """
+        return PostProcessing.from_run_config({**self.run_config, **(overrides or {})})
 
     def build(self) -> nn.Module:
         """The model with these weights loaded."""

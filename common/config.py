@@ -6,15 +6,72 @@ Kept free of Flower so the CLI, tests and benchmarks use the same mapping.
 from __future__ import annotations
 
 import ast
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from .data import LAYOUTS, DatasetSpec, load_manifest
-from .engine import TrainConfig
 from .model import resolved_model_args
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@cache
+def _declared(app_dir: Path) -> dict[str, Any]:
+    path = app_dir / "pyproject.toml"
+    try:
+        return dict(tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the [tool.flwr.app.config] table ({exc}); the app's pyproject.toml "
+                         "declares every run-config key and its default.") from exc
+
+
+def declared_run_config(app_dir: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """The run config's keys and defaults, as declared under ``[tool.flwr.app.config]`` in ``pyproject.toml``.
+
+    Args:
+        app_dir: the Flower app folder holding ``pyproject.toml`` (this repository).
+
+    Returns:
+        A fresh ``{key: default}`` dict (kebab-case keys, TOML-typed values).
+
+    Raises:
+        ValueError: when the file or its table cannot be read.
+    """
+    return dict(_declared(Path(app_dir).resolve()))
+
+
+def with_defaults(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The declared defaults overlaid with ``run_config``, each value of its declared type.
+
+    An integer is accepted (and turned into a float) where a float is declared; every other
+    mismatch, a boolean for a number included, is an error.
+
+    Args:
+        run_config: a flat kebab-case run config, e.g. Flower's ``context.run_config`` or a preset.
+
+    Returns:
+        Every declared key with its value.
+
+    Raises:
+        ValueError: for a key that is not declared, or a value of the wrong type.
+    """
+    values = declared_run_config()
+    for key, value in run_config.items():
+        if key not in values:
+            raise ValueError(f"unknown run-config key '{key}'; the keys are those under [tool.flwr.app.config] "
+                             f"in {PROJECT_ROOT / 'pyproject.toml'}.")
+        expected = type(values[key])
+        if expected is float and type(value) is int:
+            value = float(value)
+        elif type(value) is not expected:
+            raise ValueError(f"run-config '{key}' = {value!r} has type {type(value).__name__}; it must be "
+                             f"{expected.__name__}, as its declared default {values[key]!r} in {PROJECT_ROOT / 'pyproject.toml'}.")
+        values[key] = value
+    return values
 
 
 def parse_model_args(text: str) -> dict[str, Any]:
@@ -64,25 +121,72 @@ def dataset_spec(name_or_path: str) -> DatasetSpec:
 
 def model_from(run_config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """``(model name, full model arguments)`` from the run config."""
-    name = str(run_config.get("model", "unet2d"))
-    return name, resolved_model_args(name, **parse_model_args(str(run_config.get("model-args", ""))))
+    values = with_defaults(run_config)
+    return values["model"], resolved_model_args(values["model"], **parse_model_args(values["model-args"]))
+
+
+def _from_run_config(key: str, parse: Callable[[Any], Any] | None = None) -> Any:
+    """A :class:`TrainConfig` field set by run-config ``key``, whose default is the declared one."""
+    default = declared_run_config()[key]
+    return field(default=parse(default) if parse else default, metadata={"run_config": key, "parse": parse})
+
+
+@dataclass
+class TrainConfig:
+    """Local training settings. A field set by a run-config key defaults to that key's declared value."""
+
+    epochs: int = _from_run_config("local-epochs")  # passes over the site's cases per call (per federated round)
+    steps: int = _from_run_config("local-steps")  # > 0: an epoch is this many optimiser steps instead of one pass
+    batch_size: int = _from_run_config("batch-size")  # slices (2D) or patches (3D) per optimiser step
+    learning_rate: float = _from_run_config("learning-rate")  # Adam; the server may send a per-round value
+    weight_decay: float = 1e-5
+    samples_per_case: int = _from_run_config("samples-per-case")  # slices/patches drawn from each case per epoch
+    pos_ratio: float = _from_run_config("pos-ratio")  # fraction of samples centred on lesion (lesion-aware sampling)
+    patch_size: tuple[int, int, int] = _from_run_config("patch-size", parse_shape)  # 3D models only
+    augment: bool = True
+    lambda_dice: float = _from_run_config("lambda-dice")
+    lambda_focal: float = _from_run_config("lambda-focal")
+    focal_gamma: float = _from_run_config("focal-gamma")
+    focal_alpha: float = _from_run_config("focal-alpha")
+    # FedProx: weight of ||w - w_global||^2 / 2, a per-round value only the FedProx server sends; 0 disables it,
+    # so pooled and local-only baselines built from the run config get no proximal term.
+    proximal_mu: float = 0.0
+    num_workers: int = 0  # DataLoader workers; 0 keeps simulation clients to one process
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "samples_per_case"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}.")
+        if self.steps < 0:
+            raise ValueError(f"TrainConfig: steps must be >= 0 (0: an epoch is one pass), got {self.steps}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"TrainConfig: learning_rate must be > 0, got {self.learning_rate}.")
+        if self.proximal_mu < 0:
+            raise ValueError(f"TrainConfig: proximal_mu must be >= 0, got {self.proximal_mu}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def train_config_from(run_config: Mapping[str, Any], **overrides: Any) -> TrainConfig:
-    """The :class:`TrainConfig` a site trains with, from the run config (and per-round overrides)."""
-    values = {
-        "epochs": int(run_config.get("local-epochs", 1)),
-        "batch_size": int(run_config.get("batch-size", 16)),
-        "learning_rate": float(run_config.get("learning-rate", 1e-3)),
-        "samples_per_case": int(run_config.get("samples-per-case", 16)),
-        "pos_ratio": float(run_config.get("pos-ratio", 0.67)),
-        "lambda_dice": float(run_config.get("lambda-dice", 1.0)),
-        "lambda_focal": float(run_config.get("lambda-focal", 1.0)),
-        "focal_gamma": float(run_config.get("focal-gamma", 2.0)),
-        "focal_alpha": float(run_config.get("focal-alpha", 0.75)),
-        "proximal_mu": float(run_config.get("proximal-mu", 0.0)),
-    }
-    if "patch-size" in run_config:
-        values["patch_size"] = parse_shape(str(run_config["patch-size"]))
-    values.update(overrides)
-    return TrainConfig(**values)
+    """The :class:`TrainConfig` a site trains with, from the run config (and per-round overrides).
+
+    ``proximal-mu`` is not read here: the FedProx server sends it each round and the client
+    passes it as an override.
+
+    Args:
+        run_config: a flat kebab-case run config; missing keys take their declared defaults.
+        **overrides: :class:`TrainConfig` fields that win over the run config.
+
+    Raises:
+        ValueError: for an unknown key or a value of the wrong type (see :func:`with_defaults`).
+    """
+    values = with_defaults(run_config)
+    settings = {}
+    for item in fields(TrainConfig):
+        key = item.metadata.get("run_config")
+        if key is not None:
+            parse = item.metadata["parse"]
+            settings[item.name] = parse(values[key]) if parse else values[key]
+    return TrainConfig(**{**settings, **overrides})

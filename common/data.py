@@ -24,7 +24,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,7 +56,8 @@ class DatasetSpec:
         name: a short name for logs and checkpoints.
         channels: channel name -> path pattern relative to the data folder. ``{case}``
             stands for the case ID; a trailing ``#k`` selects volume ``k`` of a 4D file.
-            The first channel's pattern is also how cases are discovered.
+            The first channel's pattern is also how cases are discovered. Names are matched to
+            a run's by modality (:data:`CHANNEL_ALIASES`, :func:`conform_spec`).
         label: path pattern of the label file, or ``None`` for unlabelled data.
         labels: every value the label file may hold, background (0) included.
         regions: region name -> label values it covers, e.g. ``{"WT": [1, 2, 4]}``.
@@ -167,6 +168,80 @@ LAYOUTS: dict[str, DatasetSpec] = {
         regions={"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)},
     ),
 }
+
+
+def regions_from_labels(labels: np.ndarray, spec: DatasetSpec) -> np.ndarray:
+    """The region masks of a label map: the one definition of region membership.
+
+    Ground truth is built with it from a label file, and a prediction is scored with it
+    from the label map that is written, so both mean the same thing by a region.
+
+    Args:
+        labels: ``(*spatial)`` label values of ``spec``.
+        spec: the dataset spec whose regions say which labels each region covers.
+
+    Returns:
+        ``(R, *spatial)`` uint8 masks, regions in ``spec.regions`` order.
+    """
+    return np.stack([np.isin(labels, values) for values in spec.regions.values()]).astype(np.uint8)
+
+
+# The built-in layouts name the same four MRI sequences differently; channels are matched by
+# the canonical name (BraTS 2018-2021's), so a site's channel k is the run's channel k.
+CHANNEL_ALIASES: dict[str, tuple[str, ...]] = {
+    "flair": ("t2f", "t2-flair"),
+    "t1": ("t1n",),
+    "t1ce": ("t1c", "t1gd"),
+    "t2": ("t2w",),
+}
+_CANONICAL = {alias: name for name, aliases in CHANNEL_ALIASES.items() for alias in (name, *aliases)}
+
+
+def canonical_channel(name: str) -> str:
+    """The canonical modality of a channel name (``t2f`` -> ``flair``); other names are only lower-cased."""
+    return _CANONICAL.get(name.lower(), name.lower())
+
+
+def _channels_by_modality(spec: DatasetSpec, source: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in spec.channels:
+        modality = canonical_channel(name)
+        if modality in out:
+            raise ValueError(f"{source}: layout '{spec.name}' names modality '{modality}' twice "
+                             f"('{out[modality]}' and '{name}'); give each channel a distinct modality.")
+        out[modality] = name
+    return out
+
+
+def conform_spec(spec: DatasetSpec, expected: DatasetSpec, source: str) -> DatasetSpec:
+    """``spec`` with its channels and regions put in ``expected``'s order, matched by name.
+
+    Channels match by modality (:data:`CHANNEL_ALIASES`: a BraTS 2023 ``t2f`` is a BraTS 2021
+    ``flair``), so data whose layout lists the run's modalities in another order loads with
+    the run's channel order, and a model never sees one sequence where it learnt another.
+
+    Args:
+        spec: the layout of the data at hand (a site's, or the data a checkpoint is used on).
+        expected: the layout the model is trained on (the run's ``dataset``, a checkpoint's spec).
+        source: what ``spec`` describes, for the error message (a site, a folder).
+
+    Returns:
+        ``spec`` reordered; its file patterns and labels are its own.
+
+    Raises:
+        ValueError: naming both lists, when a modality or region is missing or extra, or a
+            layout names one modality twice.
+    """
+    own, wanted = _channels_by_modality(spec, source), _channels_by_modality(expected, expected.name)
+    if set(own) != set(wanted) or set(spec.regions) != set(expected.regions):
+        raise ValueError(
+            f"{source}: layout '{spec.name}' has channels {list(spec.channels)} and regions {list(spec.regions)}, "
+            f"but '{expected.name}' expects channels {list(expected.channels)} and regions {list(expected.regions)}. "
+            f"Channels are matched by modality ({', '.join(f'{k}: {list(v)}' for k, v in CHANNEL_ALIASES.items())}); "
+            "describe the data with a manifest that names these channels and regions."
+        )
+    return replace(spec, channels={own[m]: spec.channels[own[m]] for m in wanted},
+                   regions={r: spec.regions[r] for r in expected.regions})
 
 
 def load_manifest(path: str | os.PathLike[str]) -> DatasetSpec:
@@ -327,7 +402,8 @@ DECODE_STATS = DecodeStats()
 _LOCK = threading.Lock()
 
 
-def _decode(case: str, path: Path, index: int | None, kind: Literal["image", "label"]) -> tuple[np.ndarray, Any]:
+def _decode(case: str, path: Path, kind: Literal["image", "label"]) -> tuple[np.ndarray, Any]:
+    """The voxel data (3D, or 4D for a multi-volume file) and the image of one file."""
     if not path.exists():
         what = "label file" if kind == "label" else "modality file"
         raise CaseError(case, path, f"missing {what}")
@@ -344,6 +420,11 @@ def _decode(case: str, path: Path, index: int | None, kind: Literal["image", "la
     except Exception as exc:  # truncated gzip gives EOFError, zlib.error or OSError
         raise CaseError(case, path, f"cannot decode voxel data, file truncated or corrupt ({type(exc).__name__}: {exc})") from exc
     DECODE_STATS.record(path)
+    return data, img
+
+
+def _volume(case: str, path: Path, data: np.ndarray, index: int | None) -> np.ndarray:
+    """The 3D volume a channel names: volume ``index`` of a 4D file, or the file's only volume."""
     if index is not None:
         if data.ndim != 4 or index >= data.shape[3]:
             raise CaseError(case, path, f"expected a 4D image with volume #{index}, got shape {data.shape}")
@@ -352,7 +433,7 @@ def _decode(case: str, path: Path, index: int | None, kind: Literal["image", "la
         data = data[..., 0]
     if data.ndim != 3:
         raise CaseError(case, path, f"expected a 3D volume, got {data.ndim}D shape {data.shape}")
-    return data, img
+    return data
 
 
 def load_case(
@@ -381,13 +462,13 @@ def load_case(
     paths = case_paths(data_dir, spec, case)
     if not require_label and "label" in paths and not paths["label"][0].exists():
         del paths["label"]
-    unique = {p for p, _ in paths.values()}
-    # zlib releases the GIL, so decoding the channels in threads overlaps their inflation.
-    with ThreadPoolExecutor(max_workers=min(4, len(unique))) as pool:
-        decoded = dict(zip(paths, pool.map(
-            lambda item: _decode(case, item[1][0], item[1][1], "label" if item[0] == "label" else "image"),
-            paths.items(),
-        )))
+    # Each file is decoded once, however many channels it holds (MSD Task01: all four in one 4D file).
+    files: dict[Path, Literal["image", "label"]] = {path: "label" if name == "label" else "image"
+                                                    for name, (path, _) in paths.items()}
+    # zlib releases the GIL, so decoding the files in threads overlaps their inflation.
+    with ThreadPoolExecutor(max_workers=min(4, len(files))) as pool:
+        raw = dict(zip(files, pool.map(lambda item: _decode(case, *item), files.items())))
+    decoded = {name: (_volume(case, path, raw[path][0], index), raw[path][1]) for name, (path, index) in paths.items()}
     first_name = next(iter(spec.channels))
     ref_path = paths[first_name][0]
     ref_data, ref_img = decoded[first_name]
@@ -421,7 +502,7 @@ def load_case(
         if undeclared:
             raise CaseError(case, label_path, f"label values {undeclared} are not in the declared set {list(spec.labels)}")
         label = label.astype(np.int16)
-        regions = np.stack([np.isin(label, values) for values in spec.regions.values()]).astype(np.uint8)
+        regions = regions_from_labels(label, spec)
         empty = not bool(label.any())
     ornt = nib.orientations.io_orientation(ref_img.affine)
     image = np.stack([nib.orientations.apply_orientation(c, ornt) for c in channels])
@@ -553,7 +634,8 @@ class CaseCache:
                 stats.append((str(path.resolve()), st.st_size, st.st_mtime_ns))
             except OSError:
                 stats.append((str(path), None, None))
-        return (json.dumps(spec.to_json(), sort_keys=True), tuple(stats), crop)
+        # The spec's channel and region order is part of the key: a reordered spec is another case.
+        return (json.dumps(spec.to_json()), tuple(stats), crop)
 
 
 CACHE = CaseCache(

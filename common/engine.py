@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -15,44 +15,12 @@ from monai.data import DataLoader, Dataset
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from .data import DatasetSpec, PreparedCase
+from .config import TrainConfig
+from .data import DatasetSpec, PreparedCase, regions_from_labels
 from .losses import build_loss
 from .metrics import region_metrics, summarize
+from .postprocess import PostProcessing, postprocess_labels
 from .transforms import training_transforms
-
-
-
-@dataclass
-class TrainConfig:
-    """Local training settings; the federated run config maps onto these fields."""
-
-    epochs: int = 1  # passes over the site's cases per call (per federated round)
-    batch_size: int = 16  # slices (2D) or patches (3D) per optimiser step
-    learning_rate: float = 1e-3  # Adam; the server may send a per-round value
-    weight_decay: float = 1e-5
-    samples_per_case: int = 16  # slices/patches drawn from each case per epoch
-    pos_ratio: float = 0.67  # fraction of samples centred on lesion (lesion-aware sampling)
-    patch_size: tuple[int, int, int] = (96, 96, 96)  # 3D models only
-    augment: bool = True
-    lambda_dice: float = 1.0
-    lambda_focal: float = 1.0
-    focal_gamma: float = 2.0  # reference value
-    focal_alpha: float = 0.75  # reference value
-    proximal_mu: float = 0.0  # FedProx: weight of ||w - w_global||^2 / 2; 0 disables it
-    num_workers: int = 0  # DataLoader workers; 0 keeps simulation clients to one process
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "samples_per_case"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}.")
-        if self.learning_rate <= 0:
-            raise ValueError(f"TrainConfig: learning_rate must be > 0, got {self.learning_rate}.")
-        if self.proximal_mu < 0:
-            raise ValueError(f"TrainConfig: proximal_mu must be >= 0, got {self.proximal_mu}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def learning_rate(base: float, schedule: str, server_round: int, num_rounds: int) -> float:
@@ -124,16 +92,21 @@ def train(
     config: TrainConfig,
     device: torch.device,
     progress: Callable[[int, float], None] | None = None,
+    lr_factor: Callable[[int], float] | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place on labelled cases.
+    """Train ``model`` in place on labelled cases, with one optimiser for all ``config.epochs`` epochs.
 
     Args:
         model: the network, already on ``device``.
         cases: training cases (unlabelled ones are ignored).
         spatial_dims: 2 (slices) or 3 (patches).
-        config: the settings.
+        config: the settings; an epoch is one pass over ``samples_per_case`` samples of every
+            case, or exactly ``config.steps`` optimiser steps when that is > 0.
         device: where to train; CUDA uses float16 mixed precision.
         progress: called after each epoch with ``(epoch, mean loss)``.
+        lr_factor: the learning rate of epoch ``e`` (0-based) as a multiple of
+            ``config.learning_rate``, stepped once per epoch by torch's ``LambdaLR``;
+            ``None`` keeps the rate constant.
 
     Returns:
         ``{"train-loss": mean loss of the last epoch, "train-samples": samples seen, "train-seconds": wall time}``.
@@ -147,13 +120,17 @@ def train(
     loader = _training_loader(labelled, spatial_dims, config)
     loss_fn = build_loss(config.lambda_dice, config.lambda_focal, config.focal_gamma, config.focal_alpha)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor) if lr_factor is not None else None
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else None
-    model.train()
     start, seen, epoch_loss = time.perf_counter(), 0, float("nan")
     for epoch in range(1, config.epochs + 1):
+        model.train()  # ``progress`` may have evaluated the model
         total, batches = 0.0, 0
-        for batch in loader:
+        # An epoch is one pass over the samples, or exactly config.steps batches (passing over them again as needed).
+        batches_of_epoch = (itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), config.steps)
+                            if config.steps > 0 else loader)
+        for batch in batches_of_epoch:
             image = batch["image"].to(device, non_blocking=True).float()
             label = batch["label"].to(device, non_blocking=True).float()
             optimizer.zero_grad(set_to_none=True)
@@ -169,6 +146,8 @@ def train(
             batches += 1
             seen += image.shape[0]
         epoch_loss = total / max(batches, 1)
+        if scheduler is not None:
+            scheduler.step()
         if progress is not None:
             progress(epoch, epoch_loss)
     return {"train-loss": epoch_loss, "train-samples": float(seen), "train-seconds": time.perf_counter() - start}
@@ -181,7 +160,7 @@ def predict_probabilities(
     spatial_dims: int,
     device: torch.device,
     slice_batch: int = 32,
-    patch_size: Sequence[int] = (96, 96, 96),
+    patch_size: Sequence[int] = TrainConfig.patch_size,
     overlap: float = 0.5,
 ) -> torch.Tensor:
     """Region probabilities for one whole volume.
@@ -216,41 +195,86 @@ def predict_probabilities(
 def evaluate(
     model: nn.Module,
     cases: Sequence[PreparedCase],
-    regions: Sequence[str],
+    spec: DatasetSpec,
     spatial_dims: int,
     device: torch.device,
-    threshold: float = 0.5,
-    patch_size: Sequence[int] = (96, 96, 96),
+    patch_size: Sequence[int] = TrainConfig.patch_size,
     progress: Callable[[int, int], None] | None = None,
+    postprocessing: PostProcessing | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
-    """Predict every labelled case and score it per region.
+    """Predict every labelled case and score, per region, the label map that prediction writes.
+
+    Args:
+        model: the network, on ``device``.
+        cases: the cases (unlabelled ones are skipped).
+        spec: the dataset spec the model predicts (its regions, and the labels they paint).
+        spatial_dims: 2 or 3, as :func:`predict_probabilities`.
+        device: where to run.
+        patch_size: the sliding window (3D).
+        progress: called after each case with ``(cases done, cases)``.
+        postprocessing: how the label map is cleaned, as :func:`probabilities_to_labels`.
 
     Returns:
         ``(per_case, summary)``: per case ``{"case", "seconds", region: {metric: value}}``;
         the summary as :func:`common.metrics.summarize`.
     """
     per_case = []
+    regions = list(spec.regions)
     labelled = [c for c in cases if c.regions is not None]
     for i, case in enumerate(labelled, 1):
         start = time.perf_counter()
         probs = predict_probabilities(model, case.image, spatial_dims, device, patch_size=patch_size)
         seconds = time.perf_counter() - start
-        scores = region_metrics(probs > threshold, case.regions, regions, spacing=case.spacing)
-        per_case.append({"case": case.case, "seconds": seconds, **scores})
+        per_case.append({"case": case.case, "seconds": seconds, **score_case(probs, case, spec, postprocessing)})
         if progress is not None:
             progress(i, len(labelled))
     return per_case, summarize([{r: c[r] for r in regions} for c in per_case], regions)
 
 
-def probabilities_to_labels(probs: torch.Tensor | np.ndarray, spec: DatasetSpec, threshold: float = 0.5) -> np.ndarray:
-    """Turn ``(R, ...)`` region probabilities back into the dataset's label values.
+def score_case(probs: torch.Tensor | np.ndarray, case: PreparedCase, spec: DatasetSpec,
+               postprocessing: PostProcessing | None = None) -> dict[str, dict[str, float]]:
+    """Metrics per region of one labelled case, scored on the label map that is written.
 
-    Regions are painted from the largest label set to the smallest, so nested regions
-    end with the innermost label (BraTS: WT paints 2, then TC 1, then ET 4).
+    Args:
+        probs: ``(R, *spatial)`` region probabilities in the prepared frame of ``case``.
+        case: the case, with its ground-truth ``regions``.
+        spec: the dataset spec (regions in the model's output order).
+        postprocessing: how the label map is cleaned, as :func:`probabilities_to_labels`.
+
+    Returns:
+        :func:`common.metrics.region_metrics` of the predicted label map's regions.
+    """
+    masks = predicted_regions(probs, spec, case.spacing, postprocessing)
+    return region_metrics(masks, case.regions, list(spec.regions), spacing=case.spacing)
+
+
+def predicted_regions(probs: torch.Tensor | np.ndarray, spec: DatasetSpec, spacing: Sequence[float],
+                      postprocessing: PostProcessing | None = None) -> np.ndarray:
+    """The ``(R, *spatial)`` region masks of the label map :func:`probabilities_to_labels` makes.
+
+    Scoring these, not the thresholded channels, scores what is written: an ET voxel
+    predicted outside TC is label 4 in the file, so it counts as WT and TC too (as BraTS
+    evaluators and nnU-Net score it).
+    """
+    return regions_from_labels(probabilities_to_labels(probs, spec, spacing, postprocessing), spec)
+
+
+def probabilities_to_labels(probs: torch.Tensor | np.ndarray, spec: DatasetSpec, spacing: Sequence[float],
+                            postprocessing: PostProcessing | None = None, threshold: float = 0.5) -> np.ndarray:
+    """Turn ``(R, ...)`` region probabilities back into the dataset's label values, post-processed.
+
+    The one step from probabilities to a segmentation: prediction writes its result and
+    evaluation scores it. Regions are painted from the largest label set to the smallest,
+    so nested regions end with the innermost label (BraTS: WT paints 2, then TC 1, then ET 4);
+    then the whole lesion's small and surplus components are removed
+    (:func:`common.postprocess.postprocess_labels`).
 
     Args:
         probs: ``(R, *spatial)`` probabilities, channels in ``spec.regions`` order.
         spec: the dataset spec the model was trained on.
+        spacing: voxel size in mm per spatial axis (post-processing sizes are in mm^3).
+        postprocessing: how the label map is cleaned; ``None``: the declared defaults of
+            ``[tool.flwr.app.config]`` (``postprocess``, ``postprocess-min-mm3``, ``postprocess-components``).
         threshold: probability above which a voxel is in a region.
 
     Returns:
@@ -262,4 +286,4 @@ def probabilities_to_labels(probs: torch.Tensor | np.ndarray, spec: DatasetSpec,
     labels = np.zeros(masks.shape[1:], dtype=np.uint8)
     for r in sorted(range(len(names)), key=lambda r: -len(spec.regions[names[r]])):
         labels[masks[r]] = paint[names[r]]
-    return labels
+    return postprocess_labels(labels, postprocessing or PostProcessing.from_run_config({}), spacing)

@@ -1,8 +1,20 @@
-"""Flower's strategies with FedLesion's server-side behaviour mixed in.
+"""FedLesion's server side: a stack of strategy wrappers around one of Flower's strategies.
 
-:class:`RoundKeeper` adds, to any strategy from ``flwr.serverapp.strategy``: the per-round
-learning-rate schedule, the per-round metrics files, and atomic checkpoints (last and
-best). The aggregation itself is always Flower's own.
+Each wrapper does one thing and holds the next one as ``self.strategy``, in the style of
+Flower's own differential-privacy wrappers. :func:`build_strategy` composes, outermost first:
+
+1. :class:`RunRecorder`: numbers rounds absolutely (after a resume), sends the scheduled
+   learning rate, records each round (``metrics.jsonl``, ``metrics.csv``, ``audit.jsonl``)
+   and writes the checkpoints (``last.pt`` every round, ``best.pt``).
+2. :class:`UpdateScreening`: attributes each reply to its site, turns float16 deltas into
+   weights, and rejects error replies and bad updates before anything else sees them.
+3. :class:`RoundPolicy`: waits (bounded) for sites, lets messages expire with the round, and
+   keeps the model, or stops the run, when too few updates were accepted.
+4. :class:`DifferentialPrivacy`, when ``dp`` is set: the clipped, equally weighted, noised mean.
+5. :class:`Aggregation`: Flower's strategy (FedAvg, FedAdam, ...), with plain averages for
+   normalisation statistics, the global model's dtypes kept, and its optimiser state.
+
+The wrappers share one :class:`RunRecord`, the record of the round in progress.
 """
 
 from __future__ import annotations
@@ -10,27 +22,37 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategies
+from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
 from flwr.supercore import log
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT, compute_adaptive_noise_params
 
+from common.config import dataset_spec, with_defaults
 from common.engine import learning_rate
+from common.privacy import STATISTICS_SUFFIXES, private_mean, update_norm
 
 SERVER_STATE = ("m_t", "v_t", "momentum_vector")  # what Flower's server optimisers carry between rounds
 SERVER_OPTIMIZERS = (flwr_strategies.FedAdam, flwr_strategies.FedYogi, flwr_strategies.FedAdagrad, flwr_strategies.FedAvgM)
-STATISTICS_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")  # normalisation statistics, averaged
-SUMMED_KEYS = ("num-examples",)  # counts that add up over sites rather than average
+WEIGHT_KEY = "num-examples"  # what sites report and FedAvg weights by: cases
+SUMMED_KEYS = (WEIGHT_KEY,)  # counts that add up over sites rather than average
 SUMMED_SUFFIX = "-cases"
+# Adaptive clipping (Andrew et al., 2019): the share of updates meant to exceed the norm, and the
+# norm's geometric learning rate; the paper's recommended values, also Flower's defaults.
+TARGET_CLIPPED_QUANTILE = 0.5
+CLIP_NORM_LR = 0.2
 
 
 def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -48,339 +70,35 @@ def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRe
     return out
 
 
-class RoundKeeper:
-    """Mixin for a Flower strategy: schedule, metrics files and checkpoints.
+def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {key: array.numpy() for key, array in record.items()}
 
-    Rounds are numbered absolutely: after a resume from round ``k`` the strategy's own
-    rounds 1, 2, ... are passed to Flower's aggregation (and to the sites) as ``k+1, k+2, ...``,
-    so round-dependent maths (FedAdam's bias correction) match an uninterrupted run.
+
+def decode_update(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A site's model as weights: float16 arrays are its change from the global model that was
+    sent (``transport-dtype = "float16"``) and are added to that model; other arrays are weights."""
+    return {key: np.asarray(sent[key] + value.astype(sent[key].dtype)) if value.dtype == np.float16 else value
+            for key, value in arrays.items()}
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (too few sites connected, too many failed rounds); the recorder adds how to resume."""
+
+
+class RunRecord:
+    """The run's record: the round in progress, the rounds so far, and the files they are written to.
 
     Args:
-        save_checkpoint: called as ``save_checkpoint(arrays, round, metrics, kind, state)`` with
-            ``kind`` ``"last"`` or ``"best"`` and ``state`` the server optimiser's state;
-            writes a self-describing checkpoint.
-        out_dir: the run folder; ``metrics.jsonl`` and ``metrics.csv`` are written there.
-        num_rounds: total rounds of the run (for the schedule).
-        base_lr: the configured learning rate.
-        lr_schedule: ``constant`` or ``cosine``.
-        best_key: the evaluate metric that selects the best model.
-        first_round: the round number this run starts at (after a resume).
-        server_evaluate: optional ``(round, arrays) -> metrics`` scoring the global model on
-            a held-out data folder at the server, recorded under ``"server"`` each round.
+        out_dir: the run folder; ``metrics.jsonl``, ``metrics.csv`` and ``audit.jsonl`` are written there.
         history: the records of the rounds before a resume.
-        max_norm_ratio: reject an update whose distance from the global model exceeds this
-            multiple of the round's median (0 disables; needs three or more updates).
-        max_failed_rounds: consecutive rounds with fewer accepted updates than ``min_train_nodes``
-            that are tolerated (each keeps the global model and the next round tries again);
-            one more stops the run with a message saying how to resume.
-        node_wait_timeout: seconds a round waits for ``min_available_nodes`` SuperNodes to be
-            connected before the run stops with a message (Flower alone would wait forever).
-        round_timeout: the messages' time to live, in seconds. A SuperNode that comes back
-            late or restarts never receives a round that is already over, so it does not
-            spend the next round answering the last one.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        save_checkpoint: Callable[[ArrayRecord, int, dict[str, Any], str, dict[str, Any]], None],
-        out_dir: Path,
-        num_rounds: int,
-        base_lr: float,
-        lr_schedule: str = "constant",
-        best_key: str = "dice-wt",
-        first_round: int = 1,
-        server_evaluate: Callable[[int, ArrayRecord], dict[str, float]] | None = None,
-        history: list[dict[str, Any]] | None = None,
-        max_norm_ratio: float = 10.0,
-        max_failed_rounds: int = 3,
-        node_wait_timeout: float = 600.0,
-        round_timeout: float | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if max_failed_rounds < 0 or node_wait_timeout <= 0:
-            raise ValueError("max-failed-rounds must be >= 0 and node-wait-timeout > 0.")
-        learning_rate(base_lr, lr_schedule, 1, num_rounds)  # validate now, not at round 1
-        self._save_checkpoint = save_checkpoint
+    def __init__(self, out_dir: Path, history: list[dict[str, Any]] | None = None) -> None:
         self.out_dir = Path(out_dir)
-        self.num_rounds = num_rounds
-        self.base_lr = base_lr
-        self.lr_schedule = lr_schedule
-        self.best_key = best_key
-        self.round_offset = first_round - 1
-        self.server_evaluate = server_evaluate
-        self.max_norm_ratio = max_norm_ratio
-        self.max_failed_rounds = max_failed_rounds
-        self.node_wait_timeout = node_wait_timeout
-        self.failed_in_a_row = 0
-        self.round_timeout = round_timeout
-        self._norms: dict[int, float] = {}
-        self._sent: list[Message] = []
-        self._destinations: dict[str, int] = {}
-        self.best_value = -math.inf
         self.history: list[dict[str, Any]] = list(history or [])
-        for past in self.history:
-            value = past.get("evaluate", {}).get(best_key)
-            if value is not None:
-                self.best_value = max(self.best_value, float(value))
-        self._current: dict[str, Any] = {}
-        self._arrays: ArrayRecord | None = None
-        self._started = time.perf_counter()
+        self.current: dict[str, Any] = {}  # what the wrappers note about the round in progress
 
-    def evaluate_initial(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
-        """Round 0: the sites (and the server, if set) score the initial model, the baseline rounds improve on."""
-        self._arrays = arrays
-        replies = grid.send_and_receive(self.configure_evaluate(-self.round_offset, arrays, ConfigRecord(), grid),
-                                        timeout=timeout)
-        self.aggregate_evaluate(-self.round_offset, replies)
-
-    def absolute_round(self, server_round: int) -> int:
-        return server_round + self.round_offset
-
-    def optimizer_state(self) -> dict[str, Any]:
-        """The server optimiser's state (FedAdam/FedYogi moments, FedAvgM momentum), for checkpoints."""
-        return {name: getattr(self, name) for name in SERVER_STATE if getattr(self, name, None) is not None}
-
-    def restore_optimizer_state(self, state: dict[str, Any]) -> None:
-        """Put back what :meth:`optimizer_state` saved, so a resumed run continues the same optimiser."""
-        for name, value in state.items():
-            if name not in SERVER_STATE or not hasattr(self, name):
-                raise ValueError(f"checkpoint holds server state '{name}' that {type(self).__name__} does not use.")
-            setattr(self, name, value)
-
-    def wait_for_nodes(self, grid: Grid, server_round: int) -> None:
-        """Wait up to ``node_wait_timeout`` s for ``min_available_nodes`` SuperNodes, logging who is missing.
-
-        Raises:
-            RuntimeError: when too few are connected by then; the last checkpoint stays the resume point.
-        """
-        needed = int(getattr(self, "min_available_nodes", 1))
-        deadline = time.monotonic() + self.node_wait_timeout
-        next_log = 0.0
-        while (connected := len(list(grid.get_node_ids()))) < needed:
-            now = time.monotonic()
-            if now >= deadline:
-                message = (f"round {server_round}: only {connected} SuperNode(s) connected after waiting "
-                           f"{self.node_wait_timeout:.0f} s (node-wait-timeout); min-available-nodes is {needed}. "
-                           f"Stopping; restart the missing SuperNodes and resume with resume-from={self.out_dir / 'last.pt'}")
-                self._append_audit({"round": server_round, "stopped": message})
-                raise RuntimeError(message)
-            if now >= next_log:
-                log(WARNING, "round %d: waiting for SuperNodes: %d connected, %d needed (giving up in %.0f s)",
-                    server_round, connected, needed, deadline - now)
-                next_log = now + 30.0
-            time.sleep(1.0)
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        absolute = self.absolute_round(server_round)
-        self.wait_for_nodes(grid, absolute)
-        config["learning-rate"] = learning_rate(self.base_lr, self.lr_schedule, absolute, self.num_rounds)
-        self._started = time.perf_counter()
-        self._current = {"round": absolute, "learning-rate": config["learning-rate"]}
-        self._arrays = arrays
-        messages = self.expiring(super().configure_train(absolute, arrays, config, grid))  # type: ignore[misc]
-        self._current["sampled"] = [m.metadata.dst_node_id for m in messages]
-        self._sent = messages  # Flower's Grid gives each its message ID when it pushes it
-        return messages
-
-    def sender(self, reply: Message) -> int:
-        """The site a reply concerns. Errors the SuperLink itself generates (a node that stopped
-        sending heartbeats) come from the SuperLink's own ID; they are traced back to the node
-        the instruction went to."""
-        return self._destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-
-    def screen(self, replies: list[Message]) -> tuple[list[Message], list[dict[str, Any]]]:
-        """Reject updates that must not reach aggregation: non-finite values, wrong array names
-        or shapes, or an update norm above ``max_norm_ratio`` times the median of the round's.
-
-        Returns:
-            ``(kept replies, [{"node-id", "reason"}] for each rejected one)``.
-        """
-        reference = self._arrays
-        kept, rejected, norms = [], [], {}
-        for message in replies:
-            if message.has_error():
-                kept.append(message)  # Flower logs and skips error replies itself
-                continue
-            node = self.sender(message)
-            records = list(message.content.array_records.values())
-            reason = None
-            if len(records) != 1:
-                reason = f"expected one ArrayRecord, got {len(records)}"
-            elif reference is not None and list(records[0]) != list(reference):
-                reason = "array names differ from the global model's"
-            else:
-                squared = 0.0
-                for key, array in records[0].items():
-                    values = array.numpy()
-                    if reference is not None and values.shape != reference[key].numpy().shape:
-                        reason = f"array '{key}' has shape {values.shape}, expected {reference[key].numpy().shape}"
-                        break
-                    if values.dtype.kind == "f" and not np.isfinite(values).all():
-                        reason = f"array '{key}' holds NaN or Inf"
-                        break
-                    if reference is not None and values.dtype.kind == "f":
-                        squared += float(np.sum((values.astype(np.float64) - reference[key].numpy()) ** 2))
-                norms[id(message)] = math.sqrt(squared)
-            if reason is None:
-                kept.append(message)
-            else:
-                rejected.append({"node-id": node, "reason": reason})
-        self._norms = {self.sender(m): norms[id(m)] for m in kept if id(m) in norms}
-        valid = [m for m in kept if id(m) in norms]
-        if self.max_norm_ratio > 0 and len(valid) >= 3:
-            median = float(np.median([norms[id(m)] for m in valid]))
-            for message in valid:
-                if median > 0 and norms[id(message)] > self.max_norm_ratio * median:
-                    kept.remove(message)
-                    rejected.append({"node-id": self.sender(message),
-                                     "reason": f"update norm {norms[id(message)]:.3g} > {self.max_norm_ratio:g} x median {median:.3g}"})
-        for entry in rejected:
-            log(WARNING, "round %d: rejected the update of node %d: %s", self._current.get("round", 0),
-                entry["node-id"], entry["reason"])
-        return kept, rejected
-
-    def _average_statistics(self, arrays: ArrayRecord | None, replies: list[Message]) -> ArrayRecord | None:
-        """Give normalisation statistics (BatchNorm running mean/var, counters) their plain weighted average.
-
-        They are measurements, not parameters: a server optimiser (FedAdam, FedYogi, FedAvgM)
-        moving them by a bounded step per round leaves them far from the data's statistics
-        and breaks the model in evaluation mode. Averaging strategies are left as they are.
-        """
-        valid = [m.content for m in replies if not m.has_error()]
-        if arrays is None or not valid or not isinstance(self, SERVER_OPTIMIZERS):
-            return arrays
-        statistics = [key for key in arrays if key.endswith(STATISTICS_SUFFIXES)]
-        if not statistics:
-            return arrays
-        averaged = aggregate_arrayrecords(valid, self.weighted_by_key)  # type: ignore[attr-defined]
-        for key in statistics:
-            arrays[key] = averaged[key]
-        return arrays
-
-    @staticmethod
-    def upcast(replies: list[Message]) -> None:
-        """Turn float16 updates (``transport-dtype = "float16"``) into float32 before screening and aggregation."""
-        for message in replies:
-            if message.has_error():
-                continue
-            for name, record in list(message.content.array_records.items()):
-                if any(array.dtype == "float16" for array in record.values()):
-                    message.content[name] = ArrayRecord({
-                        key: Array(array.numpy().astype(np.float32)) if array.dtype == "float16" else array
-                        for key, array in record.items()})
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        self._current["train-phase-seconds"] = time.perf_counter() - self._started
-        # Message IDs exist once the Grid has pushed the messages, so the map is built here.
-        self._destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
-        replies = list(replies)
-        self.upcast(replies)
-        replies, rejected = self.screen(replies)
-        self._current["rejected"] = rejected
-        self._current["replies"] = [self._reply_record(m) for m in replies]
-        answered = {self.sender(m) for m in replies} | {r["node-id"] for r in rejected}
-        self._current["no-reply"] = [n for n in self._current.get("sampled", []) if n not in answered]
-        accepted = sum(1 for m in replies if not m.has_error())
-        needed = max(int(getattr(self, "min_train_nodes", 1)), 1)
-        if accepted < needed:
-            return self._fail_round(accepted, needed)
-        self.failed_in_a_row = 0
-        arrays, metrics = super().aggregate_train(self.absolute_round(server_round), replies)  # type: ignore[misc]
-        arrays = self._average_statistics(arrays, replies)
-        if arrays is not None:
-            self._arrays = arrays
-        self._current["train"] = dict(metrics) if metrics is not None else {}
-        return arrays, metrics
-
-    def _reply_record(self, message: Message) -> dict[str, Any]:
-        """What the metrics file keeps of one reply: the node, and its error or its metrics and update norm."""
-        node = self.sender(message)
-        if message.has_error():
-            return {"node-id": node, "error": message.error.reason}
-        record = {"node-id": node, **{k: v for r in message.content.metric_records.values() for k, v in r.items()}}
-        if node in self._norms:
-            record["update-norm"] = self._norms[node]
-        return record
-
-    def _fail_round(self, accepted: int, needed: int) -> tuple[None, None]:
-        """Too few accepted updates: keep the global model (the next round retries), or stop the run."""
-        self.failed_in_a_row += 1
-        absolute = self._current.get("round", 0)
-        reason = (f"{accepted} accepted update(s), fewer than min-train-nodes={needed} "
-                  f"(no reply: {len(self._current.get('no-reply', []))}, errors: "
-                  f"{sum(1 for r in self._current.get('replies', []) if 'error' in r)}, "
-                  f"rejected: {len(self._current.get('rejected', []))})")
-        self._current["failed"] = reason
-        self._current["train"] = {}
-        if self.failed_in_a_row > self.max_failed_rounds:
-            message = (f"round {absolute}: {reason}; {self.failed_in_a_row} failed rounds in a row exceed "
-                       f"max-failed-rounds={self.max_failed_rounds}. Stopping; the last completed round is in "
-                       f"{self.out_dir / 'last.pt'} (resume with resume-from=that file).")
-            self._append_audit({"round": absolute, "stopped": message})
-            raise RuntimeError(message)
-        log(WARNING, "round %d: %s; the global model is kept and the next round tries again (%d of %d failed rounds allowed in a row)",
-            absolute, reason, self.failed_in_a_row, self.max_failed_rounds)
-        return None, None
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        # The global model as it stands after this round (a DP wrapper may have added noise after aggregation).
-        self._arrays = arrays
-        return self.expiring(super().configure_evaluate(self.absolute_round(server_round), arrays, config, grid))  # type: ignore[misc]
-
-    def expiring(self, messages: Iterable[Message]) -> list[Message]:
-        """Give each message the round timeout as its time to live (Flower's default is 12 h)."""
-        messages = list(messages)
-        if self.round_timeout:
-            for message in messages:
-                message.metadata.ttl = float(self.round_timeout)
-        return messages
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(self.absolute_round(server_round), list(replies))  # type: ignore[misc]
-        record = {**self._current, "round": self.absolute_round(server_round),
-                  "evaluate": dict(metrics) if metrics is not None else {}}
-        if self.server_evaluate is not None and self._arrays is not None:
-            record["server"] = self.server_evaluate(record["round"], self._arrays)
-        record["seconds"] = time.perf_counter() - self._started
-        self.record(record)
-        if self._arrays is not None:
-            state = self.optimizer_state()
-            self._save_checkpoint(self._arrays, record["round"], record, "last", state)
-            written = "last.pt"
-            value = record["evaluate"].get(self.best_key)
-            if value is not None and value > self.best_value:
-                self.best_value = float(value)
-                self._save_checkpoint(self._arrays, record["round"], record, "best", state)
-                written += ", best.pt"
-            self.audit(record, written)
-        return metrics
-
-    def audit(self, record: dict[str, Any], checkpoint: str | None) -> None:
-        """Append the round to ``audit.jsonl``: node IDs sampled, replied, failed or rejected (and why), checkpoint.
-
-        Only node IDs and reasons: no case, path or metric of a patient.
-        """
-        replies = record.get("replies", [])
-        entry = {
-            "round": record["round"],
-            "sampled": record.get("sampled", []),
-            "replied": [r["node-id"] for r in replies if "error" not in r],
-            "failed": [{"node-id": r["node-id"], "reason": r["error"]} for r in replies if "error" in r]
-            + [{"node-id": n, "reason": "no reply within round-timeout"} for n in record.get("no-reply", [])],
-            "rejected": record.get("rejected", []),
-            "round-failed": record.get("failed"),
-            "checkpoint": checkpoint,
-        }
-        self._append_audit(entry)
-
-    def _append_audit(self, entry: dict[str, Any]) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "audit.jsonl", "a") as handle:
-            handle.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}) + "\n")
-
-    def record(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any]) -> None:
         """Append one round to the history, ``metrics.jsonl`` and ``metrics.csv``, and log it."""
         self.history.append(record)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -392,6 +110,574 @@ class RoundKeeper:
         log(INFO, "round %d: train loss %s | validation Dice %s | %.1f s", record["round"],
             f"{record['train']['train-loss']:.4f}" if "train-loss" in record.get("train", {}) else "-",
             dice or "-", record.get("seconds", 0.0))
+
+    def audit(self, entry: dict[str, Any]) -> None:
+        """Append ``entry`` to ``audit.jsonl``, time-stamped. Node IDs and reasons only: no case, path or metric."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "audit.jsonl", "a") as handle:
+            handle.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}) + "\n")
+
+
+class StrategyWrapper(Strategy):
+    """A strategy that does one thing and hands everything else to ``strategy``.
+
+    A wrapper whose state must survive a resume names it with ``state_key`` and defines
+    ``state() -> dict`` and ``restore_state(state)``. States hold only tensors, lists, dicts,
+    numbers and strings, so checkpoints load with ``torch.load(weights_only=True)``.
+    """
+
+    state_key: str | None = None
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> %s", type(self).__name__)
+        self.strategy.summary()
+
+    def layers(self) -> Iterator[Strategy]:
+        """This wrapper, the ones inside it, and Flower's strategy last."""
+        layer: Strategy = self
+        while isinstance(layer, StrategyWrapper):
+            yield layer
+            layer = layer.strategy
+        yield layer
+
+
+def _to_tensors(value: Any) -> Any:
+    """numpy arrays and scalars (in lists and dicts) as tensors, so checkpoints hold no pickled numpy objects."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return torch.from_numpy(np.array(value))
+    if isinstance(value, list):
+        return [_to_tensors(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_tensors(v) for k, v in value.items()}
+    return value
+
+
+def _to_numpy(value: Any) -> Any:
+    """What :func:`_to_tensors` made (or a checkpoint written before it, holding numpy), as numpy."""
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        return np.asarray(value)
+    if isinstance(value, list):
+        return [_to_numpy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_numpy(v) for k, v in value.items()}
+    return value
+
+
+class Aggregation(StrategyWrapper):
+    """Flower's aggregating strategy, with what FedLesion needs around it.
+
+    - Normalisation statistics (BatchNorm running mean/var, counters) get the plain weighted
+      average of the updates under a server optimiser (FedAdam, FedYogi, FedAdagrad, FedAvgM):
+      they are measurements, not parameters, and a bounded server step per round would leave
+      them far from the data's statistics and break the model in evaluation mode.
+    - The global model keeps the dtypes it was sent in: FedAdam and FedYogi compute in float64
+      under NumPy 2, which would double the downlink and the checkpoints.
+    - The server optimiser's state (moments, momentum) is checkpointed, so a resumed run
+      continues the same optimiser.
+    """
+
+    state_key = "optimizer_state"
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._dtypes = {key: array.numpy().dtype for key, array in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        values = numpy_arrays(arrays)
+        statistics = [key for key in values if key.endswith(STATISTICS_SUFFIXES)]
+        if statistics and isinstance(self.strategy, SERVER_OPTIMIZERS):
+            averaged = aggregate_arrayrecords([m.content for m in replies], self.strategy.weighted_by_key)
+            values.update({key: averaged[key].numpy() for key in statistics})
+        return ArrayRecord({key: Array(_as_dtype(values[key], dtype)) for key, dtype in self._dtypes.items()}), metrics
+
+    def state(self) -> dict[str, Any]:
+        return {name: _to_tensors(getattr(self.strategy, name)) for name in SERVER_STATE
+                if getattr(self.strategy, name, None) is not None}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        for name, value in state.items():
+            if name not in SERVER_STATE or not hasattr(self.strategy, name):
+                raise ValueError(f"checkpoint holds server state '{name}' that {type(self.strategy).__name__} "
+                                 "does not use; resume with the run's own strategy.")
+            setattr(self.strategy, name, _to_numpy(value))
+
+
+def _as_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``values`` in ``dtype``; averaged integer counters are rounded, not truncated."""
+    return np.asarray(np.rint(values) if dtype.kind in "iu" else values, dtype)
+
+
+DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
+PRIVATE_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")  # they can take the private mean as their average
+
+
+class DifferentialPrivacy(StrategyWrapper):
+    """Central differential privacy on the updates that reach aggregation (user-level DP-FedAvg).
+
+    Each update's parameters are clipped to the clipping norm ``C``; the clipped updates are
+    averaged with equal weights over ``m``, the number of sites sampled this round; Gaussian
+    noise of standard deviation ``z C / m`` is added to the parameters (see
+    :func:`common.privacy.private_mean`). The wrapped strategy receives that one private mean as
+    its only update: FedAvg and FedProx keep it, FedAdam, FedYogi and FedAvgM step on it. What
+    they do with it is post-processing, so the guarantee holds for all of them. Normalisation
+    statistics are averaged plainly, without clipping or noise, and are not covered; nor are
+    the metrics sites report.
+
+    Modes: ``server-*`` clip at the server. ``client-*`` send the norm with the round's config
+    and the sites clip before they upload (FedLesion's ClientApp does, parameters only); the
+    server clips again, which changes nothing for a site that did. ``*-fixed`` keep ``C``;
+    ``*-adaptive`` learn it (Andrew et al., 2019): after each round ``C`` moves geometrically
+    towards the norm that :data:`TARGET_CLIPPED_QUANTILE` of updates exceed, from a noised
+    count of the updates that were clipped (at the site or at the server), with the noise split
+    between that count and the updates as Flower splits it.
+
+    Args:
+        strategy: the next layer.
+        mode: one of ``DP_MODES`` other than ``none``.
+        noise_multiplier: ``z``, the noise's standard deviation in units of ``C / m``.
+        clipping_norm: ``C`` (the starting value in the adaptive modes).
+        min_sampled: the fewest sites a round samples (``min-train-nodes``).
+
+    Raises:
+        ValueError: for an unknown mode, a negative ``z``, a non-positive ``C``, or (adaptive)
+            a ``z`` too large for the clipped-count noise at ``min_sampled`` sites.
+    """
+
+    state_key = "privacy"
+
+    def __init__(self, strategy: Strategy, mode: str, noise_multiplier: float, clipping_norm: float, min_sampled: int) -> None:
+        super().__init__(strategy)
+        if mode not in DP_MODES[1:]:
+            raise ValueError(f"dp '{mode}' is unknown; choose one of {list(DP_MODES)}.")
+        if noise_multiplier < 0 or clipping_norm <= 0:
+            raise ValueError(f"dp needs dp-noise-multiplier >= 0 (got {noise_multiplier}) and a clipping norm > 0 "
+                             f"(got {clipping_norm}).")
+        self.mode = mode
+        self.noise_multiplier = noise_multiplier
+        self.clipping_norm = clipping_norm
+        if self.adaptive:
+            try:
+                compute_adaptive_noise_params(noise_multiplier, min_sampled, None)
+            except ValueError as exc:
+                raise ValueError(f"dp '{mode}': dp-noise-multiplier {noise_multiplier} is too large for rounds of "
+                                 f"{min_sampled} site(s) (min-train-nodes); it must be below {min_sampled / 10:g}. "
+                                 f"Sample more sites per round or lower the noise. ({exc})") from exc
+        self.rng = np.random.default_rng()  # from the OS: noise the sites could predict would protect nothing
+
+    @property
+    def adaptive(self) -> bool:
+        return self.mode.endswith("adaptive")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._sent = numpy_arrays(arrays)
+        if self.mode.startswith("client"):
+            config[KEY_CLIPPING_NORM] = self.clipping_norm
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sampled = len(messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        updates = [numpy_arrays(next(iter(m.content.array_records.values()))) for m in replies]
+        count_std, noise_multiplier = (compute_adaptive_noise_params(self.noise_multiplier, self._sampled, None)
+                                       if self.adaptive else (0.0, self.noise_multiplier))
+        mean = private_mean(updates, self._sent, self.clipping_norm, noise_multiplier, self._sampled, self.rng)
+        log(INFO, "round %d: private mean of %d update(s) from %d sampled site(s), clipped at %.4g, noise std %.4g",
+            server_round, len(updates), self._sampled, self.clipping_norm, noise_multiplier * self.clipping_norm / self._sampled)
+        if self.adaptive:
+            clipped = sum(1 for update, message in zip(updates, replies)
+                          if update_norm(update, self._sent) > self.clipping_norm
+                          or any(r.get(KEY_NORM_BIT) for r in message.content.metric_records.values()))
+            fraction = (clipped + self.rng.normal(0.0, count_std)) / len(replies)
+            self.clipping_norm *= math.exp(-CLIP_NORM_LR * (fraction - TARGET_CLIPPED_QUANTILE))
+        content = RecordDict({"arrays": ArrayRecord({key: Array(value) for key, value in mean.items()}),
+                              "metrics": aggregate_metrics([m.content for m in replies], WEIGHT_KEY)})
+        return super().aggregate_train(server_round, [Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)])
+
+    def state(self) -> dict[str, Any]:
+        return {"clipping-norm": self.clipping_norm}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        self.clipping_norm = float(state["clipping-norm"])
+
+
+class RoundPolicy(StrategyWrapper):
+    """When a round may start and when it counts: bounded waits, expiring messages, failed rounds.
+
+    Args:
+        strategy: the next layer.
+        record: the run record; a failed round is noted as ``failed``.
+        min_available_nodes: SuperNodes that must be connected before sites are sampled.
+        min_train_nodes: fewest accepted updates a round aggregates; with fewer the global
+            model is kept and the next round tries again.
+        evaluates: whether rounds evaluate (``fraction-evaluate > 0``), so evaluation waits too.
+        max_failed_rounds: consecutive failed rounds tolerated; one more stops the run.
+        node_wait_timeout: seconds training and evaluation (round 0 included) wait for
+            ``min_available_nodes`` SuperNodes before the run stops (Flower alone waits forever).
+        round_timeout: the messages' time to live, in seconds. A SuperNode that comes back late
+            or restarts never receives a round that is already over.
+
+    Raises:
+        ValueError: for a negative ``max_failed_rounds`` or a non-positive timeout.
+    """
+
+    state_key = "round_policy"
+
+    def __init__(self, strategy: Strategy, record: RunRecord, *, min_available_nodes: int, min_train_nodes: int,
+                 evaluates: bool, max_failed_rounds: int, node_wait_timeout: float, round_timeout: float) -> None:
+        super().__init__(strategy)
+        if max_failed_rounds < 0 or node_wait_timeout <= 0 or round_timeout <= 0:
+            raise ValueError(f"max-failed-rounds must be >= 0 (got {max_failed_rounds}), node-wait-timeout "
+                             f"(got {node_wait_timeout}) and round-timeout (got {round_timeout}) > 0.")
+        self.record = record
+        self.min_available_nodes = min_available_nodes
+        self.min_train_nodes = max(min_train_nodes, 1)
+        self.evaluates = evaluates
+        self.max_failed_rounds = max_failed_rounds
+        self.node_wait_timeout = node_wait_timeout
+        self.round_timeout = round_timeout
+        self.failed_in_a_row = 0
+
+    def wait_for_nodes(self, grid: Grid, server_round: int) -> None:
+        """Wait up to ``node_wait_timeout`` s for ``min_available_nodes`` SuperNodes, logging every 30 s.
+
+        Raises:
+            RunStopped: when too few are connected by then.
+        """
+        deadline = time.monotonic() + self.node_wait_timeout
+        next_log = 0.0
+        while (connected := len(list(grid.get_node_ids()))) < self.min_available_nodes:
+            now = time.monotonic()
+            if now >= deadline:
+                raise RunStopped(f"round {server_round}: only {connected} SuperNode(s) connected after waiting "
+                                 f"{self.node_wait_timeout:.0f} s (node-wait-timeout); min-available-nodes is "
+                                 f"{self.min_available_nodes}. Restart the missing SuperNodes.")
+            if now >= next_log:
+                log(WARNING, "round %d: waiting for SuperNodes: %d connected, %d needed (giving up in %.0f s)",
+                    server_round, connected, self.min_available_nodes, deadline - now)
+                next_log = now + 30.0
+            time.sleep(1.0)
+
+    def _expiring(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        for message in messages:
+            message.metadata.ttl = float(self.round_timeout)
+        return messages
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.wait_for_nodes(grid, server_round)
+        return self._expiring(super().configure_train(server_round, arrays, config, grid))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.evaluates:
+            self.wait_for_nodes(grid, server_round)
+        return self._expiring(super().configure_evaluate(server_round, arrays, config, grid))
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)  # the accepted updates
+        if len(replies) >= self.min_train_nodes:
+            self.failed_in_a_row = 0
+            return super().aggregate_train(server_round, replies)
+        self.failed_in_a_row += 1
+        current = self.record.current
+        reason = (f"{len(replies)} accepted update(s), fewer than min-train-nodes={self.min_train_nodes} "
+                  f"(no reply: {len(current.get('no-reply', []))}, errors: "
+                  f"{sum(1 for r in current.get('replies', []) if 'error' in r)}, rejected: {len(current.get('rejected', []))})")
+        current["failed"] = reason
+        if self.failed_in_a_row > self.max_failed_rounds:
+            raise RunStopped(f"round {server_round}: {reason}; {self.failed_in_a_row} failed rounds in a row exceed "
+                             f"max-failed-rounds={self.max_failed_rounds}.")
+        log(WARNING, "round %d: %s; the global model is kept and the next round tries again "
+            "(%d of %d failed rounds allowed in a row)", server_round, reason, self.failed_in_a_row, self.max_failed_rounds)
+        return None, None
+
+    def state(self) -> dict[str, Any]:
+        return {"failed-in-a-row": self.failed_in_a_row}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        self.failed_in_a_row = int(state["failed-in-a-row"])
+
+
+class UpdateScreening(StrategyWrapper):
+    """Screens the replies before anything else sees them, and notes who answered what.
+
+    Each reply is attributed to its site: errors the SuperLink itself generates (a node that
+    stopped sending heartbeats) come from the SuperLink's own ID and are traced back to the node
+    the instruction went to. float16 arrays are deltas from the global model (see
+    :func:`decode_update`). Only accepted updates are passed on. Error replies are noted as
+    failures; these updates are rejected, logged and audited with the reason: not exactly one
+    ArrayRecord and one MetricRecord; ``num-examples`` not a whole number in
+    ``[1, max_site_cases]``; array names or shapes other than the global model's; NaN or Inf;
+    an update norm (parameters, see :func:`common.privacy.update_norm`) above
+    ``max_norm_ratio`` times the round's median.
+
+    Args:
+        strategy: the next layer.
+        record: the run record; this layer notes ``sampled``, ``replies`` (errors, or metrics and
+            update norm), ``rejected`` and ``no-reply`` (sampled, but no answer within the round).
+        max_norm_ratio: the norm bound as a multiple of the median (0 disables; needs three or more updates).
+        max_site_cases: the most cases one site may report (it weights the average).
+
+    Raises:
+        ValueError: for a negative ``max_norm_ratio`` or ``max_site_cases`` below 1.
+    """
+
+    def __init__(self, strategy: Strategy, record: RunRecord, *, max_norm_ratio: float, max_site_cases: int) -> None:
+        super().__init__(strategy)
+        if max_norm_ratio < 0 or max_site_cases < 1:
+            raise ValueError(f"max-update-norm-ratio must be >= 0 (got {max_norm_ratio}) and max-site-cases >= 1 "
+                             f"(got {max_site_cases}).")
+        self.record = record
+        self.max_norm_ratio = max_norm_ratio
+        self.max_site_cases = max_site_cases
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._global = numpy_arrays(arrays)
+        self._sent = list(super().configure_train(server_round, arrays, config, grid))
+        self.record.current["sampled"] = [m.metadata.dst_node_id for m in self._sent]
+        return self._sent
+
+    def problem(self, message: Message) -> tuple[str | None, dict[str, np.ndarray]]:
+        """``(why the update is rejected, or None; its arrays as decoded weights)``."""
+        content = message.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            return (f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
+                    f"{len(content.metric_records)}"), {}
+        cases = next(iter(content.metric_records.values())).get(WEIGHT_KEY)
+        if (isinstance(cases, bool) or not isinstance(cases, (int, float)) or not math.isfinite(cases)
+                or cases != int(cases) or not 1 <= cases <= self.max_site_cases):
+            return f"{WEIGHT_KEY} {cases!r} is not a whole number of cases in [1, {self.max_site_cases}] (max-site-cases)", {}
+        arrays = numpy_arrays(next(iter(content.array_records.values())))
+        if list(arrays) != list(self._global):
+            return "array names differ from the global model's", {}
+        for key, values in arrays.items():
+            if values.shape != self._global[key].shape:
+                return f"array '{key}' has shape {values.shape}, expected {self._global[key].shape}", {}
+        arrays = decode_update(arrays, self._global)
+        for key, values in arrays.items():
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                return f"array '{key}' holds NaN or Inf", {}
+        return None, arrays
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        # Message IDs exist once the Grid has pushed the messages, so the map is built here.
+        destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
+        records, rejected, candidates = [], [], []
+        for message in replies:
+            node = destinations.get(message.metadata.reply_to_message_id, message.metadata.src_node_id)
+            if message.has_error():
+                records.append({"node-id": node, "error": message.error.reason})
+                continue
+            reason, arrays = self.problem(message)
+            if reason is None:
+                candidates.append((message, node, arrays, update_norm(arrays, self._global)))
+            else:
+                rejected.append({"node-id": node, "reason": reason})
+        median = float(np.median([norm for *_, norm in candidates])) if len(candidates) >= 3 else 0.0
+        accepted = []
+        for message, node, arrays, norm in candidates:
+            if self.max_norm_ratio > 0 and median > 0 and norm > self.max_norm_ratio * median:
+                rejected.append({"node-id": node, "reason": f"update norm {norm:.3g} > {self.max_norm_ratio:g} x median {median:.3g}"})
+                continue
+            name = next(iter(message.content.array_records))
+            message.content[name] = ArrayRecord({key: Array(value) for key, value in arrays.items()})
+            accepted.append(message)
+            records.append({"node-id": node, **{k: v for r in message.content.metric_records.values() for k, v in r.items()},
+                            "update-norm": norm})
+        for entry in rejected:
+            log(WARNING, "round %d: rejected the update of node %d: %s", server_round, entry["node-id"], entry["reason"])
+        answered = {r["node-id"] for r in records} | {r["node-id"] for r in rejected}
+        self.record.current.update({"replies": records, "rejected": rejected,
+                                    "no-reply": [n for n in self.record.current.get("sampled", []) if n not in answered]})
+        return super().aggregate_train(server_round, accepted)
+
+
+def _random_state() -> list[Any]:
+    """Python's ``random`` state (Flower samples sites with it) as plain lists."""
+    version, internal, gauss_next = random.getstate()
+    return [version, list(internal), gauss_next]
+
+
+class RunRecorder(StrategyWrapper):
+    """The run: absolute round numbers, the learning-rate schedule, the record and the checkpoints.
+
+    Rounds are numbered absolutely: after a resume from round ``k`` the rounds 1, 2, ... that
+    Flower's ``start`` counts reach the layers inside (and the sites) as ``k+1, k+2, ...``, so
+    round-dependent maths (FedAdam's bias correction) match an uninterrupted run.
+
+    The schedule runs over ``lr_horizon`` rounds: the run's ``num-server-rounds``, or after a
+    resume the original run's (from the checkpoint), so a run resumed with more rounds keeps its
+    learning rate continuous; rounds past the horizon keep the schedule's last value.
+
+    When a layer stops the run (:class:`RunStopped`) the recorder audits why and raises
+    ``RuntimeError`` naming the checkpoint to resume from.
+
+    Args:
+        strategy: the next layer.
+        record: the run record, written after each round's evaluation.
+        save_checkpoint: called as ``save_checkpoint(arrays, round, record, kind, state)`` with
+            ``kind`` ``"last"`` or ``"best"`` and ``state`` :meth:`checkpoint_state`.
+        num_rounds: the run's ``num-server-rounds``.
+        base_lr: ``learning-rate``.
+        lr_schedule: ``lr-schedule``.
+        best_key: the evaluate metric that selects the best model.
+        first_round: the round this run starts at (after a resume).
+        server_evaluate: optional ``(round, arrays) -> metrics`` scoring the global model at the
+            server each round, recorded under ``"server"``.
+
+    Raises:
+        ValueError: for an unknown schedule.
+    """
+
+    state_key = "run"
+
+    def __init__(self, strategy: Strategy, record: RunRecord, *,
+                 save_checkpoint: Callable[[ArrayRecord, int, dict[str, Any], str, dict[str, Any]], None],
+                 num_rounds: int, base_lr: float, lr_schedule: str, best_key: str, first_round: int = 1,
+                 server_evaluate: Callable[[int, ArrayRecord], dict[str, float]] | None = None) -> None:
+        super().__init__(strategy)
+        learning_rate(base_lr, lr_schedule, 1, num_rounds)  # validate now, not at round 1
+        self.record = record
+        self._save_checkpoint = save_checkpoint
+        self.base_lr = base_lr
+        self.lr_schedule = lr_schedule
+        self.lr_horizon = num_rounds
+        self.best_key = best_key
+        self.round_offset = first_round - 1
+        self.server_evaluate = server_evaluate
+        values = [float(r["evaluate"][best_key]) for r in record.history if best_key in r.get("evaluate", {})]
+        self.best_value = max(values, default=-math.inf)
+        self._arrays: ArrayRecord | None = None
+        self._started = time.perf_counter()
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.record.history
+
+    def learning_rate(self, absolute_round: int) -> float:
+        return learning_rate(self.base_lr, self.lr_schedule, min(absolute_round, self.lr_horizon), self.lr_horizon)
+
+    @contextmanager
+    def _stops(self, absolute_round: int) -> Iterator[None]:
+        try:
+            yield
+        except RunStopped as stop:
+            last = self.record.out_dir / "last.pt"
+            hint = (f"Stopping; the last completed round is in {last} (resume with resume-from={last})."
+                    if last.exists() else "Stopping before any round completed; start the run again.")
+            message = f"{stop} {hint}"
+            self.record.audit({"round": absolute_round, "stopped": message})
+            raise RuntimeError(message) from None
+
+    def evaluate_initial(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
+        """Round 0: the sites (and the server, if set) score the initial model, the baseline rounds improve on."""
+        replies = grid.send_and_receive(self.configure_evaluate(-self.round_offset, arrays, ConfigRecord(), grid),
+                                        timeout=timeout)
+        self.aggregate_evaluate(-self.round_offset, replies)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        absolute = server_round + self.round_offset
+        config["learning-rate"] = self.learning_rate(absolute)
+        self._started = time.perf_counter()
+        self.record.current = {"round": absolute, "learning-rate": config["learning-rate"]}
+        with self._stops(absolute):
+            return list(super().configure_train(absolute, arrays, config, grid))
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        absolute = server_round + self.round_offset
+        self.record.current["train-phase-seconds"] = time.perf_counter() - self._started
+        with self._stops(absolute):
+            arrays, metrics = super().aggregate_train(absolute, replies)
+        self.record.current["train"] = dict(metrics) if metrics is not None else {}
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        absolute = server_round + self.round_offset
+        self._arrays = arrays  # the global model as it stands after this round
+        with self._stops(absolute):
+            return list(super().configure_evaluate(absolute, arrays, config, grid))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        absolute = server_round + self.round_offset
+        metrics = super().aggregate_evaluate(absolute, list(replies))
+        record = {**self.record.current, "round": absolute, "evaluate": dict(metrics) if metrics is not None else {}}
+        if self.server_evaluate is not None and self._arrays is not None:
+            record["server"] = self.server_evaluate(absolute, self._arrays)
+        record["seconds"] = time.perf_counter() - self._started
+        self.record.append(record)
+        written = None
+        if self._arrays is not None:
+            state = self.checkpoint_state()
+            self._save_checkpoint(self._arrays, absolute, record, "last", state)
+            written = "last.pt"
+            value = record["evaluate"].get(self.best_key)
+            if value is not None and value > self.best_value:
+                self.best_value = float(value)
+                self._save_checkpoint(self._arrays, absolute, record, "best", state)
+                written += ", best.pt"
+        replies = record.get("replies", [])
+        self.record.audit({
+            "round": absolute,
+            "sampled": record.get("sampled", []),
+            "replied": [r["node-id"] for r in replies if "error" not in r],
+            "failed": [{"node-id": r["node-id"], "reason": r["error"]} for r in replies if "error" in r]
+            + [{"node-id": n, "reason": "no reply within round-timeout"} for n in record.get("no-reply", [])],
+            "rejected": record.get("rejected", []),
+            "round-failed": record.get("failed"),
+            "checkpoint": written,
+        })
+        return metrics
+
+    def state(self) -> dict[str, Any]:
+        return {"lr-horizon": self.lr_horizon, "python-random": _random_state()}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        self.lr_horizon = int(state["lr-horizon"])
+        version, internal, gauss_next = state["python-random"]
+        random.setstate((version, tuple(internal), gauss_next))
+
+    def _stateful(self) -> dict[str, Any]:
+        return {layer.state_key: layer for layer in self.layers() if isinstance(layer, StrategyWrapper) and layer.state_key}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps so a resumed run continues as an uninterrupted one would:
+        ``{state_key: state}`` of every layer that has state (schedule horizon and Python's
+        ``random``, failed rounds in a row, the DP clipping norm, the server optimiser)."""
+        return {key: layer.state() for key, layer in self._stateful().items()}
+
+    def resume(self, state: Mapping[str, Any]) -> None:
+        """Put back what :meth:`checkpoint_state` saved. A layer whose key is missing (a
+        checkpoint written before it kept state) starts fresh.
+
+        Raises:
+            ValueError: for state of a layer this run does not have (e.g. ``dp`` switched off).
+        """
+        layers = self._stateful()
+        for key, value in state.items():
+            if key not in layers:
+                raise ValueError(f"the checkpoint holds '{key}' state, which this run's strategy stack "
+                                 f"({', '.join(type(layer).__name__ for layer in self.layers())}) does not keep; "
+                                 "resume with the run's own config.")
+            layers[key].restore_state(value)
 
 
 def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -428,84 +714,73 @@ def format_table(history: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# name -> (Flower class, {run-config key: (constructor argument, type, default)})
-STRATEGIES: dict[str, tuple[type, dict[str, tuple[str, type, Any]]]] = {
+# name -> (Flower class, {run-config key: constructor argument}); values and defaults come from the run config
+STRATEGIES: dict[str, tuple[type, dict[str, str]]] = {
     "fedavg": (flwr_strategies.FedAvg, {}),
-    "fedprox": (flwr_strategies.FedProx, {"proximal-mu": ("proximal_mu", float, 0.01)}),
+    "fedprox": (flwr_strategies.FedProx, {"proximal-mu": "proximal_mu"}),
     "fedadam": (flwr_strategies.FedAdam, {
-        "server-lr": ("eta", float, 0.01), "server-beta-1": ("beta_1", float, 0.9),
-        "server-beta-2": ("beta_2", float, 0.99), "server-tau": ("tau", float, 1e-3)}),
+        "server-lr": "eta", "server-beta-1": "beta_1", "server-beta-2": "beta_2", "server-tau": "tau"}),
     "fedyogi": (flwr_strategies.FedYogi, {
-        "server-lr": ("eta", float, 0.01), "server-beta-1": ("beta_1", float, 0.9),
-        "server-beta-2": ("beta_2", float, 0.99), "server-tau": ("tau", float, 1e-3)}),
-    "fedavgm": (flwr_strategies.FedAvgM, {
-        "server-momentum": ("server_momentum", float, 0.9)}),
+        "server-lr": "eta", "server-beta-1": "beta_1", "server-beta-2": "beta_2", "server-tau": "tau"}),
+    "fedavgm": (flwr_strategies.FedAvgM, {"server-momentum": "server_momentum"}),
     "fedmedian": (flwr_strategies.FedMedian, {}),
-    "fedtrimmedavg": (flwr_strategies.FedTrimmedAvg, {"trim-beta": ("beta", float, 0.2)}),
-    "krum": (flwr_strategies.Krum, {"num-malicious-nodes": ("num_malicious_nodes", int, 0)}),
+    "fedtrimmedavg": (flwr_strategies.FedTrimmedAvg, {"trim-beta": "beta"}),
+    "krum": (flwr_strategies.Krum, {"num-malicious-nodes": "num_malicious_nodes"}),
 }
 
 
-DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
+def build_strategy(run_config: Mapping[str, Any], *, out_dir: Path,
+                   save_checkpoint: Callable[[ArrayRecord, int, dict[str, Any], str, dict[str, Any]], None],
+                   server_evaluate: Callable[[int, ArrayRecord], dict[str, float]] | None = None,
+                   first_round: int = 1, history: list[dict[str, Any]] | None = None) -> RunRecorder:
+    """The run's strategy stack (see the module docstring), from the run config.
 
-
-def with_privacy(strategy: RoundKeeper, run_config: Mapping[str, Any]) -> Any:
-    """Wrap ``strategy`` in one of Flower's differential-privacy wrappers, as ``dp`` says.
-
-    ``server-*`` clip each update at the server and add Gaussian noise to the aggregate;
-    ``client-*`` have the sites clip their own updates (FedLesion's ClientApp applies Flower's
-    clipping mods when asked) and the server adds the noise. ``*-fixed`` clips at
-    ``dp-clipping-norm``; ``*-adaptive`` learns the norm from ``dp-initial-clipping-norm``.
-
-    Raises:
-        ValueError: for an unknown ``dp`` mode.
-    """
-    mode = str(run_config.get("dp", "none"))
-    if mode not in DP_MODES:
-        raise ValueError(f"dp '{mode}' is unknown; choose one of {list(DP_MODES)}.")
-    if mode == "none":
-        return strategy
-    noise = float(run_config.get("dp-noise-multiplier", 0.1))
-    sampled = int(run_config.get("min-available-nodes", 2))
-    if mode.endswith("fixed"):
-        cls = (flwr_strategies.DifferentialPrivacyServerSideFixedClipping if mode.startswith("server")
-               else flwr_strategies.DifferentialPrivacyClientSideFixedClipping)
-        return cls(strategy, noise_multiplier=noise, clipping_norm=float(run_config.get("dp-clipping-norm", 1.0)),
-                   num_sampled_clients=sampled)
-    cls = (flwr_strategies.DifferentialPrivacyServerSideAdaptiveClipping if mode.startswith("server")
-           else flwr_strategies.DifferentialPrivacyClientSideAdaptiveClipping)
-    return cls(strategy, noise_multiplier=noise, num_sampled_clients=sampled,
-               initial_clipping_norm=float(run_config.get("dp-initial-clipping-norm", 0.1)))
-
-
-def build_strategy(run_config: Mapping[str, Any], **keeper_args: Any) -> RoundKeeper:
-    """The strategy named by ``strategy`` in the run config, with :class:`RoundKeeper` mixed in.
-
-    Sampling settings (``fraction-train``, ``fraction-evaluate``, ``min-available-nodes``)
-    and the strategy's own parameters come from the run config.
+    Args:
+        run_config: the run config; missing keys take their declared defaults.
+        out_dir: the run folder.
+        save_checkpoint: see :class:`RunRecorder`.
+        server_evaluate: see :class:`RunRecorder`.
+        first_round: the round this run starts at (after a resume).
+        history: the records of the rounds before a resume.
 
     Raises:
-        ValueError: for an unknown strategy name.
+        ValueError: for an unknown strategy or ``dp`` mode, ``dp`` with a strategy that does not
+            average (fedmedian, fedtrimmedavg, krum), or an invalid setting.
     """
-    name = str(run_config.get("strategy", "fedavg")).lower()
+    values = with_defaults(run_config)
+    name = values["strategy"].lower()
     if name not in STRATEGIES:
         raise ValueError(f"strategy '{name}' is unknown; choose one of {sorted(STRATEGIES)}.")
+    if values["dp"] not in DP_MODES:
+        raise ValueError(f"dp '{values['dp']}' is unknown; choose one of {list(DP_MODES)}.")
+    if values["dp"] != "none" and name not in PRIVATE_STRATEGIES:
+        raise ValueError(f"dp '{values['dp']}' needs a strategy that averages the updates, one of "
+                         f"{list(PRIVATE_STRATEGIES)}; '{name}' selects among them instead.")
     base, params = STRATEGIES[name]
-    min_nodes = int(run_config.get("min-available-nodes", 2))
-    keeper_args.setdefault("max_norm_ratio", float(run_config.get("max-update-norm-ratio", 10.0)))
-    keeper_args.setdefault("max_failed_rounds", int(run_config.get("max-failed-rounds", 3)))
-    keeper_args.setdefault("node_wait_timeout", float(run_config.get("node-wait-timeout", 600.0)))
-    keeper_args.setdefault("round_timeout", float(run_config.get("round-timeout", 3600.0)))
-    kwargs: dict[str, Any] = {
-        "fraction_train": float(run_config.get("fraction-train", 1.0)),
-        "fraction_evaluate": float(run_config.get("fraction-evaluate", 1.0)),
-        "min_available_nodes": min_nodes,
-        "min_train_nodes": min(min_nodes, int(run_config.get("min-train-nodes", min_nodes))),
-        "min_evaluate_nodes": min(min_nodes, int(run_config.get("min-evaluate-nodes", min_nodes))),
-        "train_metrics_aggr_fn": aggregate_metrics,
-        "evaluate_metrics_aggr_fn": aggregate_metrics,
-    }
-    for key, (argument, kind, default) in params.items():
-        kwargs[argument] = kind(run_config.get(key, default))
-    cls = type(f"Keeping{base.__name__}", (RoundKeeper, base), {})
-    return cls(**kwargs, **keeper_args)
+    min_nodes = values["min-available-nodes"]
+    min_train_nodes = min(min_nodes, values["min-train-nodes"])
+    stack: Strategy = Aggregation(base(
+        fraction_train=float(values["fraction-train"]),
+        fraction_evaluate=float(values["fraction-evaluate"]),
+        min_available_nodes=min_nodes,
+        min_train_nodes=min_train_nodes,
+        min_evaluate_nodes=min(min_nodes, values["min-evaluate-nodes"]),
+        weighted_by_key=WEIGHT_KEY,
+        train_metrics_aggr_fn=aggregate_metrics,
+        evaluate_metrics_aggr_fn=aggregate_metrics,
+        **{argument: values[key] for key, argument in params.items()},
+    ))
+    if values["dp"] != "none":
+        norm_key = "dp-clipping-norm" if values["dp"].endswith("fixed") else "dp-initial-clipping-norm"
+        stack = DifferentialPrivacy(stack, values["dp"], float(values["dp-noise-multiplier"]), float(values[norm_key]),
+                                    min_sampled=min_train_nodes)
+    record = RunRecord(out_dir, history)
+    stack = RoundPolicy(stack, record, min_available_nodes=min_nodes, min_train_nodes=min_train_nodes,
+                        evaluates=values["fraction-evaluate"] > 0, max_failed_rounds=values["max-failed-rounds"],
+                        node_wait_timeout=float(values["node-wait-timeout"]), round_timeout=float(values["round-timeout"]))
+    stack = UpdateScreening(stack, record, max_norm_ratio=float(values["max-update-norm-ratio"]),
+                            max_site_cases=values["max-site-cases"])
+    best_key = f"dice-{next(iter(dataset_spec(values['dataset']).regions)).lower()}"
+    return RunRecorder(stack, record, save_checkpoint=save_checkpoint, num_rounds=values["num-server-rounds"],
+                       base_lr=float(values["learning-rate"]), lr_schedule=values["lr-schedule"], best_key=best_key,
+                       first_round=first_round, server_evaluate=server_evaluate)

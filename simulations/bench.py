@@ -4,14 +4,19 @@ Each measurement runs the project and the reference with the same network and we
 the same process, after a warm-up, several times, and reports the median.
 
 - Project: decode the channels (threads) -> validate -> reorient, z-score, crop to the brain
-  -> predict (2D: slice batches; 3D: Gaussian sliding windows) -> labels -> restore the file
-  grid -> write NIfTI.
+  -> predict (2D: slice batches; 3D: Gaussian sliding windows) -> labels, post-processed as
+  ``evaluate`` does (the checkpoint's settings; the declared ones for untrained models) ->
+  restore the file grid -> write NIfTI.
 - Reference: ``LoadImaged`` -> ``EnsureChannelFirstd`` -> ``Orientationd(RAS)`` ->
-  ``NormalizeIntensityd(nonzero, channel_wise)`` -> ``sliding_window_inference`` (overlap 0.5;
-  2D networks slide a one-slice window) -> ``SaveImage``.
+  ``CropForegroundd`` -> ``NormalizeIntensityd(nonzero, channel_wise)`` ->
+  ``sliding_window_inference`` (overlap 0.5; 2D networks slide a one-slice window) -> the crop
+  inverted -> ``SaveImage`` (no post-processing: MONAI's pipeline has none). The same reference
+  without the crop is timed too, so the ratio measures the pipelines, not only whether one of
+  them crops.
 
-Outputs ``bench.json`` (keys ``inference.<model>.<device>.end_to_end_ratio``, ``model_only_s``,
-...) and ``bench.md``, with the machine, versions and settings.
+Outputs ``bench.json`` (keys ``inference.<model>.<device>.end_to_end_ratio`` (against the cropping
+reference), ``end_to_end_ratio_uncropped_reference``, ``model_only_s``, ...) and ``bench.md``, with
+the machine, versions and settings.
 """
 
 from __future__ import annotations
@@ -29,13 +34,23 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from monai.transforms import Compose, ConcatItemsd, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd, SaveImage
+from monai.transforms import (
+    Compose,
+    ConcatItemsd,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    SaveImage,
+)
 
 from common.checkpoint import load_checkpoint
-from common.data import DatasetSpec, case_paths, discover_cases, load_case, resolve_spec
+from common.data import DatasetSpec, case_paths, discover_cases, load_case, regions_from_labels, resolve_spec
 from common.engine import autocast, predict_probabilities, probabilities_to_labels
 from common.metrics import region_metrics
 from common.model import build_model, model_spatial_dims
+from common.postprocess import PostProcessing
 
 
 class SliceNet(torch.nn.Module):
@@ -66,9 +81,10 @@ def bench_inference(
     checkpoint: str | None = None, repeats: int = 3, patch_size: Sequence[int] = (96, 96, 96), model_args: dict | None = None,
 ) -> dict[str, Any]:
     """Median seconds per case: project end to end, reference end to end, and the network alone."""
+    postprocessing = None  # the declared settings, for an untrained model
     if checkpoint:
         ckpt = load_checkpoint(checkpoint)
-        model = ckpt.build()
+        model, postprocessing = ckpt.build(), ckpt.postprocessing()
     else:
         torch.manual_seed(0)
         model = build_model(model_name, len(spec.channels), len(spec.regions), **(model_args or {}))
@@ -76,9 +92,13 @@ def bench_inference(
     dims = model_spatial_dims(model_name)
     names = list(spec.channels)
     reference_net = SliceNet(model) if dims == 2 else model
-    load = Compose([LoadImaged(keys=names, image_only=True), EnsureChannelFirstd(keys=names),
-                    ConcatItemsd(keys=names, name="image"), Orientationd(keys="image", axcodes="RAS"),
-                    NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)])
+    read = [LoadImaged(keys=names, image_only=True), EnsureChannelFirstd(keys=names),
+            ConcatItemsd(keys=names, name="image"), Orientationd(keys="image", axcodes="RAS")]
+    normalize = NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)
+    # Raw MR intensities are >= 0 and the background is 0: MONAI's default foreground test (> 0) finds the head.
+    crop = CropForegroundd(keys="image", source_key="image")
+    loaders = {"reference_s": Compose([*read, crop, normalize]), "reference_uncropped_s": Compose([*read, normalize])}
+    raw = PostProcessing.from_run_config({"postprocess": False})  # the plain MONAI pipeline has none
     out_dir = Path(tempfile.mkdtemp(prefix="fedlesion-bench-"))
     rows = []
     for case in cases:
@@ -87,23 +107,26 @@ def bench_inference(
         def project() -> np.ndarray:
             prepared = load_case(data, spec, case, crop_foreground=True, require_label=False)
             probs = predict_probabilities(model, prepared.image, dims, device, patch_size=patch_size)
-            labels = prepared.restore(probabilities_to_labels(probs.numpy(), spec))
+            labels = prepared.restore(probabilities_to_labels(probs.numpy(), spec, prepared.spacing, postprocessing))
             nib.save(nib.Nifti1Image(labels, prepared.affine, prepared.header), str(out_dir / f"{case}-ours.nii.gz"))
             return labels
 
-        def reference() -> np.ndarray:
+        def reference(load: Compose) -> np.ndarray:
             item = load({name: paths[name] for name in names})
             image = item["image"].unsqueeze(0).to(device)
             roi = (image.shape[2], image.shape[3], 1) if dims == 2 else tuple(min(p, s) for p, s in zip(patch_size, image.shape[2:]))
             with torch.no_grad(), autocast(device):
                 logits = sliding_window_inference(image, roi, 32 if dims == 2 else 4, reference_net, overlap=0.5)
-            labels = probabilities_to_labels(torch.sigmoid(logits[0].float()).cpu().numpy(), spec)
+            labels = probabilities_to_labels(torch.sigmoid(logits[0].float()).cpu().numpy(), spec,
+                                             tuple(float(s) for s in item["image"].pixdim), raw)
+            labels_t = item["image"][:1].clone()  # keeps the crop in its applied operations
+            labels_t.array = labels[None].astype(np.float32)
+            if crop in load.transforms:
+                labels_t = crop.inverse({"image": labels_t})["image"]  # back onto the full RAS grid
             saver = SaveImage(output_dir=out_dir, output_postfix="ref", separate_folder=False, print_log=False,
                               output_dtype=np.uint8, resample=False)
-            labels_t = item["image"][:1].clone()
-            labels_t.array = labels[None].astype(np.float32)
             saver(labels_t)
-            return labels
+            return np.asarray(labels_t[0]).astype(np.uint8)
 
         prepared = load_case(data, spec, case, crop_foreground=True)
         volume = torch.as_tensor(prepared.image).to(device)
@@ -119,24 +142,27 @@ def bench_inference(
                                              4, model, overlap=0.5, mode="gaussian")
 
         ours_s, ours = _median_time(project, repeats)
-        ref_s, ref = _median_time(reference, repeats)
-        model_s, _ = _median_time(model_only, repeats)
-        row: dict[str, Any] = {"case": case, "end_to_end_s": ours_s, "reference_s": ref_s, "model_only_s": model_s}
+        row: dict[str, Any] = {"case": case, "end_to_end_s": ours_s}
+        labels_of: dict[str, np.ndarray] = {}
+        for key, load in loaders.items():
+            row[key], labels_of[key] = _median_time(lambda load=load: reference(load), repeats)
+        row["model_only_s"], _ = _median_time(model_only, repeats)
         if prepared.regions is not None:
             truth = load_case(data, spec, case, crop_foreground=False)  # regions on the full RAS grid
             frames = {"dice_project": nib.orientations.apply_orientation(ours, truth.ornt),  # file grid -> RAS
-                      "dice_reference": ref}  # Orientationd already gave RAS
+                      "dice_reference": labels_of["reference_s"],  # Orientationd already gave RAS
+                      "dice_reference_uncropped": labels_of["reference_uncropped_s"]}
             first = next(iter(spec.regions))
             for tag, labels in frames.items():
-                masks = np.stack([np.isin(labels, values) for values in spec.regions.values()])
-                row[tag] = region_metrics(masks, truth.regions, list(spec.regions))[first]["dice"]
+                row[tag] = region_metrics(regions_from_labels(labels, spec), truth.regions, list(spec.regions))[first]["dice"]
         rows.append(row)
-    ratio = statistics.median(r["end_to_end_s"] / r["reference_s"] for r in rows)
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "end_to_end_s": statistics.median(r["end_to_end_s"] for r in rows),
         "reference_s": statistics.median(r["reference_s"] for r in rows),
-        "end_to_end_ratio": ratio,
+        "reference_uncropped_s": statistics.median(r["reference_uncropped_s"] for r in rows),
+        "end_to_end_ratio": statistics.median(r["end_to_end_s"] / r["reference_s"] for r in rows),
+        "end_to_end_ratio_uncropped_reference": statistics.median(r["end_to_end_s"] / r["reference_uncropped_s"] for r in rows),
         "model_only_s": statistics.median(r["model_only_s"] for r in rows),
         "cases": rows,
     }
@@ -182,7 +208,7 @@ def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest
                 result[section].setdefault(name, {})[device.type] = measure(name, device)
     if "federation" in sections:
         from .bench_federation import bench_federation
-        from .launch import declared_run_config
+        from common.config import declared_run_config
 
         config = {**declared_run_config(), "num-server-rounds": 4, **(federation_config or {})}
         print("federation: simulating the main job with float32, then float16 transport ...", flush=True)
@@ -232,14 +258,16 @@ def bench_markdown(result: dict[str, Any]) -> str:
 
 
 def _inference_lines(result: dict[str, Any]) -> list[str]:
-    lines = ["| model | device | parameters | ours end to end (s) | MONAI reference (s) | ratio | network only (s) | Dice ours / reference |",
+    lines = ["| model | device | parameters | ours end to end (s) | MONAI reference, cropped / uncropped (s) | "
+             "ratio to cropped / uncropped | network only (s) | Dice ours / reference |",
              "|---|---|---|---|---|---|---|---|"]
     for name, by_device in result["inference"].items():
         for device, row in by_device.items():
             dice = [(c.get("dice_project"), c.get("dice_reference")) for c in row["cases"]]
             dice_text = ", ".join(f"{a:.3f} / {b:.3f}" for a, b in dice if a is not None)
             lines.append(f"| {name} | {device} | {row['params'] / 1e6:.2f} M | {row['end_to_end_s']:.2f} | "
-                         f"{row['reference_s']:.2f} | {row['end_to_end_ratio']:.2f} | {row['model_only_s']:.2f} | {dice_text} |")
+                         f"{row['reference_s']:.2f} / {row['reference_uncropped_s']:.2f} | {row['end_to_end_ratio']:.2f} / "
+                         f"{row['end_to_end_ratio_uncropped_reference']:.2f} | {row['model_only_s']:.2f} | {dice_text} |")
     return lines
 
 

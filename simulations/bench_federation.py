@@ -34,8 +34,8 @@ from common.data import DatasetSpec, case_paths, load_case
 from common.engine import TrainConfig, train
 from common.losses import build_loss
 from common.model import build_model, model_spatial_dims
+from common.splits import FETS_FILES, PARTITIONS
 
-PARTITIONS = Path(__file__).resolve().parent / "partitions"
 
 
 # --- training throughput -----------------------------------------------------------------
@@ -216,7 +216,7 @@ def bench_federation(out: Path, run_config: Mapping[str, Any], num_sites: int = 
 
 def fets2_sizes(num_sites: int, total_cases: int) -> list[int]:
     """Site sizes for ``num_sites`` sites in the proportions of FeTS ``partitioning_2``'s largest sites, at least 1 each."""
-    with open(PARTITIONS / "partitioning_2.csv") as handle:
+    with open(PARTITIONS / FETS_FILES["fets2"]) as handle:
         counts = Counter(row["Partition_ID"] for row in csv.DictReader(handle))
     largest = sorted(counts.values(), reverse=True)[:num_sites]
     if len(largest) < num_sites:
@@ -315,23 +315,25 @@ def transport_cost(data_root: Path, run_config: Mapping[str, Any], rounds: int =
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from client.app import transport_state
-    from common.config import model_from, train_config_from
+    from client.app import encode_update
+    from common.config import model_from, train_config_from, with_defaults
     from common.data import load_site, resolve_spec, split_train_val
     from common.engine import evaluate
+    from server.strategy import decode_update
 
-    name, args = model_from(run_config)
+    values = with_defaults(run_config)
+    name, args = model_from(values)
     dims = model_spatial_dims(name)
     device = torch.device("cpu")
     sites, validation = [], []
     for folder in sorted(p for p in Path(data_root).iterdir() if p.is_dir()):
         spec = resolve_spec(folder)
-        cases = {c.case: c for c in load_site(folder, spec, crop_foreground=bool(run_config.get("crop-foreground", False))).cases}
-        train_ids, val_ids = split_train_val(list(cases), float(run_config.get("val-fraction", 0.25)), int(run_config.get("seed", 0)))
+        cases = {c.case: c for c in load_site(folder, spec, crop_foreground=values["crop-foreground"]).cases}
+        train_ids, val_ids = split_train_val(list(cases), values["val-fraction"], values["seed"])
         sites.append([cases[c] for c in train_ids])
         validation += [cases[c] for c in val_ids]
     regions = list(spec.regions)
-    torch.manual_seed(int(run_config.get("seed", 0)))
+    torch.manual_seed(values["seed"])
     global_model = build_model(name, len(spec.channels), len(regions), **args)
     rows = []
     for server_round in range(1, rounds + 1):
@@ -339,16 +341,19 @@ def transport_cost(data_root: Path, run_config: Mapping[str, Any], rounds: int =
         for index, cases in enumerate(sites):
             local = build_model(name, len(spec.channels), len(regions), **args)
             local.load_state_dict(global_model.state_dict())
-            config = train_config_from(run_config, seed=server_round * 1009 + index)
+            config = train_config_from(values, seed=server_round * 1009 + index)
             train(local, cases, dims, config, device)
-            for dtype in sent:
-                state = {k: v.float() if v.is_floating_point() else v for k, v in transport_state(local.state_dict(), dtype).items()}
-                sent[dtype].append(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": len(cases)})}))
+            trained = {k: v.numpy() for k, v in local.state_dict().items()}
+            global_state = {k: v.numpy() for k, v in global_model.state_dict().items()}
+            for dtype in sent:  # what the server holds after decoding the upload (float16: the global model + the delta)
+                state = decode_update(encode_update(trained, global_state, dtype), global_state)
+                sent[dtype].append(RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(np.array(v)) for k, v in state.items()}),
+                                               "metrics": MetricRecord({"num-examples": len(cases)})}))
         scores = {}
         for dtype, replies in sent.items():
             model = build_model(name, len(spec.channels), len(regions), **args)
             model.load_state_dict(aggregate_arrayrecords(replies, "num-examples").to_torch_state_dict())
-            _, summary = evaluate(model, validation, regions, dims, device)
+            _, summary = evaluate(model, validation, spec, dims, device)
             scores[dtype] = {r: summary[r]["dice_mean"] for r in regions}
             if dtype == "float32":
                 global_model = model

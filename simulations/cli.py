@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from common.config import parse_shape
+from common.config import declared_run_config, parse_shape
 
 
 def _parse_value(text: str) -> Any:
@@ -61,13 +61,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    from common.engine import TrainConfig
+    from common.config import train_config_from
 
-    values = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-              "samples_per_case": args.samples_per_case, "pos_ratio": args.pos_ratio, "seed": args.seed}
-    if args.patch_size:
-        values["patch_size"] = parse_shape(args.patch_size)
-    return TrainConfig(**values)
+    return train_config_from({"batch-size": args.batch_size, "learning-rate": args.learning_rate,
+                              "samples-per-case": args.samples_per_case, "pos-ratio": args.pos_ratio,
+                              "patch-size": args.patch_size}, epochs=args.epochs, seed=args.seed)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -77,23 +75,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_centralized(
         args.data, args.out, model=args.model, model_args=parse_model_args(args.model_args), manifest=args.manifest,
         config=_train_config(args), val_fraction=args.val_fraction, include=args.include or (),
-        exclude=args.exclude or (), crop_foreground=not args.no_crop, device=args.device,
+        exclude=args.exclude or (), crop_foreground=args.crop_foreground, device=args.device,
     )
     print(f"checkpoint: {args.out}")
     return 0
+
+
+def _postprocess_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The post-processing flags given, as run-config values that win over the checkpoint's."""
+    given = {"postprocess": args.postprocess, "postprocess-min-mm3": args.postprocess_min_mm3,
+             "postprocess-components": args.postprocess_components}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from common.api import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.out, manifest=args.manifest,
-                                 include=args.include or (), exclude=args.exclude or (), device=args.device)
+                                 include=args.include or (), exclude=args.exclude or (), device=args.device,
+                                 postprocess=_postprocess_overrides(args))
     for region, block in result["summary"].items():
         print(f"{region}: Dice {block['dice_mean']:.3f} ± {block['dice_std']:.3f} | IoU {block['iou_mean']:.3f} ± "
               f"{block['iou_std']:.3f} | HD95 {block['hd95_mean']:.1f} mm")
     if result["seconds_per_case"] is not None:
         print(f"{len(result['cases'])} case(s), {result['seconds_per_case']:.2f} s per case end to end; "
-              f"{len(result['skipped'])} skipped -> {args.out}")
+              f"{len(result['skipped'])} skipped; post-processing {result['postprocessing']} -> {args.out}")
     return 0
 
 
@@ -101,7 +107,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from common.api import predict_case
 
     result = predict_case(args.checkpoint, args.case, args.out, manifest=args.manifest, overlay=args.overlay,
-                          device=args.device)
+                          device=args.device, postprocess=_postprocess_overrides(args))
     print(f"{result['case']}: wrote {result['out']} in {result['seconds']:.2f} s; label voxels {result['labels']}"
           + (f"; overlay {result['overlay']}" if "overlay" in result else ""))
     return 0
@@ -111,7 +117,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     from common.api import select_cases
     from common.data import discover_cases, resolve_spec
 
-    from .splits import make_split, tumour_volumes
+    from common.splits import make_split, tumour_volumes
 
     spec = resolve_spec(args.data, args.manifest)
     ids = select_cases(discover_cases(args.data, spec), args.include or (), args.exclude or ())
@@ -194,7 +200,20 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
 
 
+def _postprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    # No defaults here: what is not given comes from the checkpoint (the declared defaults for older ones).
+    parser.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=None,
+                        help="remove the lesion's small and surplus components (default: as the checkpoint was trained)")
+    parser.add_argument("--postprocess-min-mm3", type=float, metavar="MM3",
+                        help="remove lesion components smaller than this volume (default: the checkpoint's)")
+    parser.add_argument("--postprocess-components", type=int, metavar="N",
+                        help="keep at most this many largest lesion components, 0 no limit (default: the checkpoint's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # Defaults that are run-config settings come from [tool.flwr.app.config], so the commands and
+    # a federated run train alike unless told otherwise.
+    declared = declared_run_config()
     parser = argparse.ArgumentParser(
         prog="fedlesion",
         description="Federated lesion segmentation: simulate a hospital federation, train, evaluate and predict.",
@@ -206,10 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "the BraTS 2021 layout. Sites differ in size and scanner.")
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
-    synth.add_argument("--cases-per-site", type=int, default=6,
-                       help="mean cases per site; sizes range from 0.5x to 1.5x of it (default 6)")
-    synth.add_argument("--shape", default="96,96,64", help="volume size X,Y,Z (default 96,96,64)")
-    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--cases-per-site", type=int, default=declared["synth-cases-per-site"],
+                       help="mean cases per site; sizes range from 0.5x to 1.5x of it (default %(default)s)")
+    synth.add_argument("--shape", default=declared["synth-shape"], help="volume size X,Y,Z (default %(default)s)")
+    synth.add_argument("--seed", type=int, default=declared["seed"], help="random seed (default %(default)s)")
     synth.add_argument("--flat", action="store_true", help="all cases in OUT itself (sites readable from the IDs)")
     synth.set_defaults(func=cmd_synth)
 
@@ -222,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--run-config", help="a TOML preset of run-config values (see simulations/presets/)")
     simulate.add_argument("--set", action="append", metavar="KEY=VALUE",
                           help="override one run-config value, e.g. --set local-epochs=2 (repeatable)")
-    simulate.add_argument("--out", default="outputs", help="output folder; the run folder is made inside (default outputs)")
+    simulate.add_argument("--out", default=declared["output-dir"],
+                          help="output folder; the run folder is made inside (default %(default)s)")
     simulate.add_argument("--timeout", type=float, default=3600.0, help="stop the run after this many seconds")
     simulate.set_defaults(func=cmd_simulate)
 
@@ -231,17 +251,24 @@ def build_parser() -> argparse.ArgumentParser:
                                        "self-describing checkpoint after every epoch and prints progress.")
     _data_arguments(train)
     train.add_argument("--out", required=True, help="checkpoint file to write, e.g. model.pt")
-    train.add_argument("--model", default="unet2d", help="model name, see `fedlesion models` (default unet2d)")
+    train.add_argument("--model", default=declared["model"], help="model name, see `fedlesion models` (default %(default)s)")
     train.add_argument("--model-args", default="", help="model argument overrides, e.g. 'base_channels=16 depth=4'")
     train.add_argument("--epochs", type=int, default=20, help="epochs (default 20)")
-    train.add_argument("--batch-size", type=int, default=16, help="slices or patches per step (default 16)")
-    train.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    train.add_argument("--samples-per-case", type=int, default=32, help="slices/patches per case per epoch (default 32)")
-    train.add_argument("--pos-ratio", type=float, default=0.67, help="share of samples containing lesion (default 0.67)")
-    train.add_argument("--patch-size", default="", help="3D patch size X,Y,Z (3D models; default 96,96,96)")
-    train.add_argument("--val-fraction", type=float, default=0.0, help="share of cases held out for per-epoch validation")
-    train.add_argument("--no-crop", action="store_true", help="do not crop volumes to their nonzero box")
-    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument("--batch-size", type=int, default=declared["batch-size"],
+                       help="slices or patches per step (default %(default)s)")
+    train.add_argument("--learning-rate", type=float, default=declared["learning-rate"],
+                       help="Adam learning rate (default %(default)s)")
+    train.add_argument("--samples-per-case", type=int, default=declared["samples-per-case"],
+                       help="slices/patches per case per epoch (default %(default)s)")
+    train.add_argument("--pos-ratio", type=float, default=declared["pos-ratio"],
+                       help="share of samples containing lesion (default %(default)s)")
+    train.add_argument("--patch-size", default=declared["patch-size"],
+                       help="3D patch size X,Y,Z (3D models; default %(default)s)")
+    train.add_argument("--val-fraction", type=float, default=declared["val-fraction"],
+                       help="share of cases held out for per-epoch validation (default %(default)s)")
+    train.add_argument("--crop-foreground", action=argparse.BooleanOptionalAction, default=declared["crop-foreground"],
+                       help="crop volumes to their nonzero box (default %(default)s)")
+    train.add_argument("--seed", type=int, default=declared["seed"], help="random seed (default %(default)s)")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="score a checkpoint per region (Dice, IoU, HD95) and write JSON",
@@ -250,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint from `fedlesion train` or a federated run")
     _data_arguments(evaluate)
     evaluate.add_argument("--out", default="metrics.json", help="JSON file to write (default metrics.json)")
+    _postprocess_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = sub.add_parser("predict", help="segment one case and write NIfTI (optionally a PNG overlay)",
@@ -262,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--manifest", help="manifest when the case's file names differ from the training layout")
     predict.add_argument("--overlay", help="also write scan | prediction | ground truth as this PNG")
     predict.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    _postprocess_arguments(predict)
     predict.set_defaults(func=cmd_predict)
 
     split = sub.add_parser("split", help="split a dataset's cases into federated sites and write the split JSON",
@@ -272,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--kind", required=True, choices=["institution", "fets1", "fets2", "fets-small", "iid",
                                                          "dirichlet-count", "dirichlet-volume"])
     split.add_argument("--sites", type=int, default=3, help="number of sites for iid and Dirichlet splits (default 3)")
-    split.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration; smaller is more skewed")
-    split.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    split.add_argument("--alpha", type=float, default=declared["split-alpha"],
+                       help="Dirichlet concentration; smaller is more skewed (default %(default)s)")
+    split.add_argument("--seed", type=int, default=declared["seed"], help="random seed (default %(default)s)")
     split.add_argument("--out", required=True, help="split JSON to write")
     split.set_defaults(func=cmd_split)
 

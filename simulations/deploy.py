@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+from common.config import declared_run_config
 from server.certs import make_certificates
 
-from .launch import APP_DIR, declared_run_config, flower_environment, free_port, stop_process_group, wait_healthy, write_run_config
+from .launch import APP_DIR, flower_environment, free_port, stop_process_group, wait_healthy, write_run_config
 
 BIN = Path(sys.executable).parent
 

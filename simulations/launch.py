@@ -20,13 +20,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 from urllib.error import URLError
 from urllib.request import urlopen
+
+from client.site import synthetic_root
+from common.config import declared_run_config, parse_shape, with_defaults
+
+from .synthetic import synthesize
 
 APP_DIR = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 90.0
@@ -181,13 +185,17 @@ def run_federation(
         RuntimeError: when the run fails or ends without its final checkpoint.
     """
     values = dict(run_config)
-    unknown = sorted(set(values) - set(declared_run_config(app_dir)))
+    declared = declared_run_config(app_dir)
+    unknown = sorted(set(values) - set(declared))
     if unknown:
         raise ValueError(f"unknown run-config key(s) {unknown}; the keys are those under [tool.flwr.app.config] "
                          f"in {app_dir / 'pyproject.toml'}.")
-    values["output-dir"] = str(Path(str(values.get("output-dir", "outputs"))).resolve())
+    values["output-dir"] = str(Path(str(values.get("output-dir", declared["output-dir"]))).resolve())
     values.setdefault("run-name", time.strftime("run-%Y%m%d-%H%M%S"))
     run_dir = Path(values["output-dir"]) / str(values["run-name"])
+    if values.get("resume-from"):  # a resumed run continues in its checkpoint's own folder
+        run_dir = Path(str(values["resume-from"])).resolve().parent
+    write_synthetic_sites(values, num_sites)
     output = output or sys.stdout
     with tempfile.TemporaryDirectory(prefix="fedlesion-") as tmp:
         work = Path(workdir or tmp)
@@ -221,9 +229,20 @@ def run_federation(
     return run_dir
 
 
-def declared_run_config(app_dir: Path = APP_DIR) -> dict[str, Any]:
-    """The run config's keys and defaults, as declared in the app's ``pyproject.toml``."""
-    return dict(tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+def write_synthetic_sites(run_config: Mapping[str, Any], num_sites: int) -> Path | None:
+    """Write the synthetic sites a run with an empty ``data-root`` trains on, before it starts.
+
+    The sites land where the ClientApp looks for them (:func:`client.site.synthetic_root`) and
+    are reused by later runs with the same settings. Returns their folder, or ``None`` when the
+    run names its own ``data-root``.
+    """
+    values = with_defaults(run_config)
+    if values["data-root"]:
+        return None
+    root = synthetic_root(values, num_sites)
+    synthesize(root, sites=num_sites, cases_per_site=values["synth-cases-per-site"],
+               shape=parse_shape(values["synth-shape"]), seed=values["seed"])
+    return root
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ Outputs in ``--out``: ``results.json``, ``results.md``, ``curves.png``, ``overla
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sys
@@ -24,13 +25,14 @@ import torch
 
 from common.api import evaluate_checkpoint, select_cases, train_centralized, write_overlay
 from common.checkpoint import load_checkpoint
-from common.config import model_from, train_config_from
+from common.config import model_from, train_config_from, with_defaults
 from common.data import discover_cases, load_site, resolve_spec
-from common.engine import evaluate, predict_probabilities, select_device
+from common.engine import evaluate, predict_probabilities, predicted_regions, select_device
 from common.model import model_spatial_dims
+from common.postprocess import PostProcessing
+from common.splits import Split, make_split, tumour_volumes
 
-from .launch import declared_run_config, read_history, run_federation
-from .splits import Split, make_split, tumour_volumes
+from .launch import read_history, run_federation
 
 FEDERATED = ("fedavg", "fedprox", "fedadam")
 DEFAULT_CONFIGS = ("central", *FEDERATED, "local")
@@ -77,16 +79,19 @@ def reproduce(
         The ``results.json`` content.
 
     Raises:
-        ValueError: when a held-out case is also a training case, or no test case is found.
+        ValueError: when a held-out case is also a training case, no test case is found, or ``out``
+            already holds a reproduce run.
     """
     out = Path(out).resolve()
+    if (out / "results.json").exists() or (out / "runs").exists():
+        raise ValueError(f"{out} already holds a reproduce run (results.json or runs/); choose another --out.")
     out.mkdir(parents=True, exist_ok=True)
-    values = declared_run_config() | dict(run_config or {})
-    seed = int(values.get("seed", 0))
+    values = with_defaults(dict(run_config or {}))
+    seed = values["seed"]
     spec = resolve_spec(data, manifest)
     ids = discover_cases(data, spec)
     the_split = Split.load(split) if split.endswith(".json") else make_split(
-        split, ids, num_sites=num_sites, alpha=float(values.get("split-alpha", 0.5)), seed=seed,
+        split, ids, num_sites=num_sites, alpha=values["split-alpha"], seed=seed,
         volumes=tumour_volumes(data, spec, ids) if split == "dirichlet-volume" else None)
     test_spec = resolve_spec(test_data, manifest)
     test_ids = select_cases(discover_cases(test_data, test_spec), include=test_include)
@@ -98,11 +103,11 @@ def reproduce(
                           the_split.notes + [f"held-out cases removed from training: {test_ids}"])
         the_split.sites = {s: c for s, c in the_split.sites.items() if c}
     split_path = the_split.save(out / "split.json")
-    rounds, local_epochs = int(values["num-server-rounds"]), int(values.get("local-epochs", 1))
+    rounds, local_epochs = values["num-server-rounds"], values["local-epochs"]
     report(f"split '{the_split.kind}': {the_split.sizes()}; held-out: {len(test_ids)} case(s); "
            f"{rounds} rounds x {local_epochs} local epoch(s)")
 
-    crop = bool(values.get("crop-foreground", False))
+    crop = values["crop-foreground"]
     test_cases = load_site(test_data, test_spec, case_ids=test_ids, crop_foreground=crop).cases
     model_name, model_args = model_from(values)
     train_config = train_config_from(values, epochs=rounds * local_epochs, seed=seed)
@@ -114,15 +119,20 @@ def reproduce(
     timings: dict[str, float] = {}
 
     def test_dice(model: torch.nn.Module) -> float:
-        _, summary = evaluate(model, test_cases, list(spec.regions), model_spatial_dims(model_name), device,
-                              patch_size=train_config.patch_size)
+        _, summary = evaluate(model, test_cases, spec, model_spatial_dims(model_name), device,
+                              patch_size=train_config.patch_size, postprocessing=PostProcessing.from_run_config(values))
         return summary[first_region]["dice_mean"]
 
     pooled_runs = [("central", [c for cases in the_split.sites.values() for c in cases])] if "central" in configs else []
     if "local" in configs:
         pooled_runs += [(f"local-{site}", cases) for site, cases in the_split.sites.items()]
     for name, cases in pooled_runs:
-        report(f"--- {name}: {len(cases)} case(s), {train_config.epochs} epoch(s)")
+        # The same budget as the federation: with fixed local steps, the pooled run takes as many optimiser
+        # steps per round as all sites together, a site alone as many as it takes in the federation.
+        steps = train_config.steps * (len(the_split.sites) if name == "central" else 1)
+        config = dataclasses.replace(train_config, steps=steps)
+        report(f"--- {name}: {len(cases)} case(s), {config.epochs} epoch(s)"
+               + (f" of {steps} steps" if steps else ""))
         curve: list[tuple[int, float]] = []
 
         def on_epoch(epoch: int, model: torch.nn.Module, curve: list = curve) -> dict[str, float]:
@@ -132,15 +142,18 @@ def reproduce(
 
         start = time.perf_counter()
         train_centralized(data, out / "runs" / f"{name}.pt", model=model_name, model_args=model_args, manifest=manifest,
-                          config=train_config, case_ids=cases, crop_foreground=crop, report=report, on_epoch=on_epoch,
-                          lr_schedule=str(values.get("lr-schedule", "constant")), epochs_per_round=local_epochs)
+                          config=config, case_ids=cases, crop_foreground=crop, report=report, on_epoch=on_epoch,
+                          lr_schedule=values["lr-schedule"], epochs_per_round=local_epochs)
         timings[name] = time.perf_counter() - start
         curves[name], checkpoints[name] = curve, out / "runs" / f"{name}.pt"
 
     for strategy in (c for c in FEDERATED if c in configs):
         report(f"--- {strategy}: {len(the_split.sites)} sites through flwr run")
         federated_config = {
-            **values, "strategy": strategy, "data-root": str(Path(data).resolve()), "split": str(split_path),
+            # Every site trains on all its cases, as the pooled and local-only runs do; the held-out
+            # cases are scored at the server each round instead of a per-site validation share.
+            **values, "val-fraction": 0.0, "fraction-evaluate": 0.0, "evaluate-initial": False, "strategy": strategy,
+            "data-root": str(Path(data).resolve()), "split": str(split_path),
             "manifest": manifest or "", "dataset": manifest or spec.name, "server-eval-data": str(Path(test_data).resolve()),
             "server-eval-manifest": manifest or "", "server-eval-include": ",".join(test_ids),
             "output-dir": str(out / "runs"), "run-name": strategy, "min-available-nodes": len(the_split.sites),
@@ -153,10 +166,14 @@ def reproduce(
         curves[strategy] = [(r["round"], r["server"][key]) for r in history if key in r.get("server", {})]
         checkpoints[strategy] = run_dir / "final.pt"
         sent = [reply["update-bytes"] for r in history for reply in r.get("replies", []) if "update-bytes" in reply]
-        results[strategy] = {"bytes_sent_per_client_per_round": float(np.mean(sent)) if sent else None}
+        trained = [r["train"]["num-examples"] for r in history if "num-examples" in r.get("train", {})]
+        results[strategy] = {"bytes_sent_per_client_per_round": float(np.mean(sent)) if sent else None,
+                             "train_cases": int(max(trained)) if trained else 0}
 
     for name, path in checkpoints.items():
-        evaluation = evaluate_checkpoint(path, test_data, manifest=manifest, include=test_ids, report=lambda _: None)
+        evaluation = evaluate_checkpoint(path, test_data, manifest=manifest, include=test_ids, report=lambda _: None, postprocess=values)
+        if name not in FEDERATED:  # what the pooled or local-only run really trained on
+            results[name] = {"train_cases": len(load_checkpoint(path).run_config["train_cases"])}
         results[name] = {
             **results.get(name, {}),
             "summary": evaluation["summary"],
@@ -164,8 +181,6 @@ def reproduce(
             "rounds": rounds,
             "local_epochs": local_epochs,
             "total_local_epochs": rounds * local_epochs,
-            "train_cases": len(the_split.sites[name[len("local-"):]]) if name.startswith("local-")
-            else sum(the_split.sizes().values()),
             "wall_seconds": timings[name],
             "curve": curves[name],
         }
@@ -251,7 +266,8 @@ def plot_curves(curves: Mapping[str, list[tuple[int, float]]], region: str, path
 def _overlay(checkpoint: Path, cases: Sequence[Any], spec: Any, path: Path, device: torch.device) -> None:
     ckpt = load_checkpoint(checkpoint)
     model = ckpt.build().to(device)
-    items = [(case, predict_probabilities(model, case.image, ckpt.spatial_dims, device, patch_size=ckpt.patch_size).numpy() > 0.5)
+    items = [(case, predicted_regions(predict_probabilities(model, case.image, ckpt.spatial_dims, device,
+                                                            patch_size=ckpt.patch_size), spec, case.spacing, ckpt.postprocessing()).astype(bool))
              for case in cases]
     write_overlay(items, spec, path, title=f"{checkpoint.parent.name if checkpoint.name == 'final.pt' else checkpoint.stem}: "
                                           "scan | prediction | ground truth")

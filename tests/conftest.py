@@ -18,6 +18,18 @@ TINY_SHAPE = (32, 32, 16)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# Test modules that start real processes (flower-superlink, SuperNodes, flwr run, Ray, fresh
+# interpreters per round): the slow half of the suite. `pytest -m "not process"` skips them.
+# Modules that mix both kinds mark their process-level tests themselves (test_resume).
+PROCESS_MODULES = ("test_simulation", "test_deployment", "test_faults", "test_reproduce", "test_decode_once")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in PROCESS_MODULES:
+            item.add_marker(pytest.mark.process)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def case_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Keep the on-disk case cache of clients (and the processes tests start) out of ~/.cache."""

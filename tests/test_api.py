@@ -8,10 +8,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-from common.api import select_cases
-from common.checkpoint import load_checkpoint
+from common import api
+from common.api import evaluate_checkpoint, predict_case, select_cases
+from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from common.config import declared_run_config
+from common.data import LAYOUTS, load_case, regions_from_labels
+from common.metrics import region_metrics
+from common.model import build_model
 from simulations.cli import main
+from tests.conftest import write_case
+
+BRATS = LAYOUTS["brats2021"]
 
 SUMMARY_KEYS = {"dice_mean", "dice_std", "iou_mean", "iou_std", "hd95_mean"}
 
@@ -20,7 +29,8 @@ SUMMARY_KEYS = {"dice_mean", "dice_std", "iou_mean", "iou_std", "hd95_mean"}
 def trained(tiny_sites: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("train") / "model.pt"
     code = main(["train", "--data", str(tiny_sites / "site-2"), "--out", str(out), "--model-args", "base_channels=4 depth=2",
-                 "--epochs", "2", "--batch-size", "8", "--samples-per-case", "4", "--exclude", "*_003"])
+                 "--epochs", "2", "--batch-size", "8", "--samples-per-case", "4", "--val-fraction", "0",
+                 "--exclude", "*_003"])
     assert code == 0
     return out
 
@@ -29,6 +39,9 @@ def test_train_writes_a_self_describing_checkpoint(trained: Path) -> None:
     ckpt = load_checkpoint(trained)
     assert ckpt.epoch == 2 and ckpt.model == "unet2d" and ckpt.model_args == {"base_channels": 4, "depth": 2, "norm": "batch"}
     assert "Synth_S02_003" not in ckpt.run_config["train_cases"] and len(ckpt.run_config["train_cases"]) == 3
+    declared = declared_run_config()
+    for key in ("postprocess", "postprocess-min-mm3", "postprocess-components"):
+        assert ckpt.run_config[key] == declared[key], "the post-processing it was trained with"
 
 
 def test_evaluate_writes_the_contracted_json(trained: Path, tiny_sites: Path, tmp_path: Path) -> None:
@@ -77,6 +90,76 @@ def test_3d_model_trains_on_patches(tiny_sites: Path, tmp_path: Path) -> None:
                  "--model-args", "base_channels=4 depth=2", "--epochs", "1", "--batch-size", "2",
                  "--samples-per-case", "2", "--patch-size", "16,16,16"]) == 0
     assert main(["evaluate", "--checkpoint", str(out), "--data", str(tiny_sites / "site-0"), "--out", str(tmp_path / "m.json")]) == 0
+
+
+@pytest.fixture
+def brats_checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = build_model("unet2d", 4, 3, base_channels=4, depth=2)
+    return save_checkpoint(Checkpoint("unet2d", {"base_channels": 4, "depth": 2}, BRATS, model.state_dict(),
+                                      run_config={"crop_foreground": False}), tmp_path / "model.pt")
+
+
+@pytest.mark.parametrize(
+    "postprocess",
+    [{"postprocess": False},
+     {"postprocess": True, "postprocess-min-mm3": 0.0, "postprocess-components": 1}],  # the outside ET goes
+)
+def test_evaluate_scores_the_label_map_predict_writes(brats_checkpoint: Path, tmp_path: Path, postprocess: dict,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Enhancing tumour predicted outside the core is written as label 4 (WT and TC too); it is scored so,
+    and post-processing removes it from both."""
+    case_dir = write_case(tmp_path / "data", "Case_001")
+    probs = np.zeros((3, 16, 16, 8), np.float32)
+    probs[0, 0:8, 2:6, 2:6] = 0.9  # WT
+    probs[1, 2:6, 2:6, 2:6] = 0.8  # TC inside WT
+    probs[2, 4:6, 2:6, 2:6] = 0.7  # ET inside TC ...
+    probs[2, 10:12, 2:6, 2:6] = 0.7  # ... and outside WT and TC
+    monkeypatch.setattr(api, "predict_probabilities", lambda *args, **kwargs: torch.from_numpy(probs))
+    scored = evaluate_checkpoint(brats_checkpoint, tmp_path / "data", report=lambda _: None,
+                                 postprocess=postprocess)["cases"][0]
+    predict_case(brats_checkpoint, case_dir, tmp_path / "seg.nii.gz", postprocess=postprocess)
+    written = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
+    truth = load_case(tmp_path / "data", BRATS, "Case_001").regions
+    expected = region_metrics(regions_from_labels(written, BRATS), truth, list(BRATS.regions))
+    assert {r: scored[r] for r in BRATS.regions} == expected
+    assert (written[10:12, 2:6, 2:6] == 4).all() != postprocess["postprocess"]
+    if not postprocess["postprocess"]:
+        channels = region_metrics(probs > 0.5, truth, list(BRATS.regions))
+        assert channels["WT"]["dice"] != expected["WT"]["dice"], "the test must tell the two scorings apart"
+
+
+def _manifest(folder: Path, *channels: str) -> None:
+    (folder / "fedlesion.json").write_text(json.dumps({
+        "name": "site", "channels": {c: f"{{case}}/{{case}}_{c}.nii.gz" for c in channels},
+        "label": "{case}/{case}_seg.nii.gz", "labels": [0, 1, 2, 4], "regions": {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]},
+    }))
+
+
+def test_evaluate_and_predict_put_channels_in_the_checkpoint_order(brats_checkpoint: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    case_dir = write_case(tmp_path / "data", "Case_001")
+    _manifest(tmp_path / "data", "t1", "flair", "t2", "t1ce")
+    images: list[np.ndarray] = []
+
+    def fake(model: torch.nn.Module, image: np.ndarray, *args: object, **kwargs: object) -> torch.Tensor:
+        images.append(image)
+        return torch.zeros((3, *image.shape[1:]))
+
+    monkeypatch.setattr(api, "predict_probabilities", fake)
+    evaluate_checkpoint(brats_checkpoint, tmp_path / "data", report=lambda _: None)
+    predict_case(brats_checkpoint, case_dir, tmp_path / "seg.nii.gz", manifest=str(tmp_path / "data" / "fedlesion.json"))
+    reference = load_case(tmp_path / "data", BRATS, "Case_001").image
+    for image in images:
+        np.testing.assert_array_equal(image, reference)
+
+
+def test_evaluate_refuses_data_with_other_channels(brats_checkpoint: Path, tmp_path: Path) -> None:
+    write_case(tmp_path / "data", "Case_001")
+    _manifest(tmp_path / "data", "flair", "t1", "t1ce")
+    with pytest.raises(ValueError, match=r"has channels \['flair', 't1', 't1ce'\].*expects channels "
+                                         r"\['flair', 't1', 't1ce', 't2'\]"):
+        evaluate_checkpoint(brats_checkpoint, tmp_path / "data", report=lambda _: None)
 
 
 def test_select_cases() -> None:

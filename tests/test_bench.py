@@ -17,8 +17,9 @@ def test_bench_writes_the_contracted_keys(tiny_sites: Path, tmp_path: Path) -> N
                        model_args={"unet2d": {"base_channels": 4, "depth": 2}})
     row = json.loads((tmp_path / "bench.json").read_text())["inference"]["unet2d"]["cpu"]
     assert row["end_to_end_ratio"] > 0 and row["model_only_s"] > 0 and row["reference_s"] > 0
+    assert row["reference_uncropped_s"] > 0 and row["end_to_end_ratio_uncropped_reference"] > 0
     assert row == result["inference"]["unet2d"]["cpu"]
-    assert {"dice_project", "dice_reference"} <= set(row["cases"][0])
+    assert {"dice_project", "dice_reference", "dice_reference_uncropped"} <= set(row["cases"][0])
     assert result["versions"]["monai"] and "| unet2d | cpu |" in (tmp_path / "bench.md").read_text()
     training = result["training"]["unet2d"]["cpu"]
     assert training["throughput_ratio"] > 0 and training["samples_per_s"] > 0 and training["reference_samples_per_s"] > 0

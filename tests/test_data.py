@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from common.data import (
+    DECODE_STATS,
     LAYOUTS,
     CaseCache,
     CaseError,
     DatasetSpec,
+    conform_spec,
     discover_cases,
     load_case,
     load_manifest,
@@ -86,6 +88,59 @@ def test_bad_manifests_are_rejected(tmp_path: Path, data: dict, match: str) -> N
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=match):
         load_manifest(path)
+
+
+def _brats_with_channels(*names: str, regions: tuple[str, ...] = ("WT", "TC", "ET")) -> DatasetSpec:
+    """BraTS 2021 files, listed under the given modality names in the given order."""
+    return DatasetSpec(name="site", channels={n: f"{{case}}/{{case}}_{n}.nii.gz" for n in names},
+                       label=BRATS.label, labels=BRATS.labels, regions={r: BRATS.regions[r] for r in regions})
+
+
+@pytest.mark.parametrize(
+    "spec, run, order",
+    [
+        (_brats_with_channels("t1", "flair", "t2", "t1ce"), BRATS, ["flair", "t1", "t1ce", "t2"]),
+        (_brats_with_channels("flair", "t1", "t1ce", "t2", regions=("ET", "WT", "TC")), BRATS, ["flair", "t1", "t1ce", "t2"]),
+        (LAYOUTS["brats2023"], BRATS, ["t2f", "t1n", "t1c", "t2w"]),
+        (LAYOUTS["msd-task01"], LAYOUTS["brats2023"], ["flair", "t1", "t1gd", "t2"]),
+        (_brats_with_channels("T2W", "T1N", "T2F", "T1C"), LAYOUTS["msd-task01"], ["T2F", "T1N", "T1C", "T2W"]),
+    ],
+)
+def test_channels_are_matched_by_modality_and_put_in_the_run_order(spec: DatasetSpec, run: DatasetSpec,
+                                                                   order: list[str]) -> None:
+    conformed = conform_spec(spec, run, "site")
+    assert list(conformed.channels) == order and list(conformed.regions) == list(run.regions)
+    assert all(conformed.channels[name] == spec.channels[name] for name in order), "each name keeps its own file"
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (_brats_with_channels("flair", "t1", "t1ce", "pd"), r"site: layout 'site' has channels \['flair', 't1', 't1ce', 'pd'\]"
+                                                            r".*expects channels \['flair', 't1', 't1ce', 't2'\]"),
+        (_brats_with_channels("flair", "t1", "t1ce"), r"has channels \['flair', 't1', 't1ce'\].*expects channels"),
+        (_brats_with_channels("flair", "t1", "t1ce", "t2", regions=("TC", "ET")), r"regions \['TC', 'ET'\].*regions \['WT', 'TC', 'ET'\]"),
+        (_brats_with_channels("flair", "t1", "t1ce", "t1c"), "names modality 't1ce' twice"),
+    ],
+)
+def test_data_with_other_channels_or_regions_is_refused(spec: DatasetSpec, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        conform_spec(spec, BRATS, "site")
+
+
+def test_reordered_channels_and_regions_load_in_the_run_order(tmp_path: Path) -> None:
+    write_case(tmp_path, "Order_001")
+    reference = load_case(tmp_path, BRATS, "Order_001")
+    cache = CaseCache(max_bytes=1 << 30)  # shared: a reordered spec must not be served another order's arrays
+    site = _brats_with_channels("t1", "flair", "t2", "t1ce", regions=("ET", "WT", "TC"))
+    as_listed = load_site(tmp_path, site, cache=cache).cases[0]
+    np.testing.assert_array_equal(as_listed.image, reference.image[[1, 0, 3, 2]])
+    conformed = load_site(tmp_path, conform_spec(site, BRATS, "site"), cache=cache).cases[0]
+    np.testing.assert_array_equal(conformed.image, reference.image)
+    np.testing.assert_array_equal(conformed.regions, reference.regions)
+    regions_only = load_site(tmp_path, _brats_with_channels("flair", "t1", "t1ce", "t2", regions=("ET", "WT", "TC")),
+                             cache=cache).cases[0]
+    np.testing.assert_array_equal(regions_only.regions, reference.regions[[2, 0, 1]])
 
 
 def test_unknown_layout_error_says_how_to_fix(tmp_path: Path) -> None:
@@ -196,14 +251,30 @@ def test_reorientation_round_trips_to_the_file_grid(tmp_path: Path) -> None:
 
 
 def test_cache_decodes_each_file_once(tmp_path: Path) -> None:
-    from common.data import DECODE_STATS
-
     write_case(tmp_path, "Cached_001")
     cache = CaseCache(max_bytes=1 << 30)
     before = DECODE_STATS.files
     for _ in range(3):
         load_site(tmp_path, BRATS, cache=cache)
     assert DECODE_STATS.files - before == 5  # four modalities and the label, once
+
+
+def test_a_4d_image_is_decoded_once_per_case(tmp_path: Path) -> None:
+    """MSD Task01 keeps the four channels in one 4D file: one decode, not one per channel."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    volumes = rng.uniform(1, 5, (8, 8, 8, 4)).astype(np.float32)
+    image = tmp_path / "imagesTr" / "BRATS_001.nii.gz"
+    nib.save(nib.Nifti1Image(volumes, np.eye(4)), image)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), tmp_path / "labelsTr" / "BRATS_001.nii.gz")
+    before = DECODE_STATS.by_path.get(str(image), 0)
+    prepared = load_case(tmp_path, LAYOUTS["msd-task01"], "BRATS_001")
+    assert DECODE_STATS.by_path[str(image)] - before == 1
+    for k in range(4):  # each channel is its own volume of the file
+        np.testing.assert_allclose(prepared.image[k], load_case(tmp_path, DatasetSpec(
+            "one", {"c": f"imagesTr/{{case}}.nii.gz#{k}"}, "labelsTr/{case}.nii.gz", (0, 1, 2, 3), {"ET": (3,)}),
+            "BRATS_001").image[0])
 
 
 def test_split_is_deterministic_and_disjoint() -> None:
@@ -233,8 +304,6 @@ def test_spec_json_round_trip() -> None:
 
 def test_disk_cache_spares_a_fresh_process_the_decoding(tmp_path: Path) -> None:
     """A SuperNode may start a new ClientApp process per round: the second one decodes nothing."""
-    from common.data import DECODE_STATS
-
     write_case(tmp_path / "data", "Disk_001")
     before = DECODE_STATS.files
     first = load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=tmp_path / "cache")).cases[0]

@@ -2,17 +2,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from common import engine
 from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, state_dict_from_arrays
-from common.data import LAYOUTS, load_site
+from common.data import LAYOUTS, PreparedCase, load_site, regions_from_labels
 from common.engine import TrainConfig, evaluate, predict_probabilities, probabilities_to_labels, select_device, train
 from common.losses import build_loss
 from common.model import build_model
+from common.postprocess import PostProcessing
 
 BRATS = LAYOUTS["brats2021"]
+RAW = PostProcessing(enabled=False, min_mm3=0.0, components=0)  # painting alone: these lesions are a few voxels
 
 
 def _tiny_model() -> torch.nn.Module:
@@ -28,7 +32,7 @@ def test_training_lowers_the_loss_and_scores_cases(tiny_sites: Path) -> None:
     stats = train(model, cases, 2, config, torch.device("cpu"), progress=lambda e, loss: losses.append(loss))
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert stats["train-samples"] == 4 * 4 * 8
-    per_case, summary = evaluate(model, cases[:2], ["WT", "TC", "ET"], 2, torch.device("cpu"))
+    per_case, summary = evaluate(model, cases[:2], BRATS, 2, torch.device("cpu"))
     assert [c["case"] for c in per_case] == [c.case for c in cases[:2]]
     assert set(summary) == {"WT", "TC", "ET"} and 0.0 <= summary["WT"]["dice_mean"] <= 1.0
 
@@ -55,8 +59,28 @@ def test_regions_turn_back_into_brats_labels() -> None:
     probs[0, 0:3] = 1  # WT covers voxels 0..2
     probs[1, 1:3] = 1  # TC covers 1..2
     probs[2, 2] = 1  # ET covers 2
-    labels = probabilities_to_labels(probs, BRATS)
+    labels = probabilities_to_labels(probs, BRATS, (1.0, 1.0, 1.0), RAW)
     assert labels[:, 0, 0].tolist() == [2, 1, 4, 0]
+
+
+def test_evaluation_scores_the_label_map_that_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ET predicted outside TC is written as label 4, which is WT and TC too: that is what is scored."""
+    probs = np.zeros((3, 6, 1, 1), np.float32)
+    probs[0, 0:3] = 1  # WT: voxels 0..2
+    probs[1, 1:3] = 1  # TC: voxels 1..2
+    probs[2, [2, 4]] = 1  # ET: voxel 2, and voxel 4 outside WT and TC
+    written = probabilities_to_labels(probs, BRATS, (1.0, 1.0, 1.0), RAW)
+    assert written[:, 0, 0].tolist() == [2, 1, 4, 0, 4, 0]
+    header = nib.Nifti1Header()
+    header.set_data_shape((6, 1, 1))
+    case = PreparedCase(case="c", image=np.zeros((4, 6, 1, 1), np.float32), regions=regions_from_labels(written, BRATS),
+                        affine=np.eye(4), header=header, original_shape=(6, 1, 1),
+                        ornt=nib.orientations.axcodes2ornt("RAS"), crop=((0, 6), (0, 1), (0, 1)))
+    monkeypatch.setattr(engine, "predict_probabilities", lambda *args, **kwargs: torch.from_numpy(probs))
+    per_case, _ = evaluate(_tiny_model(), [case], BRATS, 2, torch.device("cpu"), postprocessing=RAW)
+    for region in BRATS.regions:
+        assert per_case[0][region]["dice"] == 1.0, region  # the thresholded channels: WT 6/7, TC 4/5
+    np.testing.assert_array_equal(engine.predicted_regions(probs, BRATS, case.spacing, RAW), case.regions)
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from common.checkpoint import load_checkpoint
 from simulations.cli import main
 
 SMOKE = ["--set", "num-server-rounds=2", "--set", "model-args='base_channels=4 depth=2'", "--set", "samples-per-case=4",
-         "--set", "batch-size=4", "--set", "val-fraction=0.0", "--set", "fraction-evaluate=0.0",
-         "--set", "evaluate-initial=false"]
+         "--set", "batch-size=4"]  # val-fraction stays at its default: reproduce must train the sites on every case
 
 
 def test_reproduce_smoke(tmp_path: Path) -> None:
@@ -28,6 +28,11 @@ def test_reproduce_smoke(tmp_path: Path) -> None:
         assert row["rounds"] == 2 and row["total_local_epochs"] == 2 and row["seconds_per_case"] > 0
         assert len(row["curve"]) >= 2, name
     assert results["central"]["train_cases"] == 4 and results["local-site-0"]["train_cases"] == 2
+    # The federation trains on the same cases as the pooled run (no validation share held back at the sites),
+    # and the pooled and local-only baselines carry no proximal term.
+    assert results["fedavg"]["train_cases"] == results["fedprox"]["train_cases"] == results["central"]["train_cases"]
+    for name in ("central", "local-site-0", "local-site-1"):
+        assert load_checkpoint(out / "runs" / f"{name}.pt").run_config["proximal_mu"] == 0.0
     # Each client sends its model once per round: the fp32 arrays, nothing more.
     assert results["fedavg"]["bytes_sent_per_client_per_round"] > 0
     split = json.loads((out / "split.json").read_text())

@@ -5,10 +5,16 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from fake_federation import FakeGrid, error_reply, record, reply, task_identity, train_round  # noqa: F401 - fixture
+from flwr.app import ConfigRecord
 
-from common.checkpoint import load_checkpoint
+from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from common.config import dataset_spec, with_defaults
+from server.app import prepare_run_folder
+from server.strategy import build_strategy
 from simulations.launch import read_history, run_federation
 
 BASE = {
@@ -32,12 +38,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"whole": whole, "resumed": resumed}
 
 
+@pytest.mark.process
 def test_resumed_run_continues_round_numbering(runs: dict[str, Path]) -> None:
     history = read_history(runs["resumed"])
     assert [r["round"] for r in history] == [1, 2, 3, 4]
     assert load_checkpoint(runs["resumed"] / "final.pt").round == 4
 
 
+@pytest.mark.process
 def test_resumed_fedadam_ends_where_the_uninterrupted_run_ends(runs: dict[str, Path]) -> None:
     whole = load_checkpoint(runs["whole"] / "final.pt")
     resumed = load_checkpoint(runs["resumed"] / "final.pt")
@@ -45,3 +53,79 @@ def test_resumed_fedadam_ends_where_the_uninterrupted_run_ends(runs: dict[str, P
     for key, value in whole.state_dict.items():
         if value.is_floating_point():
             torch.testing.assert_close(resumed.state_dict[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.process
+def test_checkpoints_load_without_unpickling_code(runs: dict[str, Path]) -> None:
+    payload = torch.load(runs["resumed"] / "final.pt", weights_only=True)
+    assert set(payload["extra"]) == {"run", "round_policy", "optimizer_state"}
+
+
+def test_resumed_run_continues_in_the_checkpoints_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "first" / "run-a"
+    folder.mkdir(parents=True)
+    for name in ("last.pt", "final.pt", "metrics.jsonl"):
+        (folder / name).touch()
+    values = with_defaults({"resume-from": str(folder / "last.pt"), "output-dir": str(tmp_path / "elsewhere"),
+                            "run-name": "run-b"})
+    assert prepare_run_folder(values) == folder.resolve()
+    assert not (folder / "final.pt").exists(), "a stale final.pt would count the resumed run as complete"
+
+
+@pytest.mark.parametrize("leftover", ["metrics.jsonl", "final.pt", "last.pt", "audit.jsonl", "run_config.json"])
+def test_a_folder_holding_a_run_is_refused_unless_resuming(tmp_path: Path, leftover: str) -> None:
+    (tmp_path / "run-a").mkdir()
+    (tmp_path / "run-a" / leftover).touch()
+    with pytest.raises(ValueError, match=r"already holds a run .*resume-from="):
+        prepare_run_folder(with_defaults({"output-dir": str(tmp_path), "run-name": "run-a"}))
+    assert prepare_run_folder(with_defaults({"output-dir": str(tmp_path), "run-name": "run-b"})) == (tmp_path / "run-b").resolve()
+
+
+START = {"w": np.zeros(8, np.float32)}
+
+
+def _stack(tmp_path: Path, first_round: int = 1, **config: object):  # noqa: ANN202
+    return build_strategy({"min-available-nodes": 2, "min-train-nodes": 2, "lr-schedule": "cosine", **config},
+                          save_checkpoint=lambda *a: None, out_dir=tmp_path, first_round=first_round)
+
+
+def _learning_rate(stack, server_round: int) -> float:  # noqa: ANN001
+    config = ConfigRecord()
+    stack.configure_train(server_round, record(START), config, FakeGrid([1, 2]))
+    return float(config["learning-rate"])
+
+
+def test_learning_rate_stays_continuous_when_resumed_with_more_rounds(tmp_path: Path) -> None:
+    original = _stack(tmp_path, **{"num-server-rounds": 4})
+    last = _learning_rate(original, 4)
+    resumed = _stack(tmp_path, first_round=5, **{"num-server-rounds": 8})
+    resumed.resume(original.checkpoint_state())
+    rates = [_learning_rate(resumed, r) for r in (1, 2, 3, 4)]  # rounds 5-8
+    assert rates == pytest.approx([last] * 4), "the original schedule's last rate, not a jump back up"
+
+
+def test_resume_restores_sampling_clipping_norm_and_failed_rounds(tmp_path: Path) -> None:
+    """fraction-train 0.5 of six sites, adaptive DP, a failed round: a resumed run samples the same sites,
+    clips at the learned norm and remembers the failure, through a checkpoint file loaded without pickles."""
+    config = {"strategy": "fedadam", "fraction-train": 0.5, "dp": "server-adaptive", "dp-noise-multiplier": 0.0,
+              "max-update-norm-ratio": 0.0, "num-server-rounds": 4}
+    grid = FakeGrid([1, 2, 3, 4, 5, 6])
+    original = _stack(tmp_path / "a", **config)
+    train_round(original, grid, 1, record(START), lambda m: reply(m, {"w": np.full(8, 1.0, np.float32)}))
+    train_round(original, grid, 2, record(START), lambda m: error_reply(m))
+    path = save_checkpoint(Checkpoint(model="unet2d", model_args={}, spec=dataset_spec("brats2021"), state_dict={},
+                                      extra=original.checkpoint_state()), tmp_path / "last.pt")
+    state = torch.load(path, weights_only=True)["extra"]
+    sampled = [m.metadata.dst_node_id for m in original.configure_train(3, record(START), ConfigRecord(), grid)]
+
+    resumed = _stack(tmp_path / "b", first_round=3, **config)
+    resumed.resume(state)
+    assert [m.metadata.dst_node_id for m in resumed.configure_train(1, record(START), ConfigRecord(), grid)] == sampled
+    assert resumed.checkpoint_state()["privacy"] == original.checkpoint_state()["privacy"] != {"clipping-norm": 0.1}
+    assert resumed.checkpoint_state()["round_policy"] == {"failed-in-a-row": 1}
+    assert set(resumed.checkpoint_state()["optimizer_state"]) == {"m_t", "v_t"}
+
+
+def test_state_of_a_layer_the_run_lacks_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'privacy' state.*resume with the run's own config"):
+        _stack(tmp_path).resume({"privacy": {"clipping-norm": 1.0}})

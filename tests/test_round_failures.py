@@ -3,118 +3,125 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from fake_federation import FakeGrid, error_reply, record, reply, task_identity, train_round  # noqa: F401 - fixture
+from flwr.app import ConfigRecord, Error, Message
 
 from server.strategy import build_strategy
 
-
-@pytest.fixture(autouse=True)
-def task_identity() -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+START = {"w": np.zeros((4, 4), np.float32), "b": np.zeros(4, np.float32)}
 
 
 def _update(value: float) -> dict[str, np.ndarray]:
     return {"w": np.full((4, 4), value, np.float32), "b": np.full(4, value, np.float32)}
 
 
-def _reply(node: int, arrays: dict[str, np.ndarray]) -> Message:
-    request = Message(content=RecordDict(), dst_node_id=node, message_type="train")
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": 2, "train-loss": 0.5})})
-    return Message(content=content, reply_to=request)
+def _stack(tmp_path: Path, **config: object):  # noqa: ANN202
+    def save(arrays, server_round, metrics, kind, state) -> None:  # noqa: ANN001
+        (tmp_path / f"{kind}.pt").touch()
 
-
-def _error_reply(node: int) -> Message:
-    request = Message(content=RecordDict(), dst_node_id=node, message_type="train")
-    return Message(error=Error(code=0, reason="RuntimeError at the site during train"), reply_to=request)
-
-
-def _strategy(tmp_path: Path, **config):  # noqa: ANN202, ANN003
-    strategy = build_strategy({"strategy": "fedavg", "min-available-nodes": 3, "min-train-nodes": 2, **config},
-                              save_checkpoint=lambda *a: None, out_dir=tmp_path, num_rounds=5, base_lr=1e-3)
-    strategy._arrays = ArrayRecord({k: Array(v) for k, v in _update(0.0).items()})
-    return strategy
-
-
-def _round(strategy, number: int, replies: list[Message]):  # noqa: ANN202
-    strategy._current = {"round": number, "sampled": [1, 2, 3]}
-    result = strategy.aggregate_train(number, replies)
-    strategy.aggregate_evaluate(number, [])
-    return result
+    return build_strategy({"strategy": "fedavg", "min-available-nodes": 3, "min-train-nodes": 2, **config},
+                          save_checkpoint=save, out_dir=tmp_path)
 
 
 def _audit(tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
 
 
+def _sites(**behaviour: Callable[[Message], Message | None]) -> Callable[[Message], Message | None]:
+    """Each node answers as ``behaviour["n<id>"]`` says, by default with an update of 0.1 x its ID."""
+    return lambda m: behaviour.get(f"n{m.metadata.dst_node_id}", lambda r: reply(r, _update(0.1 * r.metadata.dst_node_id)))(m)
+
+
 def test_round_short_of_updates_keeps_the_model_and_the_next_round_retries(tmp_path: Path) -> None:
-    strategy = _strategy(tmp_path)
+    stack = _stack(tmp_path)
+    grid = FakeGrid([1, 2, 3])
     # Node 1 answers, node 2 fails at its site, node 3 never answers (dead or hung past round-timeout).
-    arrays, metrics = _round(strategy, 1, [_reply(1, _update(0.1)), _error_reply(2)])
-    assert arrays is None and metrics is None, "one update must not be aggregated when min-train-nodes is 2"
+    arrays, _ = train_round(stack, grid, 1, record(START), _sites(n2=error_reply, n3=lambda m: None))
+    assert arrays is None, "one update must not be aggregated when min-train-nodes is 2"
     entry = _audit(tmp_path)[-1]
     assert entry["replied"] == [1]
     assert {f["node-id"]: f["reason"] for f in entry["failed"]} == {
         2: "RuntimeError at the site during train", 3: "no reply within round-timeout"}
-    assert "1 accepted update(s), fewer than min-train-nodes=2" in entry["round-failed"]
-    # Node 3 is back in round 2: the round aggregates as usual and the failure count resets.
-    arrays, _ = _round(strategy, 2, [_reply(1, _update(0.1)), _reply(3, _update(0.3))])
+    assert entry["round-failed"] == "1 accepted update(s), fewer than min-train-nodes=2 (no reply: 1, errors: 1, rejected: 0)"
+    # Node 3 is back in round 2 and node 2 still fails: the round aggregates and the failure count resets.
+    arrays, _ = train_round(stack, grid, 2, record(START), _sites(n2=error_reply))
     np.testing.assert_allclose(arrays["w"].numpy(), np.full((4, 4), 0.2), rtol=1e-5)
-    assert strategy.failed_in_a_row == 0 and _audit(tmp_path)[-1]["round-failed"] is None
+    assert _audit(tmp_path)[-1]["round-failed"] is None
+    assert stack.checkpoint_state()["round_policy"] == {"failed-in-a-row": 0}
 
 
 def test_too_many_failed_rounds_stop_the_run_with_a_message(tmp_path: Path) -> None:
-    strategy = _strategy(tmp_path, **{"max-failed-rounds": 1})
-    _round(strategy, 1, [_reply(1, _update(0.1))])
-    with pytest.raises(RuntimeError, match=r"max-failed-rounds=1.*resume-from"):
-        _round(strategy, 2, [_error_reply(1)])
+    stack = _stack(tmp_path, **{"max-failed-rounds": 1})
+    grid = FakeGrid([1, 2, 3])
+    train_round(stack, grid, 1, record(START), _sites(n2=error_reply, n3=error_reply))
+    with pytest.raises(RuntimeError, match=r"max-failed-rounds=1.*resume-from=.*last.pt"):
+        train_round(stack, grid, 2, record(START), _sites(n1=error_reply, n2=error_reply))
     assert "stopped" in _audit(tmp_path)[-1]
 
 
-class _Grid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
+def _returns_within(seconds: float, call: Callable[[], object]) -> BaseException | None:
+    """Run ``call`` in a thread: its exception, or a test failure if it still runs after ``seconds``
+    (Flower's own sampler waits forever; a daemon thread does not keep pytest alive)."""
+    outcome: list[BaseException | None] = []
 
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
+    def target() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"still waiting after {seconds} s: the wait for SuperNodes is unbounded")
+    return outcome[0]
 
 
-def test_round_gives_up_waiting_for_sites_with_a_message(tmp_path: Path) -> None:
-    strategy = _strategy(tmp_path, **{"node-wait-timeout": 1.5})
+@pytest.mark.parametrize("phase", ["train", "evaluate", "initial evaluation"])
+def test_round_gives_up_waiting_for_sites_with_a_message(tmp_path: Path, phase: str) -> None:
+    stack = _stack(tmp_path, **{"node-wait-timeout": 1})
+    grid = FakeGrid([7])
+    calls = {
+        "train": lambda: stack.configure_train(1, record(START), ConfigRecord(), grid),
+        "evaluate": lambda: stack.configure_evaluate(1, record(START), ConfigRecord(), grid),
+        "initial evaluation": lambda: stack.evaluate_initial(grid, record(START), timeout=10),
+    }
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"only 1 SuperNode\(s\) connected .* min-available-nodes is 3"):
-        strategy.configure_train(1, strategy._arrays, ConfigRecord(), _Grid([7]))
-    assert 1.4 < time.monotonic() - start < 10
+    error = _returns_within(15, calls[phase])
+    assert isinstance(error, RuntimeError)
+    assert "only 1 SuperNode(s) connected after waiting 1 s (node-wait-timeout); min-available-nodes is 3" in str(error)
+    assert 0.9 < time.monotonic() - start < 10
     assert "stopped" in _audit(tmp_path)[-1]
+
+
+def test_evaluation_off_does_not_wait_for_sites(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, **{"node-wait-timeout": 1, "fraction-evaluate": 0.0})
+    assert list(stack.configure_evaluate(1, record(START), ConfigRecord(), FakeGrid([7]))) == []
 
 
 def test_enough_sites_are_sampled_without_waiting(tmp_path: Path) -> None:
-    strategy = _strategy(tmp_path)
-    messages = list(strategy.configure_train(1, strategy._arrays, ConfigRecord(), _Grid([4, 5, 6])))
+    stack = _stack(tmp_path, **{"round-timeout": 120})
+    messages = list(stack.configure_train(1, record(START), ConfigRecord(), FakeGrid([4, 5, 6])))
     assert sorted(m.metadata.dst_node_id for m in messages) == [4, 5, 6]
+    assert {m.metadata.ttl for m in messages} == {120.0}, "messages expire with the round"
 
 
 def test_superlink_generated_error_is_traced_to_the_silent_node(tmp_path: Path) -> None:
     """A SuperNode that stops sending heartbeats gets an error reply from the SuperLink's own ID (1)."""
-    strategy = _strategy(tmp_path)
-    messages = strategy.configure_train(1, strategy._arrays, ConfigRecord(), _Grid([4, 5, 6]))
-    for index, message in enumerate(messages):
-        message.metadata.__dict__["_message_id"] = f"m{index}"  # what Flower's Grid does when it pushes
-    silent = next(m for m in messages if m.metadata.dst_node_id == 6)
-    from_superlink = Message(error=Error(code=5, reason="Error: Node Unavailable"), reply_to=silent)
-    from_superlink.metadata.__dict__["_src_node_id"] = 1
-    replies = [_reply(4, _update(0.1)), _reply(5, _update(0.3)), from_superlink]
-    sent = {m.metadata.dst_node_id: m.metadata.message_id for m in messages}
-    for reply, node in zip(replies[:2], (4, 5)):
-        reply.metadata.__dict__["_reply_to_message_id"] = sent[node]
-    strategy.aggregate_train(1, replies)
-    strategy.aggregate_evaluate(1, [])
-    entry = _audit(tmp_path)[-1]
-    assert entry["failed"] == [{"node-id": 6, "reason": "Error: Node Unavailable"}]
+
+    def from_superlink(request: Message) -> Message:
+        message = Message(error=Error(code=5, reason="Error: Node Unavailable"), reply_to=request)
+        message.metadata.__dict__["_src_node_id"] = 1
+        return message
+
+    train_round(_stack(tmp_path), FakeGrid([4, 5, 6]), 1, record(START), _sites(n6=from_superlink))
+    assert _audit(tmp_path)[-1]["failed"] == [{"node-id": 6, "reason": "Error: Node Unavailable"}]

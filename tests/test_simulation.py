@@ -51,14 +51,74 @@ def test_two_round_federation_on_tiny_synthetic_sites(tmp_path: Path) -> None:
 
 
 def test_differential_privacy_wraps_the_strategy(tmp_path: Path) -> None:
-    """Client-side clipping (Flower's mod at each site) with server-side noise: the run completes, weights stay finite."""
+    """Client-side clipping at each site, float16 upload, server-side noise, through ``flwr run``: every site's
+    update arrives clipped, the round aggregates, and the global model moves by about the noise (the noise
+    itself is measured in tests/test_privacy.py)."""
     run_config = {
         "num-server-rounds": 1, "model-args": "base_channels=4 depth=2", "synth-shape": "32,32,16",
         "synth-cases-per-site": 2, "samples-per-case": 2, "batch-size": 4, "output-dir": str(tmp_path / "out"),
-        "run-name": "dp", "dp": "client-fixed", "dp-noise-multiplier": 0.5, "dp-clipping-norm": 0.5,
-        "evaluate-initial": False, "fraction-evaluate": 0.0,
+        "run-name": "dp", "dp": "client-fixed", "dp-noise-multiplier": 0.1, "dp-clipping-norm": 0.05,
+        "transport-dtype": "float16", "evaluate-initial": False, "fraction-evaluate": 0.0,
     }
     run_dir = run_federation(run_config, num_sites=2, output=io.StringIO(), timeout_s=600)
-    final = load_checkpoint(run_dir / "final.pt")
-    assert all(torch.isfinite(v).all() for v in final.state_dict.values() if v.is_floating_point())
-    assert read_history(run_dir)[-1]["round"] == 1
+    record = read_history(run_dir)[-1]
+    assert record["round"] == 1 and "failed" not in record
+    assert len(record["replies"]) == 2 and all("error" not in r for r in record["replies"]), record["replies"]
+    assert all(r["norm_bit"] == 1 and r["update-norm"] <= 0.05 * 1.002 for r in record["replies"]), record["replies"]
+    torch.manual_seed(0)  # the ServerApp's initial model
+    initial = build_model("unet2d", 4, 3, base_channels=4, depth=2)
+    final = load_checkpoint(run_dir / "final.pt").state_dict
+    params = [k for k, _ in initial.named_parameters()]
+    moved = torch.cat([(final[k] - initial.state_dict()[k]).flatten() for k in params])
+    # The mean of two updates of norm 0.05 moves the parameters by at most 0.05; noise of std
+    # 0.1 * 0.05 / 2 on each of them moves them by about 0.0025 * sqrt(count).
+    assert abs(moved.std().item() - 0.1 * 0.05 / 2) < 0.2 * 0.1 * 0.05 / 2, moved.std().item()
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+
+
+def test_fedavg_global_model_is_the_case_weighted_mean_of_site_updates(tmp_path: Path) -> None:
+    """One round through ``flwr run``; the sites' updates are recomputed in-process with the same
+    ClientApp, and the global model must be their case-weighted mean (weights 1, 2, 3), not the plain mean."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client import app as client_app
+    from common.config import declared_run_config
+
+    overrides = {
+        "num-server-rounds": 1, "model-args": "base_channels=4 depth=2", "synth-shape": "32,32,16",
+        "synth-cases-per-site": 3, "samples-per-case": 4, "batch-size": 4, "seed": 0, "min-available-nodes": 3,
+        "output-dir": str(tmp_path / "out"), "run-name": "weights", "evaluate-initial": False, "fraction-evaluate": 0.0,
+    }
+    run_dir = run_federation(overrides, num_sites=3, output=io.StringIO(), timeout_s=600)
+    record = read_history(run_dir)[-1]
+    final = load_checkpoint(run_dir / "final.pt").state_dict
+
+    torch.manual_seed(0)  # the ServerApp's initial model
+    initial = build_model("unet2d", 4, 3, base_channels=4, depth=2).state_dict()
+    run_config = {**declared_run_config(), **overrides}
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    updates, weights = [], []
+    for pid in range(3):
+        content = RecordDict({"arrays": ArrayRecord(initial), "config": ConfigRecord(
+            {"server-round": 1, "learning-rate": record["learning-rate"]})})
+        msg = Message(content=content, dst_node_id=7, message_type="train")
+        context = Context(run_id=1, node_id=7, node_config={"partition-id": pid, "num-partitions": 3},
+                          state=RecordDict(), run_config=run_config)
+        reply = client_app.train(msg, context)
+        updates.append(reply.content["arrays"].to_torch_state_dict())
+        weights.append(float(reply.content["metrics"]["num-examples"]))
+    assert sorted(weights) == [1.0, 2.0, 3.0]
+    keys = [k for k, v in final.items() if v.is_floating_point()]
+
+    def mean(w: list[float]) -> dict[str, torch.Tensor]:
+        return {k: sum(wi * u[k].double() for wi, u in zip(w, updates)) / sum(w) for k in keys}
+
+    def distance(a: dict[str, torch.Tensor]) -> float:
+        return sum(float((final[k].double() - a[k]).pow(2).sum()) for k in keys) ** 0.5
+
+    weighted, plain = mean(weights), mean([1.0, 1.0, 1.0])
+    gap = sum(float((weighted[k] - plain[k]).pow(2).sum()) for k in keys) ** 0.5
+    assert gap > 0, (record, weights)
+    assert distance(weighted) < 0.05 * gap, (distance(weighted), gap)
+    assert distance(plain) > 0.5 * gap

@@ -9,7 +9,7 @@ import pytest
 
 from common.data import discover_cases, load_manifest
 from simulations.cli import main
-from simulations.splits import KINDS, Split, by_institution, dirichlet_count, dirichlet_volume, fets, iid, make_split, skew
+from common.splits import KINDS, Split, by_institution, dirichlet_count, dirichlet_volume, fets, iid, make_split, skew
 from tests.conftest import REPO
 
 IDS = [f"Brats18_{inst}_{i:03d}_1" for inst, n in (("CBICA", 12), ("TCIA01", 5), ("TCIA08", 3), ("2013", 4))

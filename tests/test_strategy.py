@@ -2,24 +2,53 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from fake_federation import FakeGrid, record, reply, task_identity, train_round  # noqa: F401 - fixture
 from flwr.app import MetricRecord, RecordDict
 
 from common.engine import learning_rate
-from server.strategy import STRATEGIES, aggregate_metrics, build_strategy, format_table
+from server.strategy import SERVER_OPTIMIZERS, STRATEGIES, aggregate_metrics, build_strategy, format_table
+
+START = {"conv.weight": np.zeros(6, np.float32), "bn.running_var": np.ones(3, np.float32),
+         "bn.num_batches_tracked": np.array(4, np.int64)}
+
+
+def _site(node: int) -> dict[str, np.ndarray]:
+    return {"conv.weight": np.full(6, 0.1 * node, np.float32), "bn.running_var": np.full(3, 10.0 * node, np.float32),
+            "bn.num_batches_tracked": np.array(9, np.int64)}
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_every_strategy_builds_from_run_config(name: str, tmp_path: Path) -> None:
-    strategy = build_strategy({"strategy": name, "min-available-nodes": 3}, save_checkpoint=lambda *a: None,
-                              out_dir=tmp_path, num_rounds=2, base_lr=1e-3)
-    assert isinstance(strategy, STRATEGIES[name][0])
-    assert strategy.min_available_nodes == 3
+def test_every_strategy_screens_and_averages_one_round(name: str, tmp_path: Path) -> None:
+    """Every strategy, built from the run config, runs a round: the NaN update is rejected, the global model
+    keeps its dtypes, and under a server optimiser BatchNorm statistics get their case-weighted average."""
+    stack = build_strategy({"strategy": name, "min-available-nodes": 3, "min-train-nodes": 3},
+                           save_checkpoint=lambda *a: None, out_dir=tmp_path)
+    aggregator = list(stack.layers())[-1]
+    assert type(aggregator) is STRATEGIES[name][0] and aggregator.min_available_nodes == 3
+    cases = {1: 1, 2: 2, 3: 3}
+
+    def answer(message):  # noqa: ANN001, ANN202
+        node = message.metadata.dst_node_id
+        if node == 4:
+            return reply(message, {**_site(4), "conv.weight": np.full(6, np.nan, np.float32)})
+        return reply(message, _site(node), cases=cases[node])
+
+    arrays, _ = train_round(stack, FakeGrid([1, 2, 3, 4]), 1, record(START), answer)
+    assert [r["node-id"] for r in stack.history[-1]["rejected"]] == [4]
+    assert {k: a.numpy().dtype for k, a in arrays.items()} == {k: v.dtype for k, v in START.items()}
+    assert np.isfinite(arrays["conv.weight"].numpy()).all()
+    assert arrays["bn.num_batches_tracked"].numpy() == 9
+    running_var = arrays["bn.running_var"].numpy()
+    if isinstance(aggregator, SERVER_OPTIMIZERS):
+        np.testing.assert_allclose(running_var, np.full(3, (10 * 1 + 20 * 2 + 30 * 3) / 6), rtol=1e-6)
+    assert ((10.0 <= running_var) & (running_var <= 30.0)).all()
 
 
 def test_unknown_strategy_lists_choices(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="choose one of"):
-        build_strategy({"strategy": "fedfoo"}, save_checkpoint=lambda *a: None, out_dir=tmp_path, num_rounds=1, base_lr=1e-3)
+        build_strategy({"strategy": "fedfoo"}, save_checkpoint=lambda *a: None, out_dir=tmp_path)
 
 
 def test_learning_rate_schedules() -> None:

@@ -189,7 +189,7 @@ def tumour_volumes(data_dir: str | Path, spec: Any, case_ids: Sequence[str]) -> 
     """Foreground voxels of each case's label, read from the label file header-fast (no preprocessing)."""
     import nibabel as nib
 
-    from common.data import case_paths
+    from .data import case_paths
 
     out = {}
     for case in case_ids:

@@ -1,0 +1,86 @@
+"""One source of truth for defaults: the ``[tool.flwr.app.config]`` table of pyproject.toml."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+
+from common.api import train_centralized
+from common.config import TrainConfig, declared_run_config, parse_shape, train_config_from, with_defaults
+from simulations.cli import _train_config, build_parser
+
+DECLARED = declared_run_config()
+CLI_TRAIN = build_parser().parse_args(["train", "--data", "d", "--out", "o"])
+
+
+@pytest.mark.parametrize(
+    "key, field",
+    [
+        ("local-epochs", "epochs"),
+        ("batch-size", "batch_size"),
+        ("learning-rate", "learning_rate"),
+        ("samples-per-case", "samples_per_case"),
+        ("pos-ratio", "pos_ratio"),
+        ("patch-size", "patch_size"),
+        ("lambda-dice", "lambda_dice"),
+        ("lambda-focal", "lambda_focal"),
+        ("focal-gamma", "focal_gamma"),
+        ("focal-alpha", "focal_alpha"),
+    ],
+)
+def test_training_defaults_are_the_declared_ones(key: str, field: str) -> None:
+    declared = parse_shape(DECLARED[key]) if key == "patch-size" else DECLARED[key]
+    assert getattr(TrainConfig(), field) == declared
+    assert getattr(train_config_from({}), field) == declared
+    if field != "epochs":  # `fedlesion train --epochs` counts all epochs, not one round's
+        assert getattr(_train_config(CLI_TRAIN), field) == declared
+
+
+@pytest.mark.parametrize(
+    "key, argument",
+    [("batch-size", "batch_size"), ("learning-rate", "learning_rate"), ("samples-per-case", "samples_per_case"),
+     ("pos-ratio", "pos_ratio"), ("patch-size", "patch_size"), ("val-fraction", "val_fraction"),
+     ("crop-foreground", "crop_foreground"), ("seed", "seed"), ("model", "model")],
+)
+def test_cli_train_defaults_are_the_declared_ones(key: str, argument: str) -> None:
+    assert getattr(CLI_TRAIN, argument) == DECLARED[key]
+
+
+def test_pooled_training_crops_as_the_federation_does() -> None:
+    default = inspect.signature(train_centralized).parameters["crop_foreground"].default
+    assert default == DECLARED["crop-foreground"]
+
+
+def test_the_proximal_term_is_never_read_from_the_run_config() -> None:
+    """Only the FedProx server sends mu, each round; baselines built from the run config get none."""
+    assert train_config_from({}).proximal_mu == 0.0
+    assert train_config_from({"proximal-mu": 0.5}).proximal_mu == 0.0
+    assert train_config_from({"proximal-mu": 0.5}, proximal_mu=0.01).proximal_mu == 0.01
+
+
+def test_with_defaults_overlays_the_declared_table() -> None:
+    values = with_defaults({"batch-size": 2, "learning-rate": 1})
+    assert set(values) == set(DECLARED)
+    assert values["batch-size"] == 2 and values["samples-per-case"] == DECLARED["samples-per-case"]
+    assert values["learning-rate"] == 1.0 and isinstance(values["learning-rate"], float)
+
+
+@pytest.mark.parametrize(
+    "run_config, match",
+    [
+        ({"batch-size": "8"}, r"run-config 'batch-size' = '8' has type str; it must be int"),
+        ({"batch-size": 8.0}, r"run-config 'batch-size' = 8.0 has type float; it must be int"),
+        ({"batch-size": True}, r"run-config 'batch-size' = True has type bool; it must be int"),
+        ({"learning-rate": "0.1"}, r"run-config 'learning-rate' = '0.1' has type str; it must be float"),
+        ({"crop-foreground": 1}, r"run-config 'crop-foreground' = 1 has type int; it must be bool"),
+        ({"patch-size": [64, 64, 64]}, r"run-config 'patch-size' = \[64, 64, 64\] has type list; it must be str"),
+        ({"batch_size": 8}, r"unknown run-config key 'batch_size'"),
+    ],
+)
+def test_with_defaults_refuses_wrong_types_and_unknown_keys(run_config: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        with_defaults(run_config)
+    with pytest.raises(ValueError, match=match):
+        train_config_from(run_config)
