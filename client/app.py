@@ -24,26 +24,22 @@ from common.engine import train as train_cases
 from common.metrics import flat_means
 from common.model import build_model, model_spatial_dims
 from common.postprocess import PostProcessing
-from common.privacy import clip_update
+from common.privacy import TRANSPORT_DTYPES, clip_update, numpy_arrays
 
 from . import site as sites
 
 logger = logging.getLogger("flwr")
-
-TRANSPORT_DTYPES = ("float32", "float16")
-
-
-def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {key: array.numpy() for key, array in record.items()}
-
 
 def encode_update(trained: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
     """What a site uploads: its model as float32 weights, or in float16 its change from the global model.
 
     float16 keeps 11 significant bits: rounding errs by up to 5e-4 of the value rounded. Rounded
     weights would err by 5e-4 of each weight, more than a late round's whole update; the update
-    itself, the difference from the float32 global model the server keeps, loses 5e-4 of its own size.
-    The server adds it back (:func:`server.strategy.decode_update`). Integer counters are sent as they are.
+    itself, the difference from the float32 global model the server keeps, loses 5e-4 of its own size
+    while its entries stay above float16's smallest normal number (6.1e-5). Below it float16 keeps
+    a fixed step of 6e-8, so tiny updates lose more: measured, 1.4% of the update (relative L2
+    error) at an entry standard deviation of 1e-6, 14% at 1e-7. The server adds the update back
+    (:func:`server.strategy.decode_update`). Integer counters are sent as they are.
 
     Args:
         trained: the site's model after training.
@@ -88,27 +84,34 @@ def clip_when_asked(msg: Message, context: Context, call_next: Callable[[Message
     return reply
 
 
-app = ClientApp(mods=[send_as_configured, clip_when_asked])
+class SiteError(RuntimeError):
+    """A failure at the site, as the server may see it: its kind and phase, no details."""
 
 
-def site_errors_stay_local(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+def site_errors_stay_local(handler: Callable[..., Message]) -> Callable[..., Message]:
     """Log a failure in full at the site; send the server only its kind.
 
     Exception texts name files and cases (``CaseError`` does, on purpose, for the site's
     engineer), so they must not travel in the error reply Flower sends to the server.
-    The SuperNode keeps running either way.
+    Wraps the handlers and the mods alike (a mod takes ``call_next`` as a third argument);
+    a failure already reported this way passes through unchanged. The SuperNode keeps running either way.
     """
 
     @functools.wraps(handler)
-    def guarded(msg: Message, context: Context) -> Message:
+    def guarded(msg: Message, context: Context, *call_next: Callable[[Message, Context], Message]) -> Message:
         try:
-            return handler(msg, context)
+            return handler(msg, context, *call_next)
+        except SiteError:
+            raise
         except Exception as exc:
             logger.exception("FedLesion %s failed at this site", msg.metadata.message_type)
-            raise RuntimeError(f"{type(exc).__name__} at the site during {msg.metadata.message_type}; "
-                               f"details are in that SuperNode's log") from None
+            raise SiteError(f"{type(exc).__name__} at the site during {msg.metadata.message_type}; "
+                            f"details are in that SuperNode's log") from None
 
     return guarded
+
+
+app = ClientApp(mods=[site_errors_stay_local(send_as_configured), site_errors_stay_local(clip_when_asked)])
 
 
 def _model(context: Context, site: sites.Site, arrays: ArrayRecord):  # noqa: ANN202 - torch module

@@ -8,6 +8,7 @@ labels, regions), the round or epoch it was taken at, its metrics and the run co
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -128,6 +129,11 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Pat
     return path
 
 
+def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
+    """The line of torch's refusal that names what the file holds."""
+    return next((line.strip() for line in str(exc).splitlines() if line.startswith(("Trying to load", "Unsupported", "Can only build"))), "UnpicklingError")
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
@@ -137,8 +143,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {path}: file not found.")
+    # Only data is unpickled: tensors, lists, dicts, numbers, strings and NumPy scalars (metrics
+    # computed with NumPy). Anything else could run code while loading, so it is refused.
+    numpy_scalars = [np._core.multiarray.scalar, np.dtype, *(type(np.dtype(code)) for code in "?bhilqBHILQefdg")]
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(numpy_scalars):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"checkpoint {path}: refused, it holds objects other than tensors, numbers, strings, lists "
+                         "and dicts, which could run code when loaded; load only checkpoints FedLesion wrote "
+                         f"({_unpickler_reason(exc)}).") from None
     except Exception as exc:  # torch raises several types for corrupt files
         raise ValueError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc}).") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

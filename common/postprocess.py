@@ -2,9 +2,10 @@
 
 Small false-positive islands far from the tumour barely move Dice but dominate HD95 (tens of
 mm on real scans). Post-processing works on the whole lesion (every foreground label together)
-with MONAI's connected-component transforms: components under a volume in mm^3 are removed
-(``RemoveSmallObjects``), then only the largest few are kept (``KeepLargestConnectedComponent``).
-A removed voxel becomes background in every region.
+with MONAI's connected-component transforms: only the largest few components are kept
+(``KeepLargestConnectedComponent``) and those under a volume in mm^3 are removed
+(``RemoveSmallObjects``), but never the largest one. A removed voxel becomes background in
+every region.
 """
 
 from __future__ import annotations
@@ -64,9 +65,11 @@ class PostProcessing:
 
 
 def postprocess_labels(labels: np.ndarray, settings: PostProcessing, spacing: Sequence[float]) -> np.ndarray:
-    """Remove the whole lesion's small components, then all but its largest ``settings.components``.
+    """Keep the whole lesion's largest ``settings.components`` components, less those under ``settings.min_mm3``.
 
-    Components are 26-connected (3D; 8-connected in 2D): voxels touching at a corner are one lesion.
+    The largest component always stays, however small: post-processing never empties a
+    prediction, so a small tumour is not erased. Components are 26-connected (3D; 8-connected
+    in 2D): voxels touching at a corner are one lesion.
 
     Args:
         labels: ``(*spatial)`` label map (0 is background).
@@ -80,10 +83,12 @@ def postprocess_labels(labels: np.ndarray, settings: PostProcessing, spacing: Se
         return labels
     lesion = (labels > 0)[None]  # (1, *spatial): the whole lesion, one channel
     connectivity = labels.ndim
-    if settings.min_mm3 > 0:
-        lesion = np.asarray(RemoveSmallObjects(min_size=settings.min_mm3, connectivity=connectivity, by_measure=True,
-                                               pixdim=tuple(spacing))(lesion))
+    keep = lesion
     if settings.components > 0:
-        lesion = np.asarray(KeepLargestConnectedComponent(num_components=settings.components,
-                                                          connectivity=connectivity)(lesion))
-    return np.where(lesion[0], labels, 0).astype(labels.dtype)
+        keep = np.asarray(KeepLargestConnectedComponent(num_components=settings.components,
+                                                        connectivity=connectivity)(keep))
+    if settings.min_mm3 > 0:
+        large = RemoveSmallObjects(min_size=settings.min_mm3, connectivity=connectivity, by_measure=True,
+                                   pixdim=tuple(spacing))(keep)
+        keep = large | np.asarray(KeepLargestConnectedComponent(connectivity=connectivity)(lesion))
+    return np.where(keep[0], labels, 0).astype(labels.dtype)

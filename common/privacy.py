@@ -1,7 +1,8 @@
 """Differential privacy for model updates: clipping and the Gaussian mechanism, on parameters only.
 
 Kept free of Flower: the ClientApp clips with it (``dp = client-*``), the server's privacy
-wrapper clips, averages and adds noise with it.
+wrapper clips, averages and adds noise with it. It also holds what client and server share
+about an update's arrays: :func:`numpy_arrays` and the ``transport-dtype`` choices.
 
 What the guarantee covers is the model's *parameters* (the floating arrays training moves).
 Normalisation statistics (BatchNorm running mean and variance, batch counters) are neither
@@ -13,10 +14,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 STATISTICS_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")  # normalisation statistics, averaged
+TRANSPORT_DTYPES = ("float32", "float16")  # transport-dtype: float32 weights, or float16 deltas from the global model
+
+
+def numpy_arrays(record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A Flower ``ArrayRecord`` (any mapping of objects with ``.numpy()``) as ``{name: numpy array}``."""
+    return {key: array.numpy() for key, array in record.items()}
 
 
 def is_parameter(key: str, array: np.ndarray) -> bool:

@@ -3,7 +3,7 @@
 Outputs land in the run folder, ``<output-dir>/<run-name>/`` (a resumed run continues in its
 checkpoint's folder): ``metrics.jsonl``, ``metrics.csv``, ``audit.jsonl``, ``last.pt`` (every
 round), ``best.pt`` (best validation Dice), ``final.pt`` (written only when the run completes)
-and ``run_config.json``.
+and ``run_config.json`` (a resume keeps the one before as ``run_config.resume-<round>.json``).
 """
 
 from __future__ import annotations
@@ -35,33 +35,58 @@ from .strategy import build_strategy, format_table
 
 app = ServerApp()
 
-RUN_FILES = ("metrics.jsonl", "audit.jsonl", "last.pt", "final.pt", "run_config.json")  # what a run leaves in its folder
+RUN_FILES = ("metrics.jsonl", "metrics.csv", "audit.jsonl", "last.pt", "best.pt", "final.pt",
+             "run_config.json")  # what a run leaves in its folder
 
 
-def prepare_run_folder(values: Mapping[str, Any]) -> Path:
-    """The folder this run writes to.
+def run_folder(values: Mapping[str, Any]) -> Path:
+    """The folder this run writes to; nothing is written or removed here.
 
     A resumed run continues in the folder of its ``resume-from`` checkpoint, where its history
-    is, whatever ``output-dir`` and ``run-name`` say; the ``final.pt`` an earlier completion
-    left there is removed, so only a completed run has one. A new run writes to
-    ``<output-dir>/<run-name>`` (the run name defaulting to a timestamp), which must not hold a run yet.
+    is, whatever ``output-dir`` and ``run-name`` say. A new run writes to ``<output-dir>/<run-name>``
+    (the run name defaulting to a timestamp), which must not hold a run yet.
 
     Args:
         values: the run config with its defaults (:func:`common.config.with_defaults`).
 
     Raises:
-        ValueError: when a new run's folder already holds a run.
+        ValueError: when ``run-name`` is not a single folder name, or a new run's folder already holds a run.
     """
     if values["resume-from"]:
-        folder = Path(values["resume-from"]).resolve().parent
-        (folder / "final.pt").unlink(missing_ok=True)
-        return folder
-    folder = Path(values["output-dir"]).resolve() / (values["run-name"] or time.strftime("run-%Y%m%d-%H%M%S"))
-    found = [name for name in RUN_FILES if (folder / name).exists()]
+        return Path(values["resume-from"]).resolve().parent
+    name = values["run-name"] or time.strftime("run-%Y%m%d-%H%M%S")
+    if name in (".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"run-name '{name}' must be a single folder name (no '/', '\\', '.' or '..'); "
+                         "put the parent folders in output-dir.")
+    folder = Path(values["output-dir"]).resolve() / name
+    found = [file for file in RUN_FILES if (folder / file).exists()]
     if found:
         raise ValueError(f"run folder {folder} already holds a run ({', '.join(found)}); choose another run-name "
                          f"or output-dir, or continue that run with resume-from={folder / 'last.pt'}.")
     return folder
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def prepare_run_folder(folder: Path, values: Mapping[str, Any], resume: Resume | None) -> None:
+    """Make ``folder`` ready for this run, once everything is validated.
+
+    A resume removes the ``final.pt`` an earlier completion left (only a completed run has one),
+    cuts ``metrics.jsonl`` back to the checkpoint's round (later lines, from a crash) and keeps
+    the previous ``run_config.json`` as ``run_config.resume-<round>.json``. Files are replaced atomically.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "run_config.json"
+    if resume is not None:
+        (folder / "final.pt").unlink(missing_ok=True)
+        _write_atomically(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in resume.history))
+        if config.exists():
+            _write_atomically(folder / f"run_config.resume-{resume.round}.json", config.read_text())
+    _write_atomically(config, json.dumps(values, indent=2, sort_keys=True))
 
 
 def server_evaluator(values: Mapping[str, Any], model_name: str, model_args: dict[str, Any],
@@ -104,22 +129,29 @@ class Resume:
 
 
 def load_resume(path: str, model_name: str, model_args: dict[str, Any]) -> Resume:
-    """Read ``resume-from`` and its run's metrics up to its round (later lines, from a crash, are dropped).
+    """Read ``resume-from`` and its run's metrics up to its round (later lines, from a crash, are
+    dropped from what is returned; :func:`prepare_run_folder` writes that back). Reads only.
 
     Raises:
-        ValueError: when the checkpoint is unreadable or was made with another model.
+        ValueError: when the checkpoint is unreadable, was made with another model, or is not the
+            run's latest round (``best.pt`` or an older copy while ``last.pt`` is further on).
     """
     ckpt = load_checkpoint(path)
     # Arguments added to a model since the checkpoint was written take their defaults.
     if ckpt.model != model_name or resolved_model_args(ckpt.model, **ckpt.model_args) != model_args:
         raise ValueError(f"resume-from {path}: trained {ckpt.model} {ckpt.model_args}, but this run configures "
                          f"{model_name} {model_args}; resume with the run's own config.")
-    metrics = Path(path).resolve().parent / "metrics.jsonl"
+    folder = Path(path).resolve().parent
+    last = folder / "last.pt"
+    if last.exists() and last.resolve() != Path(path).resolve() and (latest := load_checkpoint(last).round) > ckpt.round:
+        raise ValueError(f"resume-from {path} holds round {ckpt.round}, but the run went on to round {latest}; "
+                         f"resume from {last} (a run continues from its latest round; start a new run "
+                         "to branch off an earlier one).")
+    metrics = folder / "metrics.jsonl"
     history = []
     if metrics.exists():
         history = [r for r in (json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
                    if r["round"] <= ckpt.round]
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in history))
     return Resume(ArrayRecord(ckpt.state_dict), ckpt.round, history, ckpt.extra)
 
 
@@ -129,10 +161,9 @@ def main(grid: Grid, context: Context) -> None:
     values = with_defaults(context.run_config)
     spec = dataset_spec(values["dataset"])
     model_name, model_args = model_from(values)
+    # Everything is validated before the run folder changes: a refused resume leaves it as it was.
     resume = load_resume(values["resume-from"], model_name, model_args) if values["resume-from"] else None
-    out_dir = prepare_run_folder(values)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "run_config.json").write_text(json.dumps(values, indent=2, sort_keys=True))
+    out_dir = run_folder(values)
     torch.manual_seed(values["seed"])
     random.seed(values["seed"])  # Flower samples sites with Python's random; a resume restores its state
     model = build_model(model_name, len(spec.channels), len(spec.regions), **model_args)
@@ -151,10 +182,12 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(values, out_dir=out_dir, save_checkpoint=save,
                               server_evaluate=server_evaluator(values, model_name, model_args, spec),
                               first_round=first_round, history=resume.history if resume else None)
+    if resume:
+        strategy.resume(resume.state)
+    prepare_run_folder(out_dir, values, resume)
     timeout = float(values["round-timeout"])
     if resume:
         initial = resume.arrays
-        strategy.resume(resume.state)
         log(INFO, "resumed from %s at round %d (restored: %s)", values["resume-from"], resume.round,
             sorted(resume.state) or "nothing")
     else:

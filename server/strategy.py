@@ -42,7 +42,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT,
 
 from common.config import dataset_spec, with_defaults
 from common.engine import learning_rate
-from common.privacy import STATISTICS_SUFFIXES, private_mean, update_norm
+from common.privacy import STATISTICS_SUFFIXES, TRANSPORT_DTYPES, numpy_arrays, private_mean, update_norm
 
 SERVER_STATE = ("m_t", "v_t", "momentum_vector")  # what Flower's server optimisers carry between rounds
 SERVER_OPTIMIZERS = (flwr_strategies.FedAdam, flwr_strategies.FedYogi, flwr_strategies.FedAdagrad, flwr_strategies.FedAvgM)
@@ -53,6 +53,9 @@ SUMMED_SUFFIX = "-cases"
 # norm's geometric learning rate; the paper's recommended values, also Flower's defaults.
 TARGET_CLIPPED_QUANTILE = 0.5
 CLIP_NORM_LR = 0.2
+# Largest size a normalisation statistic (BatchNorm running mean or variance) may have in an update:
+# activations of a trained network stay orders of magnitude below it; a site sending more breaks the model.
+STATISTIC_BOUND = 1e6
 
 
 def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -70,14 +73,11 @@ def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRe
     return out
 
 
-def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {key: array.numpy() for key, array in record.items()}
-
-
 def decode_update(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A site's model as weights: float16 arrays are its change from the global model that was
-    sent (``transport-dtype = "float16"``) and are added to that model; other arrays are weights."""
-    return {key: np.asarray(sent[key] + value.astype(sent[key].dtype)) if value.dtype == np.float16 else value
+    """A site's ``transport-dtype = "float16"`` upload as weights: its floating arrays are its change
+    from the global model that was sent and are added to that model; counters are kept as they are.
+    The run's setting decides whether an upload is decoded, never the arrays' dtype (see :class:`UpdateScreening`)."""
+    return {key: np.asarray(sent[key] + value.astype(sent[key].dtype)) if value.dtype.kind == "f" else value
             for key, value in arrays.items()}
 
 
@@ -247,8 +247,9 @@ class DifferentialPrivacy(StrategyWrapper):
     server clips again, which changes nothing for a site that did. ``*-fixed`` keep ``C``;
     ``*-adaptive`` learn it (Andrew et al., 2019): after each round ``C`` moves geometrically
     towards the norm that :data:`TARGET_CLIPPED_QUANTILE` of updates exceed, from a noised
-    count of the updates that were clipped (at the site or at the server), with the noise split
-    between that count and the updates as Flower splits it.
+    count of the updates that were clipped (at the server, or in ``client-adaptive`` at the site,
+    which reports ``norm_bit``; ``server-adaptive`` ignores a site's ``norm_bit``), with the noise
+    split between that count and the updates as Flower splits it.
 
     Args:
         strategy: the next layer.
@@ -304,9 +305,12 @@ class DifferentialPrivacy(StrategyWrapper):
         log(INFO, "round %d: private mean of %d update(s) from %d sampled site(s), clipped at %.4g, noise std %.4g",
             server_round, len(updates), self._sampled, self.clipping_norm, noise_multiplier * self.clipping_norm / self._sampled)
         if self.adaptive:
+            # Only client-* modes ask the sites to clip; under server-* a site's norm bit is not read, so a
+            # site cannot steer the norm by claiming it clipped.
             clipped = sum(1 for update, message in zip(updates, replies)
                           if update_norm(update, self._sent) > self.clipping_norm
-                          or any(r.get(KEY_NORM_BIT) for r in message.content.metric_records.values()))
+                          or (self.mode.startswith("client")
+                              and any(r.get(KEY_NORM_BIT) for r in message.content.metric_records.values())))
             fraction = (clipped + self.rng.normal(0.0, count_std)) / len(replies)
             self.clipping_norm *= math.exp(-CLIP_NORM_LR * (fraction - TARGET_CLIPPED_QUANTILE))
         content = RecordDict({"arrays": ArrayRecord({key: Array(value) for key, value in mean.items()}),
@@ -418,37 +422,52 @@ class RoundPolicy(StrategyWrapper):
 
 
 class UpdateScreening(StrategyWrapper):
-    """Screens the replies before anything else sees them, and notes who answered what.
+    """Screens the replies, training and evaluation, before anything else sees them, and notes who answered what.
 
     Each reply is attributed to its site: errors the SuperLink itself generates (a node that
     stopped sending heartbeats) come from the SuperLink's own ID and are traced back to the node
-    the instruction went to. float16 arrays are deltas from the global model (see
-    :func:`decode_update`). Only accepted updates are passed on. Error replies are noted as
-    failures; these updates are rejected, logged and audited with the reason: not exactly one
-    ArrayRecord and one MetricRecord; ``num-examples`` not a whole number in
-    ``[1, max_site_cases]``; array names or shapes other than the global model's; NaN or Inf;
-    an update norm (parameters, see :func:`common.privacy.update_norm`) above
-    ``max_norm_ratio`` times the round's median.
+    the instruction went to. Only accepted replies are passed on. Error replies are noted as
+    failures; other replies are rejected, logged and audited with the reason when:
+
+    - they do not hold exactly one MetricRecord (and, in training, one ArrayRecord);
+    - their metric names differ from the round's (the set most replies share; a tie keeps the
+      set the previous round accepted), or a metric is not finite;
+    - ``num-examples`` is not a whole number in ``[1, max_site_cases]`` (evaluation: ``[0, ...]``,
+      a site without validation cases);
+    - evaluation: a ``dice-*`` or ``iou-*`` outside ``[0, 1]``, or a negative ``hd95-*``;
+    - training: array names, shapes or dtypes other than the global model's in ``transport-dtype``
+      (float16 arrays are deltas from the global model, see :func:`decode_update`); NaN or Inf;
+      a normalisation statistic above :data:`STATISTIC_BOUND` in size, a negative running
+      variance or counter; an update norm (parameters, see :func:`common.privacy.update_norm`)
+      above ``max_norm_ratio`` times the round's median.
 
     Args:
         strategy: the next layer.
-        record: the run record; this layer notes ``sampled``, ``replies`` (errors, or metrics and
-            update norm), ``rejected`` and ``no-reply`` (sampled, but no answer within the round).
-        max_norm_ratio: the norm bound as a multiple of the median (0 disables; needs three or more updates).
+        record: the run record; this layer notes ``sampled``, ``replies`` (errors, or the site's
+            ``metrics`` and the update norm), ``rejected`` and ``no-reply`` (sampled, but no answer
+            within the round), and for evaluation ``evaluate-failed`` and ``evaluate-rejected``.
+        max_norm_ratio: the norm bound as a multiple of the median (0 disables; needs three or more
+            updates). Under differential privacy pass 0: the median depends on every site.
         max_site_cases: the most cases one site may report (it weights the average).
+        transport_dtype: ``transport-dtype``, one of ``TRANSPORT_DTYPES``.
 
     Raises:
-        ValueError: for a negative ``max_norm_ratio`` or ``max_site_cases`` below 1.
+        ValueError: for a negative ``max_norm_ratio``, ``max_site_cases`` below 1 or an unknown ``transport_dtype``.
     """
 
-    def __init__(self, strategy: Strategy, record: RunRecord, *, max_norm_ratio: float, max_site_cases: int) -> None:
+    def __init__(self, strategy: Strategy, record: RunRecord, *, max_norm_ratio: float, max_site_cases: int,
+                 transport_dtype: str) -> None:
         super().__init__(strategy)
         if max_norm_ratio < 0 or max_site_cases < 1:
             raise ValueError(f"max-update-norm-ratio must be >= 0 (got {max_norm_ratio}) and max-site-cases >= 1 "
                              f"(got {max_site_cases}).")
+        if transport_dtype not in TRANSPORT_DTYPES:
+            raise ValueError(f"transport-dtype '{transport_dtype}' is unknown; choose one of {list(TRANSPORT_DTYPES)}.")
         self.record = record
         self.max_norm_ratio = max_norm_ratio
         self.max_site_cases = max_site_cases
+        self.transport_dtype = transport_dtype
+        self.metric_names: dict[str, list[str]] = {}  # per phase, the metric names the last round accepted
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._global = numpy_arrays(arrays)
@@ -456,44 +475,95 @@ class UpdateScreening(StrategyWrapper):
         self.record.current["sampled"] = [m.metadata.dst_node_id for m in self._sent]
         return self._sent
 
-    def problem(self, message: Message) -> tuple[str | None, dict[str, np.ndarray]]:
-        """``(why the update is rejected, or None; its arrays as decoded weights)``."""
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._sent_evaluate = list(super().configure_evaluate(server_round, arrays, config, grid))
+        return self._sent_evaluate
+
+    def metrics_problem(self, message: Message, evaluation: bool) -> str | None:
+        """Why a reply's metrics are rejected, or None."""
         content = message.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            return (f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
-                    f"{len(content.metric_records)}"), {}
-        cases = next(iter(content.metric_records.values())).get(WEIGHT_KEY)
+        arrays = ("no", 0) if evaluation else ("one", 1)
+        if len(content.array_records) != arrays[1] or len(content.metric_records) != 1:
+            return (f"expected {arrays[0]} ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
+                    f"{len(content.metric_records)}")
+        metrics = next(iter(content.metric_records.values()))
+        cases = metrics.get(WEIGHT_KEY)
+        lowest = 0 if evaluation else 1
         if (isinstance(cases, bool) or not isinstance(cases, (int, float)) or not math.isfinite(cases)
-                or cases != int(cases) or not 1 <= cases <= self.max_site_cases):
-            return f"{WEIGHT_KEY} {cases!r} is not a whole number of cases in [1, {self.max_site_cases}] (max-site-cases)", {}
-        arrays = numpy_arrays(next(iter(content.array_records.values())))
+                or cases != int(cases) or not lowest <= cases <= self.max_site_cases):
+            return (f"{WEIGHT_KEY} {cases!r} is not a whole number of cases in [{lowest}, {self.max_site_cases}] "
+                    "(max-site-cases)")
+        for key, value in metrics.items():
+            values = np.asarray(value, np.float64)
+            if not np.isfinite(values).all():
+                return f"metric '{key}' is not finite"
+            if evaluation and key.startswith(("dice-", "iou-")) and not ((values >= 0) & (values <= 1)).all():
+                return f"metric '{key}' is outside [0, 1]"
+            if evaluation and key.startswith("hd95-") and not (values >= 0).all():
+                return f"metric '{key}' is negative"
+        return None
+
+    def update_problem(self, message: Message) -> tuple[str | None, dict[str, np.ndarray]]:
+        """``(why the update is rejected, or None; its arrays as decoded weights)``."""
+        arrays = numpy_arrays(next(iter(message.content.array_records.values())))
         if list(arrays) != list(self._global):
             return "array names differ from the global model's", {}
         for key, values in arrays.items():
-            if values.shape != self._global[key].shape:
-                return f"array '{key}' has shape {values.shape}, expected {self._global[key].shape}", {}
-        arrays = decode_update(arrays, self._global)
+            reference = self._global[key]
+            expected = np.dtype(self.transport_dtype) if reference.dtype.kind == "f" else reference.dtype
+            if values.shape != reference.shape:
+                return f"array '{key}' has shape {values.shape}, expected {reference.shape}", {}
+            if values.dtype != expected:
+                return f"array '{key}' is {values.dtype}, expected {expected} (transport-dtype {self.transport_dtype})", {}
+        if self.transport_dtype == "float16":
+            arrays = decode_update(arrays, self._global)
         for key, values in arrays.items():
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 return f"array '{key}' holds NaN or Inf", {}
+            if key.endswith(STATISTICS_SUFFIXES):
+                if np.abs(values).max(initial=0) > STATISTIC_BOUND:
+                    return f"statistic '{key}' exceeds {STATISTIC_BOUND:g} in size", {}
+                if (key.endswith(("running_var", "num_batches_tracked"))) and (values < 0).any():
+                    return f"statistic '{key}' is negative", {}
         return None, arrays
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def _screen(self, server_round: int, replies: Iterable[Message], sent: list[Message],
+                phase: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[tuple[Message, int]]]:
+        """``(error replies, rejected replies, [(message, node)] whose metrics pass)``, each attributed to its node."""
         # Message IDs exist once the Grid has pushed the messages, so the map is built here.
-        destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
-        records, rejected, candidates = [], [], []
+        destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+        errors, rejected, passed = [], [], []
         for message in replies:
             node = destinations.get(message.metadata.reply_to_message_id, message.metadata.src_node_id)
             if message.has_error():
-                records.append({"node-id": node, "error": message.error.reason})
-                continue
-            reason, arrays = self.problem(message)
+                errors.append({"node-id": node, "error": message.error.reason})
+            elif (reason := self.metrics_problem(message, phase == "evaluate")) is not None:
+                rejected.append({"node-id": node, "reason": reason})
+            else:
+                passed.append((message, node))
+        # Flower aggregates only replies with the same metric names; the round's are those most share.
+        names = [sorted(next(iter(m.content.metric_records.values()))) for m, _ in passed]
+        counts = {tuple(n): names.count(n) for n in names}
+        if counts:
+            previous = tuple(self.metric_names.get(phase, ()))
+            expected = max(counts, key=lambda n: (counts[n], n == previous))
+            self.metric_names[phase] = list(expected)
+            rejected += [{"node-id": node, "reason": f"metric names {n} differ from the round's {list(expected)}"}
+                         for (_, node), n in zip(passed, names) if tuple(n) != expected]
+            passed = [(m, node) for (m, node), n in zip(passed, names) if tuple(n) == expected]
+        return errors, rejected, passed
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        errors, rejected, passed = self._screen(server_round, replies, self._sent, "train")
+        candidates = []
+        for message, node in passed:
+            reason, arrays = self.update_problem(message)
             if reason is None:
                 candidates.append((message, node, arrays, update_norm(arrays, self._global)))
             else:
                 rejected.append({"node-id": node, "reason": reason})
         median = float(np.median([norm for *_, norm in candidates])) if len(candidates) >= 3 else 0.0
-        accepted = []
+        accepted, records = [], list(errors)
         for message, node, arrays, norm in candidates:
             if self.max_norm_ratio > 0 and median > 0 and norm > self.max_norm_ratio * median:
                 rejected.append({"node-id": node, "reason": f"update norm {norm:.3g} > {self.max_norm_ratio:g} x median {median:.3g}"})
@@ -501,7 +571,8 @@ class UpdateScreening(StrategyWrapper):
             name = next(iter(message.content.array_records))
             message.content[name] = ArrayRecord({key: Array(value) for key, value in arrays.items()})
             accepted.append(message)
-            records.append({"node-id": node, **{k: v for r in message.content.metric_records.values() for k, v in r.items()},
+            # Site metrics are nested: a site cannot write the server's fields (node-id, error, update-norm).
+            records.append({"node-id": node, "metrics": dict(next(iter(message.content.metric_records.values()))),
                             "update-norm": norm})
         for entry in rejected:
             log(WARNING, "round %d: rejected the update of node %d: %s", server_round, entry["node-id"], entry["reason"])
@@ -509,6 +580,14 @@ class UpdateScreening(StrategyWrapper):
         self.record.current.update({"replies": records, "rejected": rejected,
                                     "no-reply": [n for n in self.record.current.get("sampled", []) if n not in answered]})
         return super().aggregate_train(server_round, accepted)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        errors, rejected, passed = self._screen(server_round, replies, self._sent_evaluate, "evaluate")
+        for entry in rejected:
+            log(WARNING, "round %d: rejected the evaluation of node %d: %s", server_round, entry["node-id"], entry["reason"])
+        self.record.current.update({"evaluate-failed": [{"node-id": e["node-id"], "reason": e["error"]} for e in errors],
+                                    "evaluate-rejected": rejected})
+        return super().aggregate_evaluate(server_round, [message for message, _ in passed])
 
 
 def _random_state() -> list[Any]:
@@ -642,6 +721,8 @@ class RunRecorder(StrategyWrapper):
             "failed": [{"node-id": r["node-id"], "reason": r["error"]} for r in replies if "error" in r]
             + [{"node-id": n, "reason": "no reply within round-timeout"} for n in record.get("no-reply", [])],
             "rejected": record.get("rejected", []),
+            "evaluate-failed": record.get("evaluate-failed", []),
+            "evaluate-rejected": record.get("evaluate-rejected", []),
             "round-failed": record.get("failed"),
             "checkpoint": written,
         })
@@ -778,8 +859,15 @@ def build_strategy(run_config: Mapping[str, Any], *, out_dir: Path,
     stack = RoundPolicy(stack, record, min_available_nodes=min_nodes, min_train_nodes=min_train_nodes,
                         evaluates=values["fraction-evaluate"] > 0, max_failed_rounds=values["max-failed-rounds"],
                         node_wait_timeout=float(values["node-wait-timeout"]), round_timeout=float(values["round-timeout"]))
-    stack = UpdateScreening(stack, record, max_norm_ratio=float(values["max-update-norm-ratio"]),
-                            max_site_cases=values["max-site-cases"])
+    max_norm_ratio = float(values["max-update-norm-ratio"])
+    if values["dp"] != "none" and max_norm_ratio > 0:
+        # The round's median depends on every site, so one site would decide whether the others' clipped
+        # updates are admitted, which the privacy guarantee does not allow; clipping bounds each site instead.
+        log(INFO, "dp '%s': max-update-norm-ratio %g is not applied; clipping bounds each site's update",
+            values["dp"], max_norm_ratio)
+        max_norm_ratio = 0.0
+    stack = UpdateScreening(stack, record, max_norm_ratio=max_norm_ratio, max_site_cases=values["max-site-cases"],
+                            transport_dtype=values["transport-dtype"])
     best_key = f"dice-{next(iter(dataset_spec(values['dataset']).regions)).lower()}"
     return RunRecorder(stack, record, save_checkpoint=save_checkpoint, num_rounds=values["num-server-rounds"],
                        base_lr=float(values["learning-rate"]), lr_schedule=values["lr-schedule"], best_key=best_key,

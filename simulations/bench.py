@@ -111,9 +111,12 @@ def bench_inference(
             nib.save(nib.Nifti1Image(labels, prepared.affine, prepared.header), str(out_dir / f"{case}-ours.nii.gz"))
             return labels
 
+        network_voxels: dict[int, int] = {}  # per pipeline: voxels the network saw, the crop's effect
+
         def reference(load: Compose) -> np.ndarray:
             item = load({name: paths[name] for name in names})
             image = item["image"].unsqueeze(0).to(device)
+            network_voxels[id(load)] = int(np.prod(image.shape[2:]))
             roi = (image.shape[2], image.shape[3], 1) if dims == 2 else tuple(min(p, s) for p, s in zip(patch_size, image.shape[2:]))
             with torch.no_grad(), autocast(device):
                 logits = sliding_window_inference(image, roi, 32 if dims == 2 else 4, reference_net, overlap=0.5)
@@ -146,6 +149,7 @@ def bench_inference(
         labels_of: dict[str, np.ndarray] = {}
         for key, load in loaders.items():
             row[key], labels_of[key] = _median_time(lambda load=load: reference(load), repeats)
+            row[key.replace("_s", "_network_voxels")] = network_voxels[id(load)]
         row["model_only_s"], _ = _median_time(model_only, repeats)
         if prepared.regions is not None:
             truth = load_case(data, spec, case, crop_foreground=False)  # regions on the full RAS grid

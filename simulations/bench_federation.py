@@ -74,7 +74,8 @@ def bench_training(data: str | Path, cases: Sequence[str], model_name: str, devi
 
     # The project: TrainConfig with samples_per_case so one epoch is `steps` steps.
     per_case = max(1, samples // len(prepared))
-    config = TrainConfig(epochs=1, batch_size=batch_size, samples_per_case=per_case, seed=0, patch_size=tuple(patch_size))
+    config = TrainConfig(epochs=1, steps=0, batch_size=batch_size, samples_per_case=per_case, seed=0,
+                         patch_size=tuple(patch_size))
     ours_model = network()
 
     def ours() -> int:
@@ -165,7 +166,7 @@ def federation_overhead(history: Sequence[Mapping[str, Any]], fp32_bytes: int) -
     """From a run's ``metrics.jsonl`` records: overhead share per round and upload bytes ratio."""
     rows = []
     for record in history:
-        replies = [r for r in record.get("replies", []) if "train-seconds" in r]
+        replies = [r["metrics"] for r in record.get("replies", []) if "train-seconds" in r.get("metrics", {})]
         phase = record.get("train-phase-seconds")
         if not replies or not phase:
             continue

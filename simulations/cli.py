@@ -65,7 +65,8 @@ def _train_config(args: argparse.Namespace) -> Any:
 
     return train_config_from({"batch-size": args.batch_size, "learning-rate": args.learning_rate,
                               "samples-per-case": args.samples_per_case, "pos-ratio": args.pos_ratio,
-                              "patch-size": args.patch_size}, epochs=args.epochs, seed=args.seed)
+                              "patch-size": args.patch_size, "local-steps": args.steps_per_epoch},
+                             epochs=args.epochs, seed=args.seed)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -254,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default=declared["model"], help="model name, see `fedlesion models` (default %(default)s)")
     train.add_argument("--model-args", default="", help="model argument overrides, e.g. 'base_channels=16 depth=4'")
     train.add_argument("--epochs", type=int, default=20, help="epochs (default 20)")
+    train.add_argument("--steps-per-epoch", type=int, default=0,
+                       help="optimiser steps per epoch; 0 (the default): one pass over samples-per-case slices of every case")
     train.add_argument("--batch-size", type=int, default=declared["batch-size"],
                        help="slices or patches per step (default %(default)s)")
     train.add_argument("--learning-rate", type=float, default=declared["learning-rate"],

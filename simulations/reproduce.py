@@ -165,7 +165,7 @@ def reproduce(
         key = f"dice-{first_region.lower()}"
         curves[strategy] = [(r["round"], r["server"][key]) for r in history if key in r.get("server", {})]
         checkpoints[strategy] = run_dir / "final.pt"
-        sent = [reply["update-bytes"] for r in history for reply in r.get("replies", []) if "update-bytes" in reply]
+        sent = [reply["metrics"]["update-bytes"] for r in history for reply in r.get("replies", []) if "update-bytes" in reply.get("metrics", {})]
         trained = [r["train"]["num-examples"] for r in history if "num-examples" in r.get("train", {})]
         results[strategy] = {"bytes_sent_per_client_per_round": float(np.mean(sent)) if sent else None,
                              "train_cases": int(max(trained)) if trained else 0}

@@ -69,3 +69,15 @@ def train_round(stack, grid: FakeGrid, server_round: int, arrays: ArrayRecord,  
     stack.configure_evaluate(server_round, new if new is not None else arrays, ConfigRecord(), grid)
     stack.aggregate_evaluate(server_round, [])
     return new, messages
+
+
+def evaluate_reply(request: Message, cases: float = 2, **metrics: float) -> Message:
+    """A site's evaluation reply to ``request``: metrics only (``num-examples`` = ``cases``)."""
+    return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": cases, **metrics})}), reply_to=request)
+
+
+def evaluate_round(stack, grid: FakeGrid, server_round: int, arrays: ArrayRecord,  # noqa: ANN001 - any strategy
+                   answer: Answer) -> MetricRecord | None:
+    """Evaluation as Flower's ``start`` runs it; returns the aggregated metrics."""
+    messages = grid.push(list(stack.configure_evaluate(server_round, arrays, ConfigRecord(), grid)))
+    return stack.aggregate_evaluate(server_round, [r for r in (answer(m) for m in messages) if r is not None])

@@ -37,7 +37,7 @@ def trained(tiny_sites: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_train_writes_a_self_describing_checkpoint(trained: Path) -> None:
     ckpt = load_checkpoint(trained)
-    assert ckpt.epoch == 2 and ckpt.model == "unet2d" and ckpt.model_args == {"base_channels": 4, "depth": 2, "norm": "batch"}
+    assert ckpt.epoch == 2 and ckpt.model == "unet2d" and ckpt.model_args == {"base_channels": 4, "depth": 2, "norm": "group"}
     assert "Synth_S02_003" not in ckpt.run_config["train_cases"] and len(ckpt.run_config["train_cases"]) == 3
     declared = declared_run_config()
     for key in ("postprocess", "postprocess-min-mm3", "postprocess-components"):

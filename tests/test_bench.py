@@ -20,6 +20,9 @@ def test_bench_writes_the_contracted_keys(tiny_sites: Path, tmp_path: Path) -> N
     assert row["reference_uncropped_s"] > 0 and row["end_to_end_ratio_uncropped_reference"] > 0
     assert row == result["inference"]["unet2d"]["cpu"]
     assert {"dice_project", "dice_reference", "dice_reference_uncropped"} <= set(row["cases"][0])
+    # The cropping reference runs the network on the head's box only; its labels are scored on the full grid.
+    for case in row["cases"]:
+        assert case["reference_network_voxels"] < case["reference_uncropped_network_voxels"]
     assert result["versions"]["monai"] and "| unet2d | cpu |" in (tmp_path / "bench.md").read_text()
     training = result["training"]["unet2d"]["cpu"]
     assert training["throughput_ratio"] > 0 and training["samples_per_s"] > 0 and training["reference_samples_per_s"] > 0
@@ -36,7 +39,8 @@ def test_fets2_proportions_cover_every_case() -> None:
 
 def test_federation_overhead_from_round_records() -> None:
     history = [{"round": r, "train-phase-seconds": 10.0,
-                "replies": [{"train-seconds": 9.0, "update-bytes": 1010.0}, {"train-seconds": 6.0, "update-bytes": 1010.0}]}
+                "replies": [{"metrics": {"train-seconds": 9.0, "update-bytes": 1010.0}},
+                            {"metrics": {"train-seconds": 6.0, "update-bytes": 1010.0}}]}
                for r in (1, 2, 3)]
     result = federation_overhead(history, fp32_bytes=1000)
     assert result["overhead_fraction"] == pytest.approx(0.1) and result["bytes_ratio"] == pytest.approx(1.01)

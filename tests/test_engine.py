@@ -27,7 +27,7 @@ def _tiny_model() -> torch.nn.Module:
 def test_training_lowers_the_loss_and_scores_cases(tiny_sites: Path) -> None:
     cases = load_site(tiny_sites / "site-2").cases
     model = _tiny_model()
-    config = TrainConfig(epochs=4, batch_size=8, learning_rate=3e-3, samples_per_case=8, seed=0)
+    config = TrainConfig(epochs=4, steps=0, batch_size=8, learning_rate=3e-3, samples_per_case=8, seed=0)
     losses: list[float] = []
     stats = train(model, cases, 2, config, torch.device("cpu"), progress=lambda e, loss: losses.append(loss))
     assert len(losses) == 4 and losses[-1] < losses[0]

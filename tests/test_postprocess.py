@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from client import app as client_app
 from common import api
 from common.checkpoint import Checkpoint, save_checkpoint
-from common.config import declared_run_config
+from common.config import declared_run_config, model_from
 from common.data import LAYOUTS, regions_from_labels
 from common.engine import probabilities_to_labels
 from common.model import build_model
@@ -52,6 +52,7 @@ def _settings(enabled: bool = True, min_mm3: float = 0.0, components: int = 0) -
         (_settings(min_mm3=20.0), (1.0, 1.0, 1.0), {"second"}),  # the island is 4 mm^3
         (_settings(min_mm3=20.0), (2.0, 2.0, 2.0), {"second", "island"}),  # ... or 32 mm^3 with 2 mm voxels
         (_settings(min_mm3=300.0), (1.0, 1.0, 1.0), set()),  # the second component is 216 mm^3
+        (_settings(min_mm3=5000.0), (1.0, 1.0, 1.0), set()),  # the largest stays, however small
         (_settings(components=1), (1.0, 1.0, 1.0), set()),
         (_settings(components=2), (1.0, 1.0, 1.0), {"second"}),
         (_settings(min_mm3=20.0, components=3), (1.0, 1.0, 1.0), {"second"}),
@@ -186,11 +187,12 @@ def test_the_federation_evaluates_with_the_run_config_settings(tiny_sites: Path,
     monkeypatch.setattr(server_app, "evaluate", fake_evaluate)
     run_config = {"model": "unet2d", "model-args": "base_channels=4 depth=2", "val-fraction": 0.5,
                   "postprocess-min-mm3": 12.5, "postprocess-components": 2}
-    arrays = ArrayRecord(build_model("unet2d", 4, 3, base_channels=4, depth=2).state_dict())
+    model_name, model_args = model_from(run_config)
+    arrays = ArrayRecord(build_model(model_name, 4, 3, **model_args).state_dict())
     context = Context(run_id=1, node_id=7, node_config={"data-path": str(tiny_sites / "site-1"), "site-name": "h"},
                       state=RecordDict(), run_config=run_config)
     client_app.evaluate(Message(content=RecordDict({"arrays": arrays}), dst_node_id=7, message_type="evaluate"), context)
     values = {**DECLARED, **run_config, "server-eval-data": str(tiny_sites / "site-1")}
-    evaluator = server_app.server_evaluator(values, "unet2d", {"base_channels": 4, "depth": 2, "norm": "batch"}, BRATS)
+    evaluator = server_app.server_evaluator(values, model_name, model_args, BRATS)
     evaluator(1, arrays)
     assert seen == [_settings(DECLARED["postprocess"], 12.5, 2)] * 2

@@ -141,3 +141,25 @@ def test_site_clips_parameters_only_when_the_server_sends_a_norm() -> None:
     np.testing.assert_array_equal(arrays["bn.running_var"], trained["bn.running_var"])
     assert arrays["bn.num_batches_tracked"] == 5
     assert out.content["metrics"][KEY_NORM_BIT] == 1
+
+
+@pytest.mark.parametrize("third", [0.1, 100.0])
+def test_one_site_does_not_decide_whether_another_is_admitted(tmp_path: Path, third: float) -> None:
+    """The norm-ratio screen compares with the round's median, which every site moves: under DP it is off, so
+    site 2 (norm 10) is admitted whether site 3's norm is 0.1 (median 1) or 100 (median 10)."""
+    stack = _stack(tmp_path, **{"max-update-norm-ratio": 5.0, "dp-noise-multiplier": 0.0})
+    norms = {1: 1.0, 2: 10.0, 3: third}
+    direction = np.ones(SIZE, np.float32) / np.sqrt(SIZE)
+    train_round(stack, FakeGrid([1, 2, 3]), 1, record(START), lambda m: reply(
+        m, {**START, "conv.weight": (norms[m.metadata.dst_node_id] * direction).astype(np.float32)}))
+    entry = _audit(tmp_path)[-1]
+    assert sorted(entry["replied"]) == [1, 2, 3] and entry["rejected"] == []
+
+
+def test_server_adaptive_ignores_the_norm_bit_a_site_sends(tmp_path: Path) -> None:
+    """Only client-* modes clip at the sites; under server-adaptive a site claiming it clipped must not shrink C."""
+    stack = _stack(tmp_path, **{"dp": "server-adaptive", "dp-initial-clipping-norm": 100.0, "dp-noise-multiplier": 0.0})
+    train_round(stack, FakeGrid([1, 2]), 1, record(START),
+                lambda m: reply(m, _site_model(m.metadata.dst_node_id), **{KEY_NORM_BIT: 1}))
+    # No update reaches norm 100, so none was clipped: C grows by exp(0.2 * 0.5).
+    assert stack.checkpoint_state()["privacy"]["clipping-norm"] == pytest.approx(100.0 * np.exp(0.1))

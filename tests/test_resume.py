@@ -13,7 +13,8 @@ from flwr.app import ConfigRecord
 
 from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from common.config import dataset_spec, with_defaults
-from server.app import prepare_run_folder
+from common.model import resolved_model_args
+from server.app import load_resume, prepare_run_folder, run_folder
 from server.strategy import build_strategy
 from simulations.launch import read_history, run_federation
 
@@ -57,8 +58,8 @@ def test_resumed_fedadam_ends_where_the_uninterrupted_run_ends(runs: dict[str, P
 
 @pytest.mark.process
 def test_checkpoints_load_without_unpickling_code(runs: dict[str, Path]) -> None:
-    payload = torch.load(runs["resumed"] / "final.pt", weights_only=True)
-    assert set(payload["extra"]) == {"run", "round_policy", "optimizer_state"}
+    for name in ("final.pt", "last.pt", "best.pt"):  # load_checkpoint unpickles data only
+        assert set(load_checkpoint(runs["resumed"] / name).extra) == {"run", "round_policy", "optimizer_state"}
 
 
 def test_resumed_run_continues_in_the_checkpoints_folder(tmp_path: Path) -> None:
@@ -68,17 +69,63 @@ def test_resumed_run_continues_in_the_checkpoints_folder(tmp_path: Path) -> None
         (folder / name).touch()
     values = with_defaults({"resume-from": str(folder / "last.pt"), "output-dir": str(tmp_path / "elsewhere"),
                             "run-name": "run-b"})
-    assert prepare_run_folder(values) == folder.resolve()
+    assert run_folder(values) == folder.resolve()
+    assert (folder / "final.pt").exists(), "nothing changes before the resume is validated"
+
+
+def _checkpoint(path: Path, server_round: int) -> Path:
+    return save_checkpoint(Checkpoint(model="unet2d", model_args=resolved_model_args("unet2d"),
+                                      spec=dataset_spec("brats2021"), state_dict={}, round=server_round), path)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_resume_changes_the_folder_only_once_validated(tmp_path: Path) -> None:
+    """Reading the resume changes nothing; preparing the folder then cuts the metrics back to the checkpoint's
+    round, removes the stale final.pt and keeps the previous run config."""
+    folder = tmp_path / "run-a"
+    folder.mkdir()
+    _checkpoint(folder / "last.pt", 2)
+    (folder / "final.pt").touch()
+    (folder / "metrics.jsonl").write_text("".join(f'{{"round": {r}}}\n' for r in (1, 2, 3)))  # round 3: a crash
+    (folder / "run_config.json").write_text('{"num-server-rounds": 2}')
+    resume = load_resume(str(folder / "last.pt"), "unet2d", resolved_model_args("unet2d"))
+    assert len(_lines(folder / "metrics.jsonl")) == 3 and (folder / "final.pt").exists()
+    assert [r["round"] for r in resume.history] == [1, 2]
+    values = with_defaults({"resume-from": str(folder / "last.pt"), "num-server-rounds": 4})
+    prepare_run_folder(folder, values, resume)
+    assert _lines(folder / "metrics.jsonl") == ['{"round": 1}', '{"round": 2}']
     assert not (folder / "final.pt").exists(), "a stale final.pt would count the resumed run as complete"
+    assert (folder / "run_config.resume-2.json").read_text() == '{"num-server-rounds": 2}'
+    assert '"num-server-rounds": 4' in (folder / "run_config.json").read_text()
+    assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp")) == []
 
 
-@pytest.mark.parametrize("leftover", ["metrics.jsonl", "final.pt", "last.pt", "audit.jsonl", "run_config.json"])
+def test_resume_from_an_earlier_round_than_the_runs_latest_is_refused(tmp_path: Path) -> None:
+    _checkpoint(tmp_path / "best.pt", 1)
+    _checkpoint(tmp_path / "last.pt", 3)
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"round": {r}}}\n' for r in (1, 2, 3)))
+    with pytest.raises(ValueError, match=r"best\.pt holds round 1, but the run went on to round 3; resume from .*last\.pt"):
+        load_resume(str(tmp_path / "best.pt"), "unet2d", resolved_model_args("unet2d"))
+    assert len(_lines(tmp_path / "metrics.jsonl")) == 3
+
+
+@pytest.mark.parametrize("name", ["a/b", "../escape", "..", ".", "/abs"])
+def test_run_name_must_be_one_folder_name(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="must be a single folder name"):
+        run_folder(with_defaults({"output-dir": str(tmp_path), "run-name": name}))
+
+
+@pytest.mark.parametrize("leftover", ["metrics.jsonl", "metrics.csv", "final.pt", "last.pt", "best.pt", "audit.jsonl",
+                                      "run_config.json"])
 def test_a_folder_holding_a_run_is_refused_unless_resuming(tmp_path: Path, leftover: str) -> None:
     (tmp_path / "run-a").mkdir()
     (tmp_path / "run-a" / leftover).touch()
     with pytest.raises(ValueError, match=r"already holds a run .*resume-from="):
-        prepare_run_folder(with_defaults({"output-dir": str(tmp_path), "run-name": "run-a"}))
-    assert prepare_run_folder(with_defaults({"output-dir": str(tmp_path), "run-name": "run-b"})) == (tmp_path / "run-b").resolve()
+        run_folder(with_defaults({"output-dir": str(tmp_path), "run-name": "run-a"}))
+    assert run_folder(with_defaults({"output-dir": str(tmp_path), "run-name": "run-b"})) == (tmp_path / "run-b").resolve()
 
 
 START = {"w": np.zeros(8, np.float32)}
@@ -115,7 +162,7 @@ def test_resume_restores_sampling_clipping_norm_and_failed_rounds(tmp_path: Path
     train_round(original, grid, 2, record(START), lambda m: error_reply(m))
     path = save_checkpoint(Checkpoint(model="unet2d", model_args={}, spec=dataset_spec("brats2021"), state_dict={},
                                       extra=original.checkpoint_state()), tmp_path / "last.pt")
-    state = torch.load(path, weights_only=True)["extra"]
+    state = load_checkpoint(path).extra
     sampled = [m.metadata.dst_node_id for m in original.configure_train(3, record(START), ConfigRecord(), grid)]
 
     resumed = _stack(tmp_path / "b", first_round=3, **config)

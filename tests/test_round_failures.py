@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fake_federation import FakeGrid, error_reply, record, reply, task_identity, train_round  # noqa: F401 - fixture
-from flwr.app import ConfigRecord, Error, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+
+from client import app as client_app
 
 from server.strategy import build_strategy
 
@@ -125,3 +127,19 @@ def test_superlink_generated_error_is_traced_to_the_silent_node(tmp_path: Path) 
 
     train_round(_stack(tmp_path), FakeGrid([4, 5, 6]), 1, record(START), _sites(n6=from_superlink))
     assert _audit(tmp_path)[-1]["failed"] == [{"node-id": 6, "reason": "Error: Node Unavailable"}]
+
+
+def test_a_failure_in_a_client_mod_keeps_its_details_at_the_site(caplog: pytest.LogCaptureFixture) -> None:
+    """A bad transport-dtype fails in the upload mod; the server is told only its kind, the site logs the rest."""
+    arrays = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+    msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord()}), dst_node_id=7, message_type="train")
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={"transport-dtype": "bfloat16"})
+
+    def trained(message: Message, _: Context) -> Message:
+        return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})}), reply_to=message)
+
+    send = client_app.app._mods[0]  # noqa: SLF001 - the mod exactly as the ClientApp runs it
+    with pytest.raises(RuntimeError) as raised:
+        send(msg, context, trained)
+    assert str(raised.value) == "ValueError at the site during train; details are in that SuperNode's log"
+    assert "bfloat16" in caplog.text

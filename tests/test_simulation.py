@@ -31,7 +31,7 @@ def test_two_round_federation_on_tiny_synthetic_sites(tmp_path: Path) -> None:
     # FedAvg weighted each site's update by its number of training cases.
     expected = sorted(len(split_train_val([str(i) for i in range(n)], 0.25, 0)[0]) for n in site_case_counts(3, 3))
     for record in history[1:]:
-        assert sorted(int(r["num-examples"]) for r in record["replies"]) == expected == [1, 2, 3]
+        assert sorted(int(r["metrics"]["num-examples"]) for r in record["replies"]) == expected == [1, 2, 3]
         assert record["train"]["num-examples"] == sum(expected)
         assert "dice-wt" in record["evaluate"]
 
@@ -64,7 +64,7 @@ def test_differential_privacy_wraps_the_strategy(tmp_path: Path) -> None:
     record = read_history(run_dir)[-1]
     assert record["round"] == 1 and "failed" not in record
     assert len(record["replies"]) == 2 and all("error" not in r for r in record["replies"]), record["replies"]
-    assert all(r["norm_bit"] == 1 and r["update-norm"] <= 0.05 * 1.002 for r in record["replies"]), record["replies"]
+    assert all(r["metrics"]["norm_bit"] == 1 and r["update-norm"] <= 0.05 * 1.002 for r in record["replies"]), record["replies"]
     torch.manual_seed(0)  # the ServerApp's initial model
     initial = build_model("unet2d", 4, 3, base_channels=4, depth=2)
     final = load_checkpoint(run_dir / "final.pt").state_dict

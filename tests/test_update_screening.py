@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_federation import FakeGrid, record, reply, task_identity, train_round  # noqa: F401 - fixture
+from fake_federation import FakeGrid, evaluate_reply, evaluate_round, record, reply, task_identity, train_round  # noqa: F401
 
 from server.strategy import build_strategy
 
@@ -95,13 +95,90 @@ def test_server_optimiser_leaves_normalisation_statistics_to_averaging(tmp_path:
 
 def test_float16_updates_are_deltas_added_to_the_float32_model(tmp_path: Path) -> None:
     """``transport-dtype = "float16"``: sites upload their change in float16; the server adds it to what it sent."""
-    stack = _stack(tmp_path)
+    stack = _stack(tmp_path, **{"transport-dtype": "float16"})
     start = {k: v + 1.0 for k, v in GLOBAL.items()}
-    uploads = {1: {k: np.full(v.shape, 0.1, np.float16) for k, v in GLOBAL.items()}, 2: {k: v + 0.3 for k, v in start.items()}}
-    arrays, _ = train_round(stack, FakeGrid([1, 2]), 1, record(start), lambda m: reply(m, uploads[m.metadata.dst_node_id]))
+    uploads = {n: {k: np.full(v.shape, 0.1 * n, np.float16) for k, v in GLOBAL.items()} for n in (1, 3)}
+    arrays, _ = train_round(stack, FakeGrid([1, 3]), 1, record(start), lambda m: reply(m, uploads[m.metadata.dst_node_id]))
     assert arrays["w"].dtype == "float32"
-    np.testing.assert_allclose(arrays["w"].numpy(), np.full((4, 4), 1.2), rtol=1e-4)  # (1.1 + 1.3) / 2
-    overflow = {k: np.full(v.shape, np.inf, np.float16) for k, v in GLOBAL.items()}  # what 7e4 becomes in float16
-    uploads[3] = overflow
-    train_round(stack, FakeGrid([1, 2, 3]), 2, record(start), lambda m: reply(m, uploads[m.metadata.dst_node_id]))
-    assert [r["node-id"] for r in _audit(tmp_path)[-1]["rejected"]] == [3]
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((4, 4), 1.2), rtol=1e-3)  # (1.1 + 1.3) / 2
+    uploads[2] = {k: np.full(v.shape, np.inf, np.float16) for k, v in GLOBAL.items()}  # what 7e4 becomes in float16
+    uploads[4] = {k: v + 0.3 for k, v in start.items()}  # float32 weights, though the run sends float16 deltas
+    train_round(stack, FakeGrid([1, 2, 3, 4]), 2, record(start), lambda m: reply(m, uploads[m.metadata.dst_node_id]))
+    assert {r["node-id"]: r["reason"] for r in _audit(tmp_path)[-1]["rejected"]} == {
+        2: "array 'w' holds NaN or Inf", 4: "array 'w' is float32, expected float16 (transport-dtype float16)"}
+
+
+def test_float16_arrays_are_refused_when_the_run_sends_float32(tmp_path: Path) -> None:
+    """The run's transport-dtype decides what an upload is: a float16 array is not taken for a delta under float32."""
+    stack = _stack(tmp_path)
+    uploads = {1: _update(0.1), 2: _update(0.2), 3: {k: np.full(v.shape, 0.1, np.float16) for k, v in GLOBAL.items()}}
+    train_round(stack, FakeGrid([1, 2, 3]), 1, record(GLOBAL), lambda m: reply(m, uploads[m.metadata.dst_node_id]))
+    assert _audit(tmp_path)[-1]["rejected"] == [
+        {"node-id": 3, "reason": "array 'w' is float16, expected float32 (transport-dtype float32)"}]
+
+
+def test_reply_with_other_metric_names_is_rejected_not_a_crash(tmp_path: Path) -> None:
+    """Flower aggregates only replies with the same metric names; a different one is rejected, the round goes on."""
+    stack = _stack(tmp_path)
+    extra = {3: {"surprise": 1.0}}
+    arrays, _ = train_round(stack, FakeGrid([1, 2, 3]), 1, record(GLOBAL),
+                            lambda m: reply(m, _update(0.1), **extra.get(m.metadata.dst_node_id, {})))
+    assert arrays is not None
+    [rejected] = _audit(tmp_path)[-1]["rejected"]
+    assert rejected["node-id"] == 3 and "metric names" in rejected["reason"]
+
+
+GOOD_SCORES = {"dice-wt": 0.8, "iou-wt": 0.7, "hd95-wt": 3.0}
+
+
+@pytest.mark.parametrize(
+    "cases, scores, reason",
+    [
+        (1e9, GOOD_SCORES, "not a whole number of cases in [0, 100000]"),
+        (2, {**GOOD_SCORES, "dice-wt": 50.0}, "'dice-wt' is outside [0, 1]"),
+        (2, {**GOOD_SCORES, "iou-wt": -0.1}, "'iou-wt' is outside [0, 1]"),
+        (2, {**GOOD_SCORES, "hd95-wt": -1.0}, "'hd95-wt' is negative"),
+        (2, {**GOOD_SCORES, "dice-wt": float("nan")}, "'dice-wt' is not finite"),
+        (2, {**GOOD_SCORES, "dice-tc": 0.5}, "metric names"),
+        (2, {"dice-wt": 0.8}, "metric names"),
+    ],
+)
+def test_bad_evaluation_is_rejected_and_audited(tmp_path: Path, cases: float, scores: dict, reason: str) -> None:
+    """A site claiming a billion cases with Dice 50 once made the aggregate Dice 50 and chose best.pt."""
+    stack = _stack(tmp_path)
+    grid = FakeGrid([1, 2, 3, 4])
+    metrics = evaluate_round(stack, grid, 1, record(GLOBAL), lambda m: (
+        evaluate_reply(m, cases, **scores) if m.metadata.dst_node_id == 4 else evaluate_reply(m, 2, **GOOD_SCORES)))
+    assert metrics["dice-wt"] == pytest.approx(0.8) and metrics["num-examples"] == 6
+    [rejected] = _audit(tmp_path)[-1]["evaluate-rejected"]
+    assert rejected["node-id"] == 4 and reason in rejected["reason"]
+
+
+def test_site_metrics_cannot_overwrite_the_servers_fields(tmp_path: Path) -> None:
+    """Site metrics are nested under "metrics": one named node-id or error forges no sender and no failure."""
+    stack = _stack(tmp_path, **{"max-failed-rounds": 0})
+    forged = {"node-id": 42.0, "error": 1.0, "update-norm": 0.0}
+    arrays, _ = train_round(stack, FakeGrid([1, 2]), 1, record(GLOBAL), lambda m: reply(m, _update(0.1), **forged))
+    assert arrays is not None
+    entry = _audit(tmp_path)[-1]
+    assert sorted(entry["replied"]) == [1, 2] and entry["failed"] == [] and entry["round-failed"] is None
+    replies = stack.history[-1]["replies"]
+    assert sorted(r["node-id"] for r in replies) == [1, 2] and all(r["metrics"]["node-id"] == 42.0 for r in replies)
+    assert all(r["update-norm"] == pytest.approx(0.1 * np.sqrt(20)) for r in replies)
+
+
+@pytest.mark.parametrize(
+    "running_var, reason",
+    [
+        (np.full(4, 1e30, np.float32), "exceeds 1e+06 in size"),
+        (np.full(4, -1.0, np.float32), "'bn.running_var' is negative"),
+    ],
+)
+def test_bad_normalisation_statistics_are_rejected(tmp_path: Path, running_var: np.ndarray, reason: str) -> None:
+    stack = _stack(tmp_path)
+    start = {**GLOBAL, "bn.running_var": np.ones(4, np.float32)}
+    arrays, _ = train_round(stack, FakeGrid([1, 2, 3]), 1, record(start), lambda m: reply(
+        m, {**_update(0.1), "bn.running_var": running_var if m.metadata.dst_node_id == 3 else np.full(4, 2.0, np.float32)}))
+    [rejected] = _audit(tmp_path)[-1]["rejected"]
+    assert rejected["node-id"] == 3 and reason in rejected["reason"]
+    np.testing.assert_allclose(arrays["bn.running_var"].numpy(), np.full(4, 2.0))
