@@ -150,9 +150,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         with torch.serialization.safe_globals(numpy_scalars):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ValueError(f"checkpoint {path}: refused, it holds objects other than tensors, numbers, strings, lists "
-                         "and dicts, which could run code when loaded; load only checkpoints FedLesion wrote "
-                         f"({_unpickler_reason(exc)}).") from None
+        raise ValueError(f"checkpoint {path}: refused, it is either corrupt or holds objects other than tensors, "
+                         "numbers, strings, lists and dicts (which could run code when loaded); nothing in it was run. "
+                         f"Load only checkpoints FedLesion wrote ({_unpickler_reason(exc)}).") from None
     except Exception as exc:  # torch raises several types for corrupt files
         raise ValueError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc}).") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

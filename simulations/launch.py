@@ -29,6 +29,7 @@ from urllib.request import urlopen
 
 from client.site import synthetic_root
 from common.config import declared_run_config, parse_shape, with_defaults
+from server.app import run_folder
 
 from .synthetic import synthesize
 
@@ -192,9 +193,9 @@ def run_federation(
                          f"in {app_dir / 'pyproject.toml'}.")
     values["output-dir"] = str(Path(str(values.get("output-dir", declared["output-dir"]))).resolve())
     values.setdefault("run-name", time.strftime("run-%Y%m%d-%H%M%S"))
-    run_dir = Path(values["output-dir"]) / str(values["run-name"])
-    if values.get("resume-from"):  # a resumed run continues in its checkpoint's own folder
-        run_dir = Path(str(values["resume-from"])).resolve().parent
+    # The ServerApp's own rule, checked before anything starts: a folder that already holds a run
+    # is refused (its old final.pt must never pass for this run's), a resume continues in its checkpoint's folder.
+    run_dir = run_folder(with_defaults(values))
     write_synthetic_sites(values, num_sites)
     output = output or sys.stdout
     with tempfile.TemporaryDirectory(prefix="fedlesion-") as tmp:

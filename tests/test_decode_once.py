@@ -25,7 +25,7 @@ from common.data import DECODE_STATS
 from common.model import build_model
 data, server_round = sys.argv[1], int(sys.argv[2])
 run_config = {"model": "unet2d", "model-args": "base_channels=4 depth=2", "dataset": "brats2021", "seed": 0,
-              "val-fraction": 0.34, "samples-per-case": 2, "batch-size": 2, "local-epochs": 1}
+              "val-fraction": 0.34, "samples-per-case": 2, "local-steps": 4, "batch-size": 2, "local-epochs": 1}
 context = Context(run_id=1, node_id=7, node_config={"data-path": data}, state=RecordDict(), run_config=run_config)
 arrays = ArrayRecord(build_model("unet2d", 4, 3, base_channels=4, depth=2).state_dict())
 for kind in ("train", "evaluate"):

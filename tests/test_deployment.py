@@ -34,7 +34,7 @@ def test_secure_federation_with_real_processes(tmp_path: Path) -> None:
 
         log = io.StringIO()
         code = federation.run({"num-server-rounds": 2, "min-available-nodes": 2, "model-args": "base_channels=4 depth=2",
-                               "samples-per-case": 4, "batch-size": 4, "output-dir": str(out), "run-name": "secure"},
+                               "samples-per-case": 4, "local-steps": 4, "batch-size": 4, "output-dir": str(out), "run-name": "secure"},
                               output=log)
         assert code == 0, log.getvalue()[-3000:]
         processes = dict(federation.processes)

@@ -30,7 +30,7 @@ from simulations.synthetic import write_site
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c", "hospital-d")
 SHAPE = (32, 32, 16)
-BASE = {"model-args": "base_channels=4 depth=2", "samples-per-case": 4, "batch-size": 4, "min-available-nodes": 4,
+BASE = {"model-args": "base_channels=4 depth=2", "samples-per-case": 4, "local-steps": 4, "batch-size": 4, "min-available-nodes": 4,
         "min-train-nodes": 2, "fraction-evaluate": 0.0, "evaluate-initial": False, "round-timeout": 45}
 
 
@@ -192,7 +192,7 @@ def test_broken_scans_are_skipped_and_counted_and_no_valid_case_is_an_error_repl
     assert all(failed[0]["node-id"] in {f["node-id"] for f in audit[r]["failed"]} for r in audit)
     # hospital-b trained on its three good cases and reported the three broken ones as skipped.
     first = read_history(scenario["run_dir"])[0]
-    assert sorted(reply.get("skipped-cases", 0) for reply in first["replies"] if "error" not in reply) == [0, 0, 3]
+    assert sorted(reply["metrics"].get("skipped-cases", 0) for reply in first["replies"] if "error" not in reply) == [0, 0, 3]
     # The SuperNode with only broken scans answered every round with an error and is still running.
     assert scenario["alive"]["supernode-hospital-d"]
 
@@ -210,7 +210,7 @@ def test_audit_log_holds_no_patient_data(scenario: dict) -> None:
     text = (scenario["run_dir"] / "audit.jsonl").read_text()
     assert "Synth_" not in text and str(scenario["data"]["hospital-a"]) not in text
     assert set(scenario["audit"][1]) == {"time", "round", "sampled", "replied", "failed", "rejected", "round-failed",
-                                         "checkpoint"}
+                                         "evaluate-failed", "evaluate-rejected", "checkpoint"}
 
 
 WRITER = """

@@ -9,7 +9,7 @@ from common.checkpoint import load_checkpoint
 from simulations.cli import main
 
 SMOKE = ["--set", "num-server-rounds=2", "--set", "model-args='base_channels=4 depth=2'", "--set", "samples-per-case=4",
-         "--set", "batch-size=4"]  # val-fraction stays at its default: reproduce must train the sites on every case
+         "--set", "batch-size=4", "--set", "local-steps=4"]  # val-fraction stays at its default: reproduce must train the sites on every case
 
 
 def test_reproduce_smoke(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from simulations.launch import read_history, run_federation
 
 BASE = {
     "strategy": "fedadam", "server-lr": 0.01, "model-args": "base_channels=4 depth=2", "synth-shape": "32,32,16",
-    "synth-cases-per-site": 3, "samples-per-case": 4, "batch-size": 4, "seed": 0, "lr-schedule": "constant",
+    "synth-cases-per-site": 3, "samples-per-case": 4, "local-steps": 4, "batch-size": 4, "seed": 0, "lr-schedule": "constant",
     "evaluate-initial": False, "min-available-nodes": 2,
 }
 

@@ -18,7 +18,7 @@ from simulations.synthetic import site_case_counts
 def test_two_round_federation_on_tiny_synthetic_sites(tmp_path: Path) -> None:
     run_config = {
         "num-server-rounds": 2, "model-args": "base_channels=4 depth=2", "synth-shape": "32,32,16",
-        "synth-cases-per-site": 3, "samples-per-case": 4, "batch-size": 4, "seed": 0,
+        "synth-cases-per-site": 3, "samples-per-case": 4, "local-steps": 4, "batch-size": 4, "seed": 0,
         "output-dir": str(tmp_path / "out"), "run-name": "tiny", "min-available-nodes": 3,
     }
     log = io.StringIO()
@@ -56,7 +56,7 @@ def test_differential_privacy_wraps_the_strategy(tmp_path: Path) -> None:
     itself is measured in tests/test_privacy.py)."""
     run_config = {
         "num-server-rounds": 1, "model-args": "base_channels=4 depth=2", "synth-shape": "32,32,16",
-        "synth-cases-per-site": 2, "samples-per-case": 2, "batch-size": 4, "output-dir": str(tmp_path / "out"),
+        "synth-cases-per-site": 2, "samples-per-case": 2, "local-steps": 4, "batch-size": 4, "output-dir": str(tmp_path / "out"),
         "run-name": "dp", "dp": "client-fixed", "dp-noise-multiplier": 0.1, "dp-clipping-norm": 0.05,
         "transport-dtype": "float16", "evaluate-initial": False, "fraction-evaluate": 0.0,
     }
@@ -87,7 +87,7 @@ def test_fedavg_global_model_is_the_case_weighted_mean_of_site_updates(tmp_path:
 
     overrides = {
         "num-server-rounds": 1, "model-args": "base_channels=4 depth=2", "synth-shape": "32,32,16",
-        "synth-cases-per-site": 3, "samples-per-case": 4, "batch-size": 4, "seed": 0, "min-available-nodes": 3,
+        "synth-cases-per-site": 3, "samples-per-case": 4, "local-steps": 4, "batch-size": 4, "seed": 0, "min-available-nodes": 3,
         "output-dir": str(tmp_path / "out"), "run-name": "weights", "evaluate-initial": False, "fraction-evaluate": 0.0,
     }
     run_dir = run_federation(overrides, num_sites=3, output=io.StringIO(), timeout_s=600)
