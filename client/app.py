@@ -22,7 +22,7 @@ from common.config import model_from, train_config_from, with_defaults
 from common.engine import evaluate as evaluate_cases
 from common.engine import train as train_cases
 from common.metrics import flat_means
-from common.model import build_model, model_spatial_dims
+from common.model import batchnorm_keys, build_model, model_spatial_dims
 from common.postprocess import PostProcessing
 from common.privacy import TRANSPORT_DTYPES, clip_update, numpy_arrays
 
@@ -114,11 +114,41 @@ def site_errors_stay_local(handler: Callable[..., Message]) -> Callable[..., Mes
 app = ClientApp(mods=[site_errors_stay_local(send_as_configured), site_errors_stay_local(clip_when_asked)])
 
 
+FEDBN_STATE = "fedbn-layers"  # context.state key: this site's own BatchNorm layers under FedBN
+
+
 def _model(context: Context, site: sites.Site, arrays: ArrayRecord):  # noqa: ANN202 - torch module
+    """The received global model; under ``fedbn`` with this site's own BatchNorm layers in place
+    of the global ones (from the second round this site trains on)."""
     name, args = model_from(context.run_config)
     model = build_model(name, len(site.spec.channels), len(site.spec.regions), **args)
-    model.load_state_dict(arrays.to_torch_state_dict())
+    state = arrays.to_torch_state_dict()
+    if with_defaults(context.run_config)["fedbn"] and FEDBN_STATE in context.state:
+        own = context.state[FEDBN_STATE].to_torch_state_dict()
+        if set(own) != set(batchnorm_keys(model)):
+            raise ValueError("fedbn: this site's stored BatchNorm layers do not match the model's")
+        state.update(own)
+    model.load_state_dict(state)
     return model.to(site.device), model_spatial_dims(name)
+
+
+def _own_layers(context: Context, server_round: int) -> float:
+    """Under ``fedbn``: 1.0 when this site trains with its own stored BatchNorm layers, 0.0 when it
+    starts from the global ones (its first round; or a SuperNode restart or a resumed run, since
+    Flower keeps ``context.state`` in the SuperNode's memory for one run only: warned)."""
+    if FEDBN_STATE in context.state:
+        return 1.0
+    if server_round > 1:
+        logger.warning("fedbn: no BatchNorm layers of this site are stored (SuperNode restarted or run resumed); "
+                       "round %d starts from the global model's averaged ones", server_round)
+    return 0.0
+
+
+def _keep_batchnorm(context: Context, model) -> None:  # noqa: ANN001 - torch module
+    """Under ``fedbn``, store this site's trained BatchNorm layers for its next round."""
+    if with_defaults(context.run_config)["fedbn"]:
+        trained = model.state_dict()
+        context.state[FEDBN_STATE] = ArrayRecord({key: trained[key].detach().cpu() for key in batchnorm_keys(model)})
 
 
 @app.train()
@@ -139,12 +169,15 @@ def train(msg: Message, context: Context) -> Message:
         seed=values["seed"] * 100_003 + server_round * 1_009 + zlib.crc32(site.name.encode()) % 997,
         **proximal,
     )
+    own_layers = _own_layers(context, server_round) if values["fedbn"] else 0.0
     stats = train_cases(model, site.train, spatial_dims, config, site.device)
+    _keep_batchnorm(context, model)
     metrics = MetricRecord({
         "train-loss": stats["train-loss"],
         "train-seconds": stats["train-seconds"],
         # FedAvg weights updates by this: cases, not batches or slices.
         "num-examples": len(site.train),
+        **({"fedbn-own-layers": own_layers} if values["fedbn"] else {}),  # 1: trained with its own BatchNorm layers
         **site.counts(),
     })
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})

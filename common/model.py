@@ -308,3 +308,15 @@ def _entry(name: str) -> ModelEntry:
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}'; choose one of {sorted(MODELS)}.")
     return MODELS[name]
+
+
+def batchnorm_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of ``model``'s BatchNorm layers: affine weights and running statistics.
+
+    FedBN (Li et al., ICLR 2021) keeps exactly these at each site.
+    """
+    keys = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            keys += [f"{prefix}.{name}" if prefix else name for name in module.state_dict()]
+    return keys

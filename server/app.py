@@ -28,7 +28,7 @@ from common.config import dataset_spec, model_from, train_config_from, with_defa
 from common.data import DatasetSpec, conform_spec, discover_cases, load_site, resolve_spec
 from common.engine import evaluate, select_device
 from common.metrics import flat_means
-from common.model import build_model, model_spatial_dims, resolved_model_args
+from common.model import batchnorm_keys, build_model, model_spatial_dims, resolved_model_args
 from common.postprocess import PostProcessing
 
 from .strategy import build_strategy, format_table
@@ -103,9 +103,16 @@ def server_evaluator(values: Mapping[str, Any], model_name: str, model_args: dic
     spatial_dims = model_spatial_dims(model_name)
     patch_size = train_config_from(values).patch_size
     postprocessing = PostProcessing.from_run_config(values)
-    log(INFO, "server-side evaluation on %d case(s) of %s each round", len(cases), folder)
+    log(INFO, "server-side evaluation on %d case(s) of %s every %d round(s) and after the last", len(cases), folder,
+        values["server-eval-every"])
+
+    every, last = values["server-eval-every"], values["num-server-rounds"]
+    if every < 1:
+        raise ValueError(f"server-eval-every must be a whole number of rounds >= 1, got {every}.")
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        if server_round % every and server_round != last:
+            return {}
         model = build_model(model_name, len(spec.channels), len(spec.regions), **model_args)
         model.load_state_dict(arrays.to_torch_state_dict())
         _, summary = evaluate(model.to(device), cases, spec, spatial_dims, device, patch_size=patch_size,
@@ -155,6 +162,26 @@ def load_resume(path: str, model_name: str, model_args: dict[str, Any]) -> Resum
     return Resume(ArrayRecord(ckpt.state_dict), ckpt.round, history, ckpt.extra)
 
 
+def check_fedbn(values: dict[str, Any], model: torch.nn.Module, model_name: str) -> None:
+    """Refuse ``fedbn`` for a model without BatchNorm layers: there would be nothing to keep local.
+
+    Under FedBN the server still averages the sites' BatchNorm layers into the global model (the
+    model it scores on held-out cases and a new site starts from), but no site loads them.
+    """
+    if not values["fedbn"]:
+        return
+    if not batchnorm_keys(model):
+        raise ValueError(f"fedbn keeps each site's BatchNorm layers, but {model_name} with model-args "
+                         f"'{values['model-args']}' has none: add norm=batch (unet2d) or set fedbn = false.")
+    # A site's upload carries its own BatchNorm layers, far from the global average: clipping would spend the
+    # bound on that gap, and a float16 delta of a small running variance from a large average can round below 0.
+    if values["dp"] != "none":
+        raise ValueError("fedbn is not supported with dp: the sites' own BatchNorm layers would take up the clipping bound.")
+    if values["transport-dtype"] != "float32":
+        raise ValueError("fedbn needs transport-dtype float32: float16 deltas of the sites' own BatchNorm statistics "
+                         "from the global average can round to negative variances.")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Build (or resume) the global model, run the strategy, and write metrics and checkpoints."""
@@ -167,6 +194,7 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(values["seed"])
     random.seed(values["seed"])  # Flower samples sites with Python's random; a resume restores its state
     model = build_model(model_name, len(spec.channels), len(spec.regions), **model_args)
+    check_fedbn(values, model, model_name)
     num_rounds = values["num-server-rounds"]
     first_round = resume.round + 1 if resume else 1
     log(INFO, "FedLesion: %s %s on '%s' (%d channels, regions %s), rounds %d-%d; outputs in %s",

@@ -178,15 +178,22 @@ SECTIONS = ("inference", "training", "federation", "scale")
 def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest: str | None = None,
               cases: int = 2, repeats: int = 3, checkpoints: dict[str, str] | None = None,
               model_args: dict[str, dict] | None = None, sections: Sequence[str] = ("inference", "training"),
-              scale_sites: Sequence[int] = (8, 16, 33), federation_config: dict[str, Any] | None = None) -> dict[str, Any]:
+              scale_sites: Sequence[int] = (8, 16, 33), federation_config: dict[str, Any] | None = None,
+              devices: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the chosen ``sections`` (inference and training for ``models``, on the CPU and on CUDA
-    when present; federation overhead and scale in simulation); write bench.json / bench.md."""
+    when present, or ``devices``; federation overhead and scale in simulation); write bench.json / bench.md."""
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise ValueError(f"unknown bench section(s) {unknown}; choose from {list(SECTIONS)}.")
     spec = resolve_spec(data, manifest)
     ids = discover_cases(data, spec)[:cases]
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if devices:
+        chosen = [torch.device(d) for d in devices]
+        for d in chosen:
+            if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+                raise ValueError(f"bench --devices names {d}, but torch sees {torch.cuda.device_count()} CUDA device(s).")
+    else:
+        chosen = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     result: dict[str, Any] = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                                           "cpu_threads": torch.get_num_threads(),
                                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
@@ -207,9 +214,10 @@ def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest
             continue
         result[section] = {}
         for name in models:
-            for device in devices:
+            for device in chosen:
                 print(f"{section}: {name} on {device.type}, ours then the MONAI reference ...", flush=True)
-                result[section].setdefault(name, {})[device.type] = measure(name, device)
+                result[section].setdefault(name, {})[str(device)] = measure(name, device)
+                (out / "bench.json").write_text(json.dumps(result, indent=2))  # what is measured survives a later failure
     if "federation" in sections:
         from .bench_federation import bench_federation
         from common.config import declared_run_config

@@ -134,14 +134,27 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import DEFAULT_CONFIGS, reproduce
+    from .reproduce import DEFAULT_CONFIGS, reproduce, reproduce_repeated
 
     overrides = _run_config_overrides(args)
     configs = args.configs.split(",") if args.configs else list(DEFAULT_CONFIGS)
-    reproduce(args.data, args.split, args.test_data, args.out, run_config=overrides, manifest=args.manifest,
-              test_include=args.test_include or (), configs=configs, num_sites=args.sites)
+    if args.folds or args.seeds:
+        if args.folds and (args.test_data or args.test_include):
+            raise ValueError("--folds holds out cases of --data itself; leave out --test-data and --test-include.")
+        reproduce_repeated(args.data, args.split, args.out, folds=args.folds,
+                           seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else (),
+                           test_data=args.test_data, test_include=args.test_include or (), run_config=overrides,
+                           manifest=args.manifest, configs=configs, num_sites=args.sites)
+    else:
+        if not args.test_data:
+            raise ValueError("reproduce needs --test-data (with --test-include when it is --data), or --folds.")
+        reproduce(args.data, args.split, args.test_data, args.out, run_config=overrides, manifest=args.manifest,
+                  test_include=args.test_include or (), configs=configs, num_sites=args.sites)
     print((Path(args.out) / "results.md").read_text())
-    print(f"results.json, results.md, curves.png, overlay.png, reproduce.json -> {args.out}")
+    if args.folds or args.seeds:
+        print(f"results.json, results.md, curves.png, reproduce.json -> {args.out} (each fold or seed in its sub-folder)")
+    else:
+        print(f"results.json, results.md, curves.png, overlay.png, reproduce.json -> {args.out}")
     return 0
 
 
@@ -178,7 +191,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model_args = {name: parse_model_args(args.model_args) for name in models} if args.model_args else None
     run_bench(args.data, args.out, models, manifest=args.manifest, cases=args.cases, repeats=args.repeats,
               checkpoints=checkpoints, model_args=model_args, sections=args.sections.split(","),
-              scale_sites=[int(n) for n in args.scale_sites.split(",")])
+              scale_sites=[int(n) for n in args.scale_sites.split(",")],
+              devices=args.devices.split(",") if args.devices != "auto" else None)
     print((Path(args.out) / "bench.md").read_text())
     print(f"bench.json, bench.md -> {args.out}")
     return 0
@@ -310,19 +324,28 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--out", required=True, help="split JSON to write")
     split.set_defaults(func=cmd_split)
 
-    repro = sub.add_parser("reproduce", help="central vs FedAvg vs FedProx vs FedAdam vs local-only on one split",
-                           description="Train the same model for the same total local epochs centrally, with FedAvg, "
-                                       "FedProx and FedAdam (through flwr run), and at each site alone; score all on "
-                                       "the same held-out cases; write results.json/.md, curves.png, overlay.png.")
+    repro = sub.add_parser("reproduce", help="pooled vs federated strategies vs local-only on one split, "
+                                             "once or over folds / seeds",
+                           description="Train the same model for the same total local epochs centrally, with each "
+                                       "chosen strategy (through flwr run), and at each site alone; score all on the "
+                                       "same held-out cases; write results.json/.md, curves.png, overlay.png. With "
+                                       "--folds or --seeds, once per fold or seed in sub-folders, and the top-level "
+                                       "files hold mean ± std over them.")
     repro.add_argument("--data", required=True, help="training data folder")
     repro.add_argument("--manifest", help="manifest of --data and --test-data (default: found in the folder)")
     repro.add_argument("--split", required=True, help="split kind (institution, fets1, fets2, iid, dirichlet-count, "
                                                       "dirichlet-volume) or a split JSON from `fedlesion split`")
-    repro.add_argument("--test-data", required=True, help="folder with the held-out cases (may be --data with --test-include)")
+    repro.add_argument("--test-data", help="folder with the held-out cases (may be --data with --test-include); "
+                                           "not with --folds")
     repro.add_argument("--test-include", action="append", metavar="GLOB", help="held-out case IDs (repeatable); "
                        "when --test-data is --data they are removed from training")
     repro.add_argument("--sites", type=int, default=3, help="sites for iid / Dirichlet splits (default 3)")
-    repro.add_argument("--configs", help="comma-separated subset of central,fedavg,fedprox,fedadam,local")
+    repro.add_argument("--configs", help="comma-separated: central, local (every site alone), fedavg, fedprox, fedadam, "
+                                         "fedyogi, fedavgm, fedmedian, fedtrimmedavg, krum, fedbn (FedAvg, BatchNorm "
+                                         "kept at each site) (default central,fedavg,fedprox,fedadam,local)")
+    repro.add_argument("--folds", type=int, default=0,
+                       help="K-fold cross-validation: each fold holds out 1/K of every site's cases (default: off)")
+    repro.add_argument("--seeds", help="comma-separated seeds: one run per seed on the same held-out cases")
     repro.add_argument("--run-config", help="a TOML preset (see simulations/presets/)")
     repro.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one run-config value (repeatable)")
     repro.add_argument("--out", required=True, help="output folder")
@@ -362,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up (default 3)")
     bench.add_argument("--sections", default="inference,training",
                        help="comma-separated: inference, training, federation, scale (default inference,training)")
+    bench.add_argument("--devices", default="auto",
+                       help="comma-separated devices for inference and training, e.g. cuda (default auto: cpu, and cuda when present)")
     bench.add_argument("--scale-sites", default="8,16,33", help="site counts for the scale section (default 8,16,33)")
     bench.add_argument("--out", default="outputs/bench", help="output folder")
     bench.set_defaults(func=cmd_bench)

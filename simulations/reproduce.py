@@ -1,12 +1,16 @@
-"""``fedlesion reproduce``: centralized vs FedAvg vs FedProx vs FedAdam vs local-only, on one split.
+"""``fedlesion reproduce``: pooled vs federated strategies vs local-only, on one split.
 
 Every configuration trains the same model for the same total number of local epochs
 (``rounds x local-epochs``), then the final models are scored on the same held-out cases.
 The federated runs go through ``flwr run`` on Flower's simulation engine; the centralized
-and local-only runs use the same training loop directly.
+and local-only runs use the same training loop directly. Configurations: ``central``,
+``local`` (every site alone), each strategy of :data:`server.strategy.STRATEGIES` and ``fedbn``
+(FedAvg with each site's BatchNorm layers kept local, on the same model with ``norm=batch``).
 
 Outputs in ``--out``: ``results.json``, ``results.md``, ``curves.png``, ``overlay.png``,
 ``reproduce.json`` (versions, seeds, settings: what ran), ``split.json`` and the runs.
+:func:`reproduce_repeated` runs it once per cross-validation fold or seed, each in its own
+sub-folder, and writes the same files at the top with mean ± standard deviation over them.
 """
 
 from __future__ import annotations
@@ -25,17 +29,28 @@ import torch
 
 from common.api import evaluate_checkpoint, select_cases, train_centralized, write_overlay
 from common.checkpoint import load_checkpoint
-from common.config import model_from, train_config_from, with_defaults
+from common.config import model_from, parse_model_args, train_config_from, with_defaults
 from common.data import discover_cases, load_site, resolve_spec
 from common.engine import evaluate, predict_probabilities, predicted_regions, select_device
-from common.model import model_spatial_dims
+from common.metrics import METRICS
+from common.model import build_model, model_spatial_dims
 from common.postprocess import PostProcessing
 from common.splits import Split, make_split, tumour_volumes
 
+from server.strategy import STRATEGIES
+
 from .launch import read_history, run_federation
 
-FEDERATED = ("fedavg", "fedprox", "fedadam")
-DEFAULT_CONFIGS = ("central", *FEDERATED, "local")
+FEDERATED = (*STRATEGIES, "fedbn")
+DEFAULT_CONFIGS = ("central", "fedavg", "fedprox", "fedadam", "local")
+ALL_CONFIGS = ("central", *FEDERATED, "local")
+
+
+def _fedbn_model_args(values: Mapping[str, Any]) -> str:
+    """The run's model arguments with BatchNorm: FedBN needs BatchNorm layers to keep local."""
+    args = {**parse_model_args(values["model-args"]), "norm": "batch"}
+    build_model(values["model"], 1, 1, **args)  # refuses a model without a norm argument, before any run
+    return " ".join(f"{key}={value}" for key, value in args.items())
 
 
 def _versions() -> dict[str, str]:
@@ -71,7 +86,7 @@ def reproduce(
         run_config: overrides of ``[tool.flwr.app.config]`` (model, rounds, local epochs, ...).
         manifest: the layout of ``data`` and ``test_data`` (found when ``None``).
         test_include: case-ID globs selecting the held-out cases in ``test_data``.
-        configs: which of ``central``, ``fedavg``, ``fedprox``, ``fedadam``, ``local`` to run.
+        configs: which of :data:`ALL_CONFIGS` to run.
         num_sites: sites for the iid and Dirichlet split kinds.
         report: where progress lines go.
 
@@ -82,11 +97,15 @@ def reproduce(
         ValueError: when a held-out case is also a training case, no test case is found, or ``out``
             already holds a reproduce run.
     """
+    unknown = sorted(set(configs) - set(ALL_CONFIGS))
+    if unknown:
+        raise ValueError(f"unknown reproduce configuration(s) {unknown}; choose from {list(ALL_CONFIGS)}.")
     out = Path(out).resolve()
     if (out / "results.json").exists() or (out / "runs").exists():
         raise ValueError(f"{out} already holds a reproduce run (results.json or runs/); choose another --out.")
     out.mkdir(parents=True, exist_ok=True)
     values = with_defaults(dict(run_config or {}))
+    fedbn_args = _fedbn_model_args(values) if "fedbn" in configs else None
     seed = values["seed"]
     spec = resolve_spec(data, manifest)
     ids = discover_cases(data, spec)
@@ -103,7 +122,7 @@ def reproduce(
                           the_split.notes + [f"held-out cases removed from training: {test_ids}"])
         the_split.sites = {s: c for s, c in the_split.sites.items() if c}
     split_path = the_split.save(out / "split.json")
-    rounds, local_epochs = values["num-server-rounds"], values["local-epochs"]
+    rounds, local_epochs, eval_every = values["num-server-rounds"], values["local-epochs"], values["server-eval-every"]
     report(f"split '{the_split.kind}': {the_split.sizes()}; held-out: {len(test_ids)} case(s); "
            f"{rounds} rounds x {local_epochs} local epoch(s)")
 
@@ -135,9 +154,13 @@ def reproduce(
                + (f" of {steps} steps" if steps else ""))
         curve: list[tuple[int, float]] = []
 
-        def on_epoch(epoch: int, model: torch.nn.Module, curve: list = curve) -> dict[str, float]:
-            if epoch % local_epochs == 0 or epoch == 1:
-                curve.append((epoch // local_epochs, test_dice(model)))
+        def on_epoch(epoch: int, model: torch.nn.Module, curve: list = curve, name: str = name) -> dict[str, float]:
+            # Scored where the federated runs are scored, after every server-eval-every-th round; the last
+            # round's point comes from the final evaluation below, and a site alone has only that point
+            # (scoring the held-out volumes costs more than a site's round).
+            done = epoch // local_epochs
+            if name == "central" and epoch % local_epochs == 0 and done % eval_every == 0 and done < rounds:
+                curve.append((done, test_dice(model)))
             return {}
 
         start = time.perf_counter()
@@ -153,6 +176,8 @@ def reproduce(
             # Every site trains on all its cases, as the pooled and local-only runs do; the held-out
             # cases are scored at the server each round instead of a per-site validation share.
             **values, "val-fraction": 0.0, "fraction-evaluate": 0.0, "evaluate-initial": False, "strategy": strategy,
+            "fedbn": strategy == "fedbn",  # never inherited: a preset's fedbn must not turn other rows into FedBN
+            **({"strategy": "fedavg", "model-args": fedbn_args} if strategy == "fedbn" else {}),
             "data-root": str(Path(data).resolve()), "split": str(split_path),
             "manifest": manifest or "", "dataset": manifest or spec.name, "server-eval-data": str(Path(test_data).resolve()),
             "server-eval-manifest": manifest or "", "server-eval-include": ",".join(test_ids),
@@ -174,6 +199,7 @@ def reproduce(
         evaluation = evaluate_checkpoint(path, test_data, manifest=manifest, include=test_ids, report=lambda _: None, postprocess=values)
         if name not in FEDERATED:  # what the pooled or local-only run really trained on
             results[name] = {"train_cases": len(load_checkpoint(path).run_config["train_cases"])}
+            curves[name].append((rounds, evaluation["summary"][first_region]["dice_mean"]))
         results[name] = {
             **results.get(name, {}),
             "summary": evaluation["summary"],
@@ -216,28 +242,178 @@ class _Prefixed:
         pass
 
 
-def results_markdown(results: Mapping[str, Any], regions: Sequence[str], split: Split, test_ids: Sequence[str]) -> str:
-    """The comparison table: Dice and IoU mean ± std per region, HD95, speed, rounds and bytes."""
+def mean_dice(summary: Mapping[str, Mapping[str, float]]) -> float:
+    """The mean over regions of the per-region mean Dice (one number per configuration)."""
+    return float(np.mean([block["dice_mean"] for block in summary.values()]))
+
+
+def results_markdown(results: Mapping[str, Any], regions: Sequence[str], split: Split | None = None,
+                     test_ids: Sequence[str] = (), caption: str | None = None) -> str:
+    """The comparison table: Dice and IoU mean ± std per region, HD95, the mean Dice over regions,
+    speed, rounds and bytes. Single runs: std over held-out cases; repeated runs: over folds or seeds."""
     head = ["configuration", "train cases"]
     for r in regions:
         head += [f"{r} Dice", f"{r} IoU", f"{r} HD95 (mm)"]
+    if len(regions) > 1:
+        head += ["mean Dice"]
     head += ["s / case", "rounds x epochs", "MB sent / client / round"]
-    lines = [f"Split `{split.kind}`: {split.sizes()}; held-out cases: {len(test_ids)} ({', '.join(test_ids)}).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if caption is None:
+        caption = f"Split `{split.kind}`: {split.sizes()}; held-out cases: {len(test_ids)} ({', '.join(test_ids)})."
+    lines = [caption, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in results.items():
-        cells = [name, str(row.get("train_cases", ""))]
+        cases = row.get("train_cases", "")
+        cells = [name, "/".join(map(str, cases)) if isinstance(cases, list) else str(cases)]
         for r in regions:
             s = row["summary"][r]
             cells += [f"{s['dice_mean']:.3f} ± {s['dice_std']:.3f}", f"{s['iou_mean']:.3f} ± {s['iou_std']:.3f}",
-                      f"{s['hd95_mean']:.1f}"]
+                      f"{s['hd95_mean']:.1f} ± {s['hd95_std']:.1f}"]
+        if len(regions) > 1:
+            spread = row.get("mean_dice_std")
+            cells += [f"{mean_dice(row['summary']):.3f}" + (f" ± {spread:.3f}" if spread is not None else "")]
         sent = row.get("bytes_sent_per_client_per_round")
         cells += [f"{row['seconds_per_case']:.2f}", f"{row['rounds']} x {row['local_epochs']}",
                   f"{sent / 1e6:.2f}" if sent else "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    if "fedbn" in results:
+        lines += ["", "fedbn: the global model, with the sites' BatchNorm layers averaged (what a new site starts from), "
+                      "on the held-out cases; each site itself runs its own BatchNorm layers, which this does not score. "
+                      "It uses unet2d with norm=batch, the other rows the declared model."]
     local = [row["summary"][regions[0]]["dice_mean"] for name, row in results.items() if name.startswith("local-")]
     if local:
         lines += ["", f"Mean of local-only {regions[0]} Dice: {np.mean(local):.3f}."]
     return "\n".join(lines) + "\n"
+
+
+def fold_test_cases(split: Split, folds: int, seed: int) -> list[list[str]]:
+    """Held-out cases of each of ``folds`` cross-validation folds, stratified by site: each site's
+    cases are shuffled (``seed``) and dealt to the folds in turn, so every case is held out once
+    and every fold holds out cases of every site that has at least ``folds`` cases.
+
+    Raises:
+        ValueError: for fewer than 2 folds, or a site with fewer than 2 cases (it would train nothing in some fold).
+    """
+    if folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {folds}.")
+    small = {site: len(cases) for site, cases in split.sites.items() if len(cases) < 2}
+    if small:
+        raise ValueError(f"site(s) {small} have fewer than 2 cases: in some fold they would train on nothing.")
+    rng = np.random.default_rng(seed)
+    held: list[list[str]] = [[] for _ in range(folds)]
+    offset = 0
+    for site in sorted(split.sites):
+        cases = sorted(split.sites[site])
+        for i, case in enumerate(rng.permutation(cases)):
+            held[(offset + i) % folds].append(str(case))
+        offset += len(cases)  # the next site starts where this one stopped: folds stay balanced in size
+    return [sorted(h) for h in held]
+
+
+def aggregate_repeats(per_repeat: Sequence[Mapping[str, Any]], regions: Sequence[str]) -> dict[str, Any]:
+    """Mean ± sample standard deviation over folds or seeds of each configuration's mean metrics
+    (``summary`` keeps the single-run keys: ``dice_mean`` is the mean over repeats, ``dice_std``
+    the spread over repeats). Configurations missing from a repeat are left out."""
+    names = [name for name in per_repeat[0] if all(name in r for r in per_repeat)]
+
+    def spread(values: list[float]) -> float:
+        return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+    results: dict[str, Any] = {}
+    for name in names:
+        rows = [r[name] for r in per_repeat]
+        summary = {region: {key: value for metric in METRICS for key, value in (
+            (f"{metric}_mean", float(np.mean([row["summary"][region][f"{metric}_mean"] for row in rows]))),
+            (f"{metric}_std", spread([row["summary"][region][f"{metric}_mean"] for row in rows])))}
+            for region in regions}
+        curve_by_x: dict[float, list[float]] = {}
+        for row in rows:
+            for x, y in row["curve"]:
+                curve_by_x.setdefault(x, []).append(y)
+        sent = [row["bytes_sent_per_client_per_round"] for row in rows if row.get("bytes_sent_per_client_per_round")]
+        results[name] = {
+            "summary": summary,
+            "mean_dice": float(np.mean([mean_dice(row["summary"]) for row in rows])),
+            "mean_dice_std": spread([mean_dice(row["summary"]) for row in rows]),
+            "repeats": len(rows),
+            "per_repeat": [{"summary": row["summary"], "train_cases": row["train_cases"]} for row in rows],
+            "train_cases": [row["train_cases"] for row in rows],
+            "seconds_per_case": float(np.mean([row["seconds_per_case"] for row in rows])),
+            "rounds": rows[0]["rounds"], "local_epochs": rows[0]["local_epochs"],
+            "total_local_epochs": rows[0]["total_local_epochs"],
+            "wall_seconds": float(sum(row["wall_seconds"] for row in rows)),
+            "curve": [(x, float(np.mean(ys))) for x, ys in sorted(curve_by_x.items()) if len(ys) == len(rows)],
+            "bytes_sent_per_client_per_round": float(np.mean(sent)) if sent else None,
+        }
+    return results
+
+
+def reproduce_repeated(
+    data: str | Path,
+    split: str,
+    out: str | Path,
+    *,
+    folds: int = 0,
+    seeds: Sequence[int] = (),
+    test_data: str | Path | None = None,
+    test_include: Sequence[str] = (),
+    run_config: Mapping[str, Any] | None = None,
+    manifest: str | None = None,
+    configs: Sequence[str] = DEFAULT_CONFIGS,
+    num_sites: int = 3,
+    report: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """:func:`reproduce` once per cross-validation fold (``folds``: held-out cases from ``data``
+    itself, stratified by site, see :func:`fold_test_cases`) or once per seed (``seeds``: the same
+    held-out cases, ``test_data`` and ``test_include``, another ``seed``), each in ``out/fold-K``
+    or ``out/seed-S``; then ``results.json`` / ``results.md`` / ``curves.png`` at the top with mean
+    ± standard deviation over the repeats. A repeat whose ``results.json`` exists (an interrupted
+    call) is read, not rerun; one cut short mid-way is refused by :func:`reproduce` (remove its folder).
+
+    Raises:
+        ValueError: when neither or both of ``folds`` and ``seeds`` are given, or ``out`` already holds a run.
+    """
+    if bool(folds) == bool(seeds):
+        raise ValueError("give either folds (cross-validation) or seeds (repeated runs), not both or neither.")
+    out = Path(out).resolve()
+    if (out / "results.json").exists():
+        raise ValueError(f"{out} already holds a reproduce run (results.json); choose another --out.")
+    values = with_defaults(dict(run_config or {}))
+    spec = resolve_spec(data, manifest)
+    repeats: list[tuple[str, dict[str, Any], str | Path, list[str]]] = []
+    if folds:
+        ids = discover_cases(data, spec)
+        the_split = Split.load(split) if split.endswith(".json") else make_split(
+            split, ids, num_sites=num_sites, alpha=values["split-alpha"], seed=values["seed"],
+            volumes=tumour_volumes(data, spec, ids) if split == "dirichlet-volume" else None)
+        for k, held in enumerate(fold_test_cases(the_split, folds, values["seed"])):
+            repeats.append((f"fold-{k}", dict(run_config or {}), data, held))
+    else:
+        if test_data is None:
+            raise ValueError("repeated seeds need --test-data (and --test-include when it is --data).")
+        for seed in seeds:
+            repeats.append((f"seed-{seed}", {**(run_config or {}), "seed": int(seed)}, test_data, list(test_include)))
+    per_repeat = []
+    for name, config, test_folder, include in repeats:
+        done = out / name / "results.json"
+        if done.exists():  # a repeat finished by an earlier, interrupted call: kept, not rerun
+            report(f"=== {name}: already done, reading {done}")
+            per_repeat.append(json.loads(done.read_text()))
+            continue
+        report(f"=== {name} ({len(repeats)} in all): held-out {len(include)} case(s)" if folds else f"=== {name}")
+        per_repeat.append(reproduce(data, split, test_folder, out / name, run_config=config, manifest=manifest,
+                                    test_include=include, configs=configs, num_sites=num_sites, report=report))
+    regions = list(spec.regions)
+    results = aggregate_repeats(per_repeat, regions)
+    kind = f"{folds}-fold cross-validation (held-out cases stratified by site)" if folds else f"seeds {list(seeds)}"
+    caption = (f"Split `{split}`, {kind}: mean ± sample standard deviation over the {len(repeats)} repeats of each "
+               f"configuration's mean over held-out cases; per-repeat tables in {', '.join(n for n, *_ in repeats)}.")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(results_markdown(results, regions, caption=caption))
+    plot_curves({name: row["curve"] for name, row in results.items()}, regions[0], out / "curves.png")
+    (out / "reproduce.json").write_text(json.dumps({
+        "command": sys.argv, "data": str(data), "split": split, "repeats": [n for n, *_ in repeats],
+        "test_cases": {n: include for n, _, _, include in repeats}, "configs": list(configs), "run_config": values,
+        "versions": _versions()}, indent=2, default=str))
+    return results
 
 
 def plot_curves(curves: Mapping[str, list[tuple[int, float]]], region: str, path: Path) -> None:

@@ -58,3 +58,15 @@ def test_tree_memory_counts_child_processes() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_bench_devices_are_chosen_and_checked(tiny_sites: Path, tmp_path: Path) -> None:
+    import torch
+
+    result = run_bench(tiny_sites / "site-1", tmp_path / "cpu", ["unet2d"], cases=1, repeats=1, sections=["inference"],
+                       model_args={"unet2d": {"base_channels": 4, "depth": 2}}, devices=["cpu"])
+    assert list(result["inference"]["unet2d"]) == ["cpu"]
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: absent on every machine
+    with pytest.raises(ValueError, match="CUDA device"):
+        run_bench(tiny_sites / "site-1", tmp_path / "gpu", ["unet2d"], cases=1, repeats=1, sections=["inference"],
+                  devices=[missing])

@@ -196,3 +196,19 @@ def test_the_federation_evaluates_with_the_run_config_settings(tiny_sites: Path,
     evaluator = server_app.server_evaluator(values, model_name, model_args, BRATS)
     evaluator(1, arrays)
     assert seen == [_settings(DECLARED["postprocess"], 12.5, 2)] * 2
+
+
+def test_the_server_scores_held_out_cases_every_n_rounds_and_after_the_last(
+        tiny_sites: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scored: list[int] = []
+    monkeypatch.setattr(server_app, "evaluate", lambda *a, **k: (scored.append(1), ([], {}))[1])
+    run_config = {"model": "unet2d", "model-args": "base_channels=4 depth=2", "num-server-rounds": 5,
+                  "server-eval-every": 3}
+    model_name, model_args = model_from(run_config)
+    arrays = ArrayRecord(build_model(model_name, 4, 3, **model_args).state_dict())
+    values = {**DECLARED, **run_config, "server-eval-data": str(tiny_sites / "site-1")}
+    evaluator = server_app.server_evaluator(values, model_name, model_args, BRATS)
+    rounds = [r for r in range(6) if (scored.clear(), evaluator(r, arrays), scored)[2]]
+    assert rounds == [0, 3, 5], "round 0 (the initial model), every 3rd round and the last"
+    with pytest.raises(ValueError, match="server-eval-every"):
+        server_app.server_evaluator({**values, "server-eval-every": 0}, model_name, model_args, BRATS)

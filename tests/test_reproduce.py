@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from common.checkpoint import load_checkpoint
 from simulations.cli import main
 
@@ -26,7 +28,8 @@ def test_reproduce_smoke(tmp_path: Path) -> None:
     for name, row in results.items():
         assert {"dice_mean", "dice_std", "iou_mean", "iou_std", "hd95_mean"} <= set(row["summary"]["WT"])
         assert row["rounds"] == 2 and row["total_local_epochs"] == 2 and row["seconds_per_case"] > 0
-        assert len(row["curve"]) >= 2, name
+        # Sites alone are scored once, at the end; the others after every round (server-eval-every 1).
+        assert len(row["curve"]) == (1 if name.startswith("local-") else 2), name
     assert results["central"]["train_cases"] == 4 and results["local-site-0"]["train_cases"] == 2
     # The federation trains on the same cases as the pooled run (no validation share held back at the sites),
     # and the pooled and local-only baselines carry no proximal term.
@@ -42,3 +45,35 @@ def test_reproduce_smoke(tmp_path: Path) -> None:
     assert "| fedavg |" in (out / "results.md").read_text()
     facts = json.loads((out / "reproduce.json").read_text())
     assert facts["versions"]["flwr"] and facts["test_cases"] == ["Synth_S00_004", "Synth_S00_005"]
+
+
+def test_reproduce_over_folds_with_fedbn(tmp_path: Path) -> None:
+    """Two-fold cross-validation by site, FedBN through flwr run beside pooled and local-only training."""
+    from simulations.synthetic import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, sites=2, cases_per_site=4, shape=(32, 32, 16), seed=0, flat=True)
+    out = tmp_path / "cv"
+    code = main(["reproduce", "--data", str(data), "--split", "institution", "--folds", "2", "--configs",
+                 "central,fedbn,local", "--out", str(out), *SMOKE])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {"central", "fedbn"} <= set(results) and any(name.startswith("local-") for name in results)
+    facts = json.loads((out / "reproduce.json").read_text())
+    assert facts["repeats"] == ["fold-0", "fold-1"]
+    held = [set(facts["test_cases"][fold]) for fold in facts["repeats"]]
+    assert not held[0] & held[1] and len(held[0] | held[1]) == len(list(data.glob("Synth_*")))
+    for fold in facts["repeats"]:
+        per_fold = json.loads((out / fold / "results.json").read_text())
+        trained = load_checkpoint(out / fold / "runs" / "fedbn" / "final.pt")
+        assert "norm=batch" in trained.run_config["model-args"] and trained.run_config["fedbn"] is True
+        assert per_fold["fedbn"]["train_cases"] == per_fold["central"]["train_cases"]
+    # Flower kept each site's BatchNorm layers between rounds: round 2 trained with them.
+    history = [json.loads(line) for line in (out / "fold-0" / "runs" / "fedbn" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["metrics"]["fedbn-own-layers"] for r in history[1]["replies"]] == [1.0, 1.0]
+    assert [r["metrics"]["fedbn-own-layers"] for r in history[0]["replies"]] == [0.0, 0.0]
+    row = results["fedbn"]
+    assert row["repeats"] == 2 and len(row["per_repeat"]) == 2
+    folds = [json.loads((out / f / "results.json").read_text())["fedbn"]["summary"]["WT"]["dice_mean"] for f in facts["repeats"]]
+    assert row["summary"]["WT"]["dice_mean"] == pytest.approx(sum(folds) / 2)
+    assert "2-fold cross-validation" in (out / "results.md").read_text()

@@ -1,0 +1,107 @@
+"""Cross-validation folds and the mean ± spread over folds or seeds of `fedlesion reproduce`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.splits import Split
+from simulations.reproduce import (
+    ALL_CONFIGS,
+    _fedbn_model_args,
+    aggregate_repeats,
+    fold_test_cases,
+    mean_dice,
+    reproduce,
+    results_markdown,
+)
+from common.config import with_defaults
+
+SPLIT = Split("institution", {"CBICA": [f"C{i}" for i in range(10)], "2013": [f"B{i}" for i in range(4)],
+                              "TCIA02": ["T0", "T1", "T2"], "TCIA10": ["U0", "U1", "U2"]})
+
+
+def test_every_case_is_held_out_once_and_every_fold_holds_out_every_site() -> None:
+    folds = fold_test_cases(SPLIT, 3, seed=0)
+    held = [case for fold in folds for case in fold]
+    assert sorted(held) == sorted(c for cases in SPLIT.sites.values() for c in cases), "each case held out exactly once"
+    for fold in folds:
+        for site, cases in SPLIT.sites.items():
+            assert any(c in cases for c in fold), f"a fold without a {site} case"
+            assert len([c for c in cases if c not in fold]) >= 2, f"{site} keeps training cases"
+    sizes = [len(f) for f in folds]
+    assert max(sizes) - min(sizes) <= 1, f"folds balanced in size, got {sizes}"
+    assert fold_test_cases(SPLIT, 3, seed=0) == folds, "the same seed gives the same folds"
+    assert fold_test_cases(SPLIT, 3, seed=1) != folds, "another seed shuffles"
+
+
+def test_folds_refuse_too_few_folds_or_a_one_case_site() -> None:
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        fold_test_cases(SPLIT, 1, seed=0)
+    with pytest.raises(ValueError, match="fewer than 2 cases"):
+        fold_test_cases(Split("institution", {"A": ["a0", "a1"], "B": ["b0"]}), 2, seed=0)
+
+
+def _run(dice: dict[str, float], curve: list[tuple[int, float]], cases: int) -> dict:
+    summary = {r: {f"{m}_{s}": (d if m == "dice" else 0.5) for m in ("dice", "iou", "hd95", "sensitivity", "specificity")
+                   for s in ("mean", "std")} for r, d in dice.items()}
+    return {"summary": summary, "train_cases": cases, "seconds_per_case": 1.0, "rounds": 2, "local_epochs": 1,
+            "total_local_epochs": 2, "wall_seconds": 10.0, "curve": curve, "bytes_sent_per_client_per_round": None}
+
+
+def test_aggregate_is_the_mean_and_sample_spread_over_repeats() -> None:
+    repeats = [
+        {"central": _run({"WT": 0.9, "TC": 0.8}, [(1, 0.5), (2, 0.9)], 13),
+         "fedavg": _run({"WT": 0.7, "TC": 0.6}, [(1, 0.4), (2, 0.7)], 13)},
+        {"central": _run({"WT": 0.8, "TC": 0.6}, [(1, 0.3), (2, 0.8)], 14),
+         "fedavg": _run({"WT": 0.9, "TC": 0.8}, [(1, 0.6), (2, 0.9)], 14), "local-A": _run({"WT": 0.1, "TC": 0.1}, [], 3)},
+    ]
+    results = aggregate_repeats(repeats, ["WT", "TC"])
+    assert set(results) == {"central", "fedavg"}, "a configuration missing from a repeat is left out"
+    wt = results["central"]["summary"]["WT"]
+    assert wt["dice_mean"] == pytest.approx(0.85)
+    assert wt["dice_std"] == pytest.approx(np.std([0.9, 0.8], ddof=1)), "spread over repeats, not over cases"
+    assert results["central"]["mean_dice"] == pytest.approx(np.mean([0.85, 0.7]))
+    assert results["central"]["mean_dice_std"] == pytest.approx(np.std([0.85, 0.7], ddof=1))
+    assert results["fedavg"]["curve"] == [(1, pytest.approx(0.5)), (2, pytest.approx(0.8))]
+    assert results["central"]["train_cases"] == [13, 14]
+    table = results_markdown(results, ["WT", "TC"], caption="3 folds")
+    assert "| central | 13/14 | 0.850 ± 0.071" in table and "0.775 ± 0.106" in table
+    assert mean_dice(repeats[0]["central"]["summary"]) == pytest.approx(0.85)
+
+
+def test_fedbn_runs_the_same_model_with_batchnorm_and_unknown_configs_are_refused(tmp_path) -> None:  # noqa: ANN001
+    assert "fedbn" in ALL_CONFIGS and "fedyogi" in ALL_CONFIGS and "krum" in ALL_CONFIGS
+    args = _fedbn_model_args(with_defaults({"model-args": "base_channels=16 depth=4"}))
+    assert args == "base_channels=16 depth=4 norm=batch"
+    with pytest.raises(ValueError, match="takes no argument"):
+        _fedbn_model_args(with_defaults({"model": "unet3d", "model-args": ""}))
+    with pytest.raises(ValueError, match="unknown reproduce configuration"):
+        reproduce(tmp_path, "iid", tmp_path, tmp_path / "out", configs=["central", "fedsgd"])
+
+
+def test_repeats_already_done_are_read_not_rerun(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """An interrupted cross-validation continues: finished folds are read from their results.json."""
+    import json
+
+    import simulations.reproduce as module
+    from simulations.synthetic import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, sites=2, cases_per_site=4, shape=(16, 16, 8), seed=0, flat=True)
+    ran: list[str] = []
+
+    def fake(data, split, test_folder, out, **kwargs):  # noqa: ANN001, ANN202
+        ran.append(out.name)
+        return {"central": _run({"WT": 0.5 + 0.1 * len(ran), "TC": 0.5, "ET": 0.5}, [(2, 0.5)], 3)}
+
+    monkeypatch.setattr(module, "reproduce", fake)
+    (tmp_path / "cv" / "fold-0").mkdir(parents=True)
+    (tmp_path / "cv" / "fold-0" / "results.json").write_text(json.dumps(
+        {"central": _run({"WT": 0.9, "TC": 0.5, "ET": 0.5}, [(2, 0.5)], 3)}))
+    results = module.reproduce_repeated(data, "institution", tmp_path / "cv", folds=2, configs=["central"],
+                                        report=lambda _: None)
+    assert ran == ["fold-1"], "fold-0 was read, only fold-1 ran"
+    assert results["central"]["summary"]["WT"]["dice_mean"] == pytest.approx((0.9 + 0.6) / 2)
+    with pytest.raises(ValueError, match="already holds"):
+        module.reproduce_repeated(data, "institution", tmp_path / "cv", folds=2, configs=["central"])
