@@ -46,6 +46,15 @@ DEFAULT_CONFIGS = ("central", "fedavg", "fedprox", "fedadam", "local")
 ALL_CONFIGS = ("central", *FEDERATED, "local")
 
 
+def _make_split(split: str, data: str | Path, spec: Any, ids: Sequence[str], values: Mapping[str, Any],
+                num_sites: int) -> Split:
+    """A split JSON file as written, or a split of kind ``split`` made with the run's seed and alpha."""
+    if split.endswith(".json"):
+        return Split.load(split)
+    return make_split(split, ids, num_sites=num_sites, alpha=values["split-alpha"], seed=values["seed"],
+                      volumes=tumour_volumes(data, spec, ids) if split == "dirichlet-volume" else None)
+
+
 def _fedbn_model_args(values: Mapping[str, Any]) -> str:
     """The run's model arguments with BatchNorm: FedBN needs BatchNorm layers to keep local."""
     args = {**parse_model_args(values["model-args"]), "norm": "batch"}
@@ -109,9 +118,7 @@ def reproduce(
     seed = values["seed"]
     spec = resolve_spec(data, manifest)
     ids = discover_cases(data, spec)
-    the_split = Split.load(split) if split.endswith(".json") else make_split(
-        split, ids, num_sites=num_sites, alpha=values["split-alpha"], seed=seed,
-        volumes=tumour_volumes(data, spec, ids) if split == "dirichlet-volume" else None)
+    the_split = _make_split(split, data, spec, ids, values, num_sites)
     test_spec = resolve_spec(test_data, manifest)
     test_ids = select_cases(discover_cases(test_data, test_spec), include=test_include)
     if not test_ids:
@@ -381,9 +388,7 @@ def reproduce_repeated(
     repeats: list[tuple[str, dict[str, Any], str | Path, list[str]]] = []
     if folds:
         ids = discover_cases(data, spec)
-        the_split = Split.load(split) if split.endswith(".json") else make_split(
-            split, ids, num_sites=num_sites, alpha=values["split-alpha"], seed=values["seed"],
-            volumes=tumour_volumes(data, spec, ids) if split == "dirichlet-volume" else None)
+        the_split = _make_split(split, data, spec, ids, values, num_sites)
         for k, held in enumerate(fold_test_cases(the_split, folds, values["seed"])):
             repeats.append((f"fold-{k}", dict(run_config or {}), data, held))
     else:
