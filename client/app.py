@@ -156,9 +156,9 @@ def _keep_batchnorm(context: Context, model) -> None:  # noqa: ANN001 - torch mo
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model for ``local-epochs`` on this site's training cases."""
     values = with_defaults(context.run_config)
-    site = sites.load(context.node_config, values)
-    model, spatial_dims = _model(context, site, msg.content["arrays"])
     round_config = msg.content["config"]
+    site = sites.load(context.node_config, values, sites.expected_spec(round_config, context.node_config, values))
+    model, spatial_dims = _model(context, site, msg.content["arrays"])
     server_round = int(round_config.get("server-round", 0))
     # Only the FedProx server sends a proximal term; without one TrainConfig's default (none) applies.
     proximal = {"proximal_mu": float(round_config["proximal-mu"])} if "proximal-mu" in round_config else {}
@@ -188,7 +188,9 @@ def train(msg: Message, context: Context) -> Message:
 @site_errors_stay_local
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received global model on this site's validation cases, per region, post-processed as the run says."""
-    site = sites.load(context.node_config, context.run_config)
+    site = sites.load(context.node_config, context.run_config,
+                      sites.expected_spec(msg.content["config"] if "config" in msg.content else {},
+                                          context.node_config, context.run_config))
     model, spatial_dims = _model(context, site, msg.content["arrays"])
     regions = list(site.spec.regions)
     patch_size = train_config_from(context.run_config).patch_size

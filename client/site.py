@@ -8,6 +8,7 @@ first use) or the matching sub-folder of ``data-root``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -17,9 +18,10 @@ from typing import Any
 
 import torch
 
-from common.config import dataset_spec, parse_shape, with_defaults
+from common.config import DATASET_SPEC_KEY, dataset_spec, parse_shape, with_defaults
 from common.data import (
     CACHE,
+    LAYOUTS,
     CaseCache,
     DatasetSpec,
     PreparedCase,
@@ -131,6 +133,40 @@ def _split(root: str, manifest: str | None, kind: str, num_sites: int, alpha: fl
     return make_split(kind, ids, num_sites=num_sites, alpha=alpha, seed=seed, volumes=volumes)
 
 
+def expected_spec(round_config: Mapping[str, Any], node_config: Mapping[str, Any],
+                  run_config: Mapping[str, Any]) -> DatasetSpec:
+    """The channels and regions the shared model has, as the server states them.
+
+    The server sends the spec's JSON in every round's config (:data:`common.config.DATASET_SPEC_KEY`);
+    only its channel names, their order and the region names are used (:func:`common.data.conform_spec`):
+    file patterns and label values always come from the site's own layout. A SuperNode never reads
+    a file the run config names: a hospital's node config alone says which paths it reads
+    (``data-path``, ``manifest``, ``cache-dir``). Without the server's spec, the run config's
+    ``dataset`` is used when it is a built-in layout, or, in simulation (one machine, one researcher),
+    a manifest path.
+
+    Raises:
+        ValueError: for a malformed spec, or a SuperNode asked to read the file a run config names.
+    """
+    if DATASET_SPEC_KEY in round_config:
+        try:
+            data = json.loads(str(round_config[DATASET_SPEC_KEY]))
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"the server's {DATASET_SPEC_KEY} is not JSON ({type(exc).__name__}).") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"the server's {DATASET_SPEC_KEY} is not a JSON object.")
+        try:
+            return DatasetSpec.from_json(data, source=f"the server's {DATASET_SPEC_KEY}")
+        except (OverflowError, RecursionError) as exc:
+            raise ValueError(f"the server's {DATASET_SPEC_KEY} is malformed ({type(exc).__name__}).") from None
+    name = str(with_defaults(run_config)["dataset"])
+    if name in LAYOUTS or "data-path" not in node_config:
+        return dataset_spec(name)
+    raise ValueError(f"the run config's dataset '{name}' is not a built-in layout {sorted(LAYOUTS)}, and this "
+                     "SuperNode reads only the paths its own node config names (data-path, manifest), never one "
+                     "from the run config; the server should send the spec itself (FedLesion's ServerApp does).")
+
+
 _SITES: dict[tuple[Any, ...], Site] = {}
 _CACHES: dict[str, CaseCache] = {}
 
@@ -146,8 +182,14 @@ def _cache(node_config: Mapping[str, Any]) -> CaseCache:
     return _CACHES[folder]
 
 
-def load(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
+def load(node_config: Mapping[str, Any], run_config: Mapping[str, Any], expected: DatasetSpec | None = None) -> Site:
     """This SuperNode's :class:`Site`, validated once and kept for the process's lifetime.
+
+    Args:
+        node_config: the SuperNode's node config.
+        run_config: the run config.
+        expected: the shared model's spec (:func:`expected_spec`); default: the run config's
+            ``dataset`` under the same rules.
 
     Raises:
         ValueError: when the data is missing, its channels or regions are not the run's
@@ -157,10 +199,11 @@ def load(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
     source = locate(node_config, values)
     name, path, manifest = source.name, source.path, source.manifest
     seed, val_fraction, crop = values["seed"], values["val-fraction"], values["crop-foreground"]
-    key = (str(path.resolve()), manifest, source.case_ids, seed, val_fraction, values["dataset"], crop)
+    if expected is None:
+        expected = expected_spec({}, node_config, values)
+    key = (str(path.resolve()), manifest, source.case_ids, seed, val_fraction, json.dumps(expected.to_json()), crop)
     if key in _SITES:
         return _SITES[key]
-    expected = dataset_spec(values["dataset"])
     spec = conform_spec(dataset_spec(manifest) if manifest else resolve_spec(path), expected, f"site {name} ({path})")
     data = load_site(path, spec, case_ids=None if source.case_ids is None else list(source.case_ids),
                      crop_foreground=crop, cache=_cache(node_config))

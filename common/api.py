@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .files import replace_private
 from .data import (
     DatasetSpec,
     PreparedCase,
@@ -114,9 +115,12 @@ def train_centralized(
     report(f"training {model} on {len(train_ids)} case(s) ({len(val_ids)} validation, {len(site.skipped)} skipped) "
            f"on {dev}{' with float16 mixed precision' if dev.type == 'cuda' else ''}")
     checkpoint = Checkpoint(model=model, model_args=args, spec=spec, state_dict={},
-                            run_config={"data": str(data), "train_cases": train_ids, "val_cases": val_ids,
+                            run_config={"train-case-count": len(train_ids), "val-case-count": len(val_ids),
                                         **config.to_dict(), "crop_foreground": crop_foreground,
                                         **PostProcessing.from_run_config({}).to_run_config()})
+    # Which cases trained stays at this site, beside the checkpoint (the checkpoint itself may be shared).
+    replace_private(cases_file(out), json.dumps({"data": str(data), "train": train_ids, "validation": val_ids},
+                                                indent=2).encode())
     history: list[dict[str, Any]] = []
     start = time.perf_counter()
     rounds = max(1, config.epochs // epochs_per_round)
@@ -144,6 +148,13 @@ def train_centralized(
     # One optimiser and one schedule for the whole run: the pooled baseline is not restarted every epoch.
     train(network, [by_id[c] for c in train_ids], spatial_dims, config, dev, progress=after_epoch, lr_factor=lr_factor)
     return checkpoint
+
+
+def cases_file(checkpoint: str | Path) -> Path:
+    """The local record of the cases a pooled run trained and validated on: ``<checkpoint>.cases.json``
+    (mode 0600), kept out of the checkpoint so that sharing a model never shares case IDs or paths."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.name}.cases.json")
 
 
 def evaluate_checkpoint(
@@ -211,9 +222,8 @@ def evaluate_checkpoint(
         "seconds_per_case": float(np.mean([c["seconds"] for c in cases])) if cases else None,
         "skipped": skipped,
     }
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
+    if out is not None:  # per-case scores under case IDs: mode 0600, like everything patient-derived
+        replace_private(out, json.dumps(result, indent=2).encode())
     return result
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,10 +21,29 @@ from torch import nn
 
 from .config import TrainConfig, declared_run_config
 from .data import DatasetSpec
+from .files import replace_private
 from .model import build_model, model_spatial_dims
 from .postprocess import PostProcessing
 
 FORMAT = "fedlesion-checkpoint/1"
+
+# Run-config values that name local paths or select cases by ID: they stay in the run folder's
+# run_config.json and never go into a checkpoint, which is what gets shared (the global model, a site's model).
+LOCAL_RUN_CONFIG_KEYS = frozenset({
+    "output-dir", "resume-from", "data-root", "manifest", "server-eval-data", "server-eval-manifest",
+    "server-eval-include", "data", "train_cases", "val_cases",
+})
+PATH_VALUED_KEYS = ("dataset", "split")  # a layout or split kind by name is kept, a file path is not
+
+
+def shareable_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """``run_config`` without local paths and case IDs (:data:`LOCAL_RUN_CONFIG_KEYS`; ``dataset`` and
+    ``split`` when they name a file). Counts of cases (``train-case-count``) are kept."""
+    def is_path(value: Any) -> bool:
+        return isinstance(value, str) and ("/" in value or "\\" in value or value.endswith(".json"))
+
+    return {key: value for key, value in run_config.items()
+            if key not in LOCAL_RUN_CONFIG_KEYS and not (key in PATH_VALUED_KEYS and is_path(value))}
 
 
 @dataclass
@@ -98,7 +116,9 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Pat
     """Write a checkpoint atomically: a temporary file in the same folder, then a rename.
 
     A crash mid-write leaves the previous file at ``path`` intact; the temporary file a
-    killed writer left behind is removed by the next save (one writer per path).
+    killed writer left behind is removed by the next save (one writer per path). The file has
+    mode 0600 (the weights are a function of patients' scans). Its run config is
+    :func:`shareable_run_config`: no local paths, no case IDs.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,20 +133,10 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Pat
         "round": checkpoint.round,
         "epoch": checkpoint.epoch,
         "metrics": checkpoint.metrics,
-        "run_config": checkpoint.run_config,
+        "run_config": shareable_run_config(checkpoint.run_config),
         "extra": checkpoint.extra,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return replace_private(path, lambda handle: torch.save(payload, handle))
 
 
 def _unpickler_reason(exc: pickle.UnpicklingError) -> str:

@@ -109,6 +109,9 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+DATASET_SPEC_KEY = "dataset-spec"  # round-config key: the shared model's DatasetSpec as JSON, sent by the server
+
+
 def dataset_spec(name_or_path: str) -> DatasetSpec:
     """A built-in layout by name, or a manifest file by path."""
     if name_or_path in LAYOUTS:

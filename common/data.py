@@ -32,6 +32,8 @@ import nibabel as nib
 import numpy as np
 from monai.transforms import NormalizeIntensity
 
+from .files import open_private, private_folder
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAMES = ("fedlesion.json", "manifest.json")
@@ -555,7 +557,8 @@ class CaseCache:
     """A bounded LRU cache of preprocessed cases, so epochs and rounds never decode NIfTI twice.
 
     Memory holds the most recently used cases. With ``disk_dir`` every preprocessed case is
-    also written there (as a pickle, mode 0600, in a 0700 folder on the site's own disk), so a
+    also written there (as a pickle, mode 0600, in a 0700 folder that this user owns, checked with
+    :func:`common.files.private_folder`; another user's folder is not used), so a
     process started later, such as the ClientApp process a SuperNode starts for each round,
     reads the cached arrays instead of decoding NIfTI again. Entries are keyed by the files'
     paths, sizes and modification times and the preprocessing, so a re-exported scan is
@@ -572,6 +575,12 @@ class CaseCache:
             raise ValueError(f"CaseCache: max_bytes must be >= 0, got {max_bytes}.")
         self.max_bytes = max_bytes
         self.disk_dir = Path(disk_dir) if disk_dir else None
+        if self.disk_dir is not None:
+            try:  # entries are unpickled: only from a folder no one else owns or can write to
+                private_folder(self.disk_dir)
+            except (PermissionError, OSError) as exc:
+                logger.warning("case cache: not using %s on disk (%s); cases are decoded in each process", disk_dir, exc)
+                self.disk_dir = None
         self._items: OrderedDict[tuple[Any, ...], PreparedCase] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -605,8 +614,12 @@ class CaseCache:
         if path is None or not path.exists():
             return None
         try:
-            with open(path, "rb") as handle:
+            # Only an entry this user wrote and no one else could have: a private file in a private folder.
+            with open_private(path) as handle:
                 stored_key, prepared = pickle.load(handle)  # written by this class on this site's disk
+        except PermissionError as exc:
+            logger.warning("case cache: ignoring %s (%s)", path, exc)
+            return None
         except (OSError, EOFError, pickle.UnpicklingError, ValueError):
             return None  # a torn or stale entry is simply rebuilt
         return prepared if stored_key == key else None

@@ -1,6 +1,6 @@
 """The FedLesion ServerApp: runs the configured strategy stack over the shared model.
 
-Outputs land in the run folder, ``<output-dir>/<run-name>/`` (a resumed run continues in its
+Outputs land in the run folder, ``<output-dir>/<run-name>/`` (mode 0700; a resumed run continues in its
 checkpoint's folder): ``metrics.jsonl``, ``metrics.csv``, ``audit.jsonl``, ``last.pt`` (every
 round), ``best.pt`` (best validation Dice), ``final.pt`` (written only when the run completes)
 and ``run_config.json`` (a resume keeps the one before as ``run_config.resume-<round>.json``).
@@ -25,6 +25,7 @@ from flwr.supercore import log
 from common.api import select_cases
 from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from common.config import dataset_spec, model_from, train_config_from, with_defaults
+from common.files import private_folder
 from common.data import DatasetSpec, conform_spec, discover_cases, load_site, resolve_spec
 from common.engine import evaluate, select_device
 from common.metrics import flat_means
@@ -79,7 +80,7 @@ def prepare_run_folder(folder: Path, values: Mapping[str, Any], resume: Resume |
     cuts ``metrics.jsonl`` back to the checkpoint's round (later lines, from a crash) and keeps
     the previous ``run_config.json`` as ``run_config.resume-<round>.json``. Files are replaced atomically.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    private_folder(folder)  # 0700: run_config.json names local paths, metrics and checkpoints derive from patients
     config = folder / "run_config.json"
     if resume is not None:
         (folder / "final.pt").unlink(missing_ok=True)

@@ -40,7 +40,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggre
 from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT, compute_adaptive_noise_params
 
-from common.config import dataset_spec, with_defaults
+from common.config import DATASET_SPEC_KEY, dataset_spec, with_defaults
+from common.files import private_folder
 from common.engine import learning_rate
 from common.privacy import STATISTICS_SUFFIXES, TRANSPORT_DTYPES, numpy_arrays, private_mean, update_norm
 
@@ -101,7 +102,7 @@ class RunRecord:
     def append(self, record: dict[str, Any]) -> None:
         """Append one round to the history, ``metrics.jsonl`` and ``metrics.csv``, and log it."""
         self.history.append(record)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(self.out_dir)
         with open(self.out_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
         write_csv(self.history, self.out_dir / "metrics.csv")
@@ -113,7 +114,7 @@ class RunRecord:
 
     def audit(self, entry: dict[str, Any]) -> None:
         """Append ``entry`` to ``audit.jsonl``, time-stamped. Node IDs and reasons only: no case, path or metric."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(self.out_dir)
         with open(self.out_dir / "audit.jsonl", "a") as handle:
             handle.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}) + "\n")
 
@@ -618,10 +619,14 @@ class RunRecorder(StrategyWrapper):
         num_rounds: the run's ``num-server-rounds``.
         base_lr: ``learning-rate``.
         lr_schedule: ``lr-schedule``.
-        best_key: the evaluate metric that selects the best model.
+        best_key: the metric that selects the best model: the server's own score on held-out cases
+            when ``server_evaluate`` is given (sites' reports are not trusted to pick it), else the
+            sites' aggregated evaluation.
         first_round: the round this run starts at (after a resume).
         server_evaluate: optional ``(round, arrays) -> metrics`` scoring the global model at the
             server each round, recorded under ``"server"``.
+        round_config: values sent to the sites with every training and evaluation instruction
+            (the dataset spec, see :func:`client.site.expected_spec`).
 
     Raises:
         ValueError: for an unknown schedule.
@@ -632,9 +637,11 @@ class RunRecorder(StrategyWrapper):
     def __init__(self, strategy: Strategy, record: RunRecord, *,
                  save_checkpoint: Callable[[ArrayRecord, int, dict[str, Any], str, dict[str, Any]], None],
                  num_rounds: int, base_lr: float, lr_schedule: str, best_key: str, first_round: int = 1,
-                 server_evaluate: Callable[[int, ArrayRecord], dict[str, float]] | None = None) -> None:
+                 server_evaluate: Callable[[int, ArrayRecord], dict[str, float]] | None = None,
+                 round_config: Mapping[str, Any] | None = None) -> None:
         super().__init__(strategy)
         learning_rate(base_lr, lr_schedule, 1, num_rounds)  # validate now, not at round 1
+        self.round_config = dict(round_config or {})
         self.record = record
         self._save_checkpoint = save_checkpoint
         self.base_lr = base_lr
@@ -643,7 +650,9 @@ class RunRecorder(StrategyWrapper):
         self.best_key = best_key
         self.round_offset = first_round - 1
         self.server_evaluate = server_evaluate
-        values = [float(r["evaluate"][best_key]) for r in record.history if best_key in r.get("evaluate", {})]
+        # With held-out cases at the server, its own score picks best.pt: a site's reported Dice cannot.
+        self.best_source = "server" if server_evaluate is not None else "evaluate"
+        values = [float(r[self.best_source][best_key]) for r in record.history if best_key in r.get(self.best_source, {})]
         self.best_value = max(values, default=-math.inf)
         self._arrays: ArrayRecord | None = None
         self._started = time.perf_counter()
@@ -675,6 +684,7 @@ class RunRecorder(StrategyWrapper):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         absolute = server_round + self.round_offset
+        config.update(self.round_config)
         config["learning-rate"] = self.learning_rate(absolute)
         self._started = time.perf_counter()
         self.record.current = {"round": absolute, "learning-rate": config["learning-rate"]}
@@ -691,6 +701,7 @@ class RunRecorder(StrategyWrapper):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         absolute = server_round + self.round_offset
+        config.update(self.round_config)
         self._arrays = arrays  # the global model as it stands after this round
         with self._stops(absolute):
             return list(super().configure_evaluate(absolute, arrays, config, grid))
@@ -708,7 +719,7 @@ class RunRecorder(StrategyWrapper):
             state = self.checkpoint_state()
             self._save_checkpoint(self._arrays, absolute, record, "last", state)
             written = "last.pt"
-            value = record["evaluate"].get(self.best_key)
+            value = record.get(self.best_source, {}).get(self.best_key)
             if value is not None and value > self.best_value:
                 self.best_value = float(value)
                 self._save_checkpoint(self._arrays, absolute, record, "best", state)
@@ -868,7 +879,9 @@ def build_strategy(run_config: Mapping[str, Any], *, out_dir: Path,
         max_norm_ratio = 0.0
     stack = UpdateScreening(stack, record, max_norm_ratio=max_norm_ratio, max_site_cases=values["max-site-cases"],
                             transport_dtype=values["transport-dtype"])
-    best_key = f"dice-{next(iter(dataset_spec(values['dataset']).regions)).lower()}"
+    spec = dataset_spec(values["dataset"])
+    best_key = f"dice-{next(iter(spec.regions)).lower()}"
     return RunRecorder(stack, record, save_checkpoint=save_checkpoint, num_rounds=values["num-server-rounds"],
                        base_lr=float(values["learning-rate"]), lr_schedule=values["lr-schedule"], best_key=best_key,
-                       first_round=first_round, server_evaluate=server_evaluate)
+                       first_round=first_round, server_evaluate=server_evaluate,
+                       round_config={DATASET_SPEC_KEY: json.dumps(spec.to_json())})

@@ -161,11 +161,33 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_certs(args: argparse.Namespace) -> int:
     from server.certs import make_certificates
 
-    files = make_certificates(args.out, [h for h in args.hospitals.split(",") if h], [h for h in args.hosts.split(",") if h])
+    passphrase = None
+    if args.ca_passphrase_file:
+        passphrase = Path(args.ca_passphrase_file).read_bytes().rstrip(b"\r\n")
+    files = make_certificates(args.out, [h for h in args.hosts.split(",") if h], ca_passphrase=passphrase)
     for name, path in files.items():
         print(f"{name:>24}: {path}")
-    print("Keep ca.key offline. Give each hospital its private key (hospitals/<name>) and ca.crt; "
-          "register its .pub with `flwr supernode register`.")
+    print("Keep ca.key offline. Give every hospital ca.crt; each hospital makes its own key pair "
+          "(`fedlesion keygen`) and sends you only its .pub, which you register with `flwr supernode register`.")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from client.keys import fingerprint, make_hospital_key
+
+    private, public = make_hospital_key(args.out, args.name)
+    print(f"private key (stays here, mode 0600): {private}")
+    print(f"public key (send to the coordinator): {public}")
+    print(f"fingerprint: {fingerprint(public.read_text())}  (read it to the coordinator over a second channel; "
+          "they compare it with `ssh-keygen -lf` before registering)")
+    return 0
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    from server.superlink import serve
+
+    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+    serve(args.fleet_address, args.control_address, flower_args)
     return 0
 
 
@@ -351,14 +373,36 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--out", required=True, help="output folder")
     repro.set_defaults(func=cmd_reproduce)
 
-    certs = sub.add_parser("certs", help="create a CA, the SuperLink's TLS pair and one key pair per hospital",
-                           description="Write ca.crt/ca.key, superlink.crt/superlink.key (SANs: --hosts) and "
-                                       "hospitals/<name>, hospitals/<name>.pub (SuperNode authentication keys).")
+    certs = sub.add_parser("certs", help="coordinator: create the federation's CA and the SuperLink's TLS pair",
+                           description="Write ca.crt, ca.key, superlink.crt and superlink.key (SANs: --hosts plus "
+                                       "localhost and 127.0.0.1). Refuses a folder that already holds any of them: "
+                                       "a CA is never overwritten. Hospitals make their own keys (fedlesion keygen).")
     certs.add_argument("--out", required=True, help="folder to write (never commit it)")
-    certs.add_argument("--hospitals", required=True, help="comma-separated hospital names, e.g. hospital-a,hospital-b")
     certs.add_argument("--hosts", default="localhost,127.0.0.1",
-                       help="comma-separated DNS names / IPs of the SuperLink (default localhost,127.0.0.1)")
+                       help="comma-separated DNS names / IPs hospitals reach the SuperLink at (default localhost,127.0.0.1)")
+    certs.add_argument("--ca-passphrase-file", help="encrypt ca.key with the passphrase in this file (recommended)")
     certs.set_defaults(func=cmd_certs)
+
+    keygen = sub.add_parser("keygen", help="hospital: create this SuperNode's authentication key pair",
+                            description="Write <out>/<name> (private, mode 0600, stays at the hospital) and "
+                                        "<out>/<name>.pub (send it to the coordinator), ECDSA P-384 in OpenSSH format, "
+                                        "as `ssh-keygen -t ecdsa -b 384` makes; prints the fingerprint to compare.")
+    keygen.add_argument("--out", required=True, help="folder for the key pair (never commit it)")
+    keygen.add_argument("--name", required=True, help="this hospital's name, e.g. hospital-a")
+    keygen.set_defaults(func=cmd_keygen)
+
+    superlink = sub.add_parser(
+        "superlink", help="coordinator: Flower's SuperLink with the Control API off the hospitals' address",
+        description="Run Flower's SuperLink on two listeners: --fleet-address (open it to the hospitals) answers only "
+                    "the Fleet API SuperNodes use; --control-address (loopback by default) answers flwr run, flwr "
+                    "supernode register/list, flwr stop and the ServerApp. Other flower-superlink options go after "
+                    "'--', e.g. -- --ssl-ca-certfile certs/ca.crt --ssl-certfile certs/superlink.crt "
+                    "--ssl-keyfile certs/superlink.key --enable-supernode-auth --database state.db. TLS is required.")
+    superlink.add_argument("--fleet-address", default="0.0.0.0:9092", help="IP:port for SuperNodes (default 0.0.0.0:9092)")
+    superlink.add_argument("--control-address", default="127.0.0.1:9093",
+                           help="IP:port for flwr and the ServerApp (default 127.0.0.1:9093, this machine only)")
+    superlink.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-superlink options, after '--'")
+    superlink.set_defaults(func=cmd_superlink)
 
     demo = sub.add_parser("demo-federation", help="a real TLS + authenticated federation on localhost, then stop it",
                           description="Start one SuperLink (TLS, SuperNode authentication), one SuperNode per "
@@ -403,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    except (ValueError, RuntimeError, FileNotFoundError, FileExistsError, PermissionError) as exc:
         print(f"fedlesion {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

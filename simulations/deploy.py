@@ -1,6 +1,7 @@
-"""A real federation on localhost: one TLS SuperLink with SuperNode authentication, one
-SuperNode process per hospital, and ``flwr run`` against it: the deployment path of
-README's "Run a federation across hospitals", scripted for a demo and for tests.
+"""A real federation on localhost: one TLS SuperLink with SuperNode authentication (``fedlesion
+superlink``: hospitals reach only its Fleet address, ``flwr`` uses the loopback control address),
+one SuperNode process per hospital with a key pair it made itself, and ``flwr run`` against it:
+the deployment path of README's "Run a federation across hospitals", scripted for a demo and for tests.
 
 Every process is started in its own process group and stopped at the end.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, TextIO
 
 from common.config import declared_run_config
+from client.keys import make_hospital_key
 from server.certs import make_certificates
 
 from .launch import APP_DIR, flower_environment, free_port, stop_process_group, wait_healthy, write_run_config
@@ -31,10 +33,11 @@ class Federation:
     """Handles on a running localhost federation."""
 
     workdir: Path
-    connection: str
+    connection: str  # the flwr connection to the control address
     env: dict[str, str]
-    certs: Path
-    superlink_port: int
+    certs: Path  # the coordinator's CA and SuperLink pair
+    superlink_port: int  # the Fleet port hospitals connect to
+    control_port: int
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
@@ -42,11 +45,22 @@ class Federation:
         return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=APP_DIR, capture_output=True,
                               text=True, timeout=timeout)
 
-    def register(self, hospital: str) -> None:
+    def hospital_key(self, hospital: str) -> Path:
+        """The hospital's private key; made on first use, as the hospital would (``fedlesion keygen``)."""
+        folder = self.workdir / "hospital-keys" / hospital
+        if not (folder / hospital).exists():
+            make_hospital_key(folder, hospital)
+        return folder / hospital
+
+    def register(self, hospital: str, connection: str | None = None) -> subprocess.CompletedProcess[str]:
         """``flwr supernode register`` the hospital's public key (the SuperLink then admits it)."""
-        result = self.flwr("supernode", "register", str(self.certs / "hospitals" / f"{hospital}.pub"), self.connection)
+        public = self.hospital_key(hospital).with_name(f"{hospital}.pub")
+        result = self.flwr("supernode", "register", str(public), connection or self.connection)
+        if connection is not None:
+            return result
         if result.returncode != 0:
             raise RuntimeError(f"registering {hospital} failed:\n{result.stdout}{result.stderr}")
+        return result
 
     def start_supernode(self, hospital: str, data_path: Path) -> subprocess.Popen[bytes]:
         """Start a hospital's ``flower-supernode`` with TLS, its private key and its data folder."""
@@ -54,7 +68,7 @@ class Federation:
         process = subprocess.Popen(
             [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.superlink_port}",
              "--root-certificates", str(self.certs / "ca.crt"),
-             "--auth-supernode-private-key", str(self.certs / "hospitals" / hospital),
+             "--auth-supernode-private-key", str(self.hospital_key(hospital)),
              "--node-config", f'data-path="{data_path}" site-name="{hospital}"',
              "--port", str(free_port()), "--max-retries", "0"],
             cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -124,32 +138,39 @@ def _ancestors(pid: int) -> set[int]:
 
 
 @contextmanager
-def secure_superlink(workdir: Path, hospitals: Sequence[str]) -> Iterator[Federation]:
-    """Certificates for ``hospitals``, and a SuperLink with TLS and ``--enable-supernode-auth``."""
+def secure_superlink(workdir: Path) -> Iterator[Federation]:
+    """A CA and a ``fedlesion superlink`` with TLS and ``--enable-supernode-auth``.
+
+    ``flwr`` gets two connections: ``hospitals`` (the control address, as the coordinator uses it)
+    and ``via-fleet`` (the Fleet address, which refuses everything but the Fleet API).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     certs = workdir / "certs"
-    make_certificates(certs, hospitals)
+    make_certificates(certs)
     flwr_home = workdir / "flwr-home"
     flwr_home.mkdir(exist_ok=True)
-    port = free_port()
+    port, control = free_port(), free_port()
+    ca = certs / "ca.crt"
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "hospitals"\n\n[superlink.hospitals]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs / "ca.crt"}"\n'
+        f'[superlink]\ndefault = "hospitals"\n\n[superlink.hospitals]\naddress = "127.0.0.1:{control}"\n'
+        f'root-certificates = "{ca}"\n\n[superlink.via-fleet]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{ca}"\n'
     )
     env = flower_environment(flwr_home)
-    federation = Federation(workdir, "hospitals", env, certs, port)
+    federation = Federation(workdir, "hospitals", env, certs, port, control)
     with open(workdir / "superlink.log", "wb") as log:
         superlink = subprocess.Popen(
-            [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
-             "--ssl-certfile", str(certs / "superlink.crt"), "--ssl-keyfile", str(certs / "superlink.key"),
-             "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
+            [str(BIN / "fedlesion"), "superlink", "--fleet-address", f"127.0.0.1:{port}",
+             "--control-address", f"127.0.0.1:{control}", "--",
+             "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(certs / "superlink.crt"),
+             "--ssl-keyfile", str(certs / "superlink.key"), "--enable-supernode-auth",
              "--disable-runtime-dependency-installation", "--database", str(workdir / "superlink.db")],
             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     federation.processes["superlink"] = superlink
     try:
         wait_healthy(superlink, f"https://127.0.0.1:{port}/health", workdir / "superlink.log",
-                     ssl.create_default_context(cafile=str(certs / "ca.crt")))
+                     ssl.create_default_context(cafile=str(ca)))
         yield federation
     finally:
         for process in reversed(list(federation.processes.values())):
@@ -169,7 +190,7 @@ def demo(out: Path, sites: int = 3, rounds: int = 3, run_config: Mapping[str, An
               "run-name": "demo", "model-args": "base_channels=8 depth=3", "samples-per-case": 8,
               **{k: v for k, v in (run_config or {}).items() if k != "synth-cases-per-site"}}
     with ExitStack() as stack:
-        federation = stack.enter_context(secure_superlink(out / "federation", hospitals))
+        federation = stack.enter_context(secure_superlink(out / "federation"))
         for index, hospital in enumerate(hospitals):
             federation.register(hospital)
             federation.start_supernode(hospital, out / "data" / f"site-{index}")

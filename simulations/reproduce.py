@@ -205,7 +205,8 @@ def reproduce(
     for name, path in checkpoints.items():
         evaluation = evaluate_checkpoint(path, test_data, manifest=manifest, include=test_ids, report=lambda _: None, postprocess=values)
         if name not in FEDERATED:  # what the pooled or local-only run really trained on
-            results[name] = {"train_cases": len(load_checkpoint(path).run_config["train_cases"])}
+            trained_config = load_checkpoint(path).run_config  # checkpoints before 2026-11-27 listed the cases
+            results[name] = {"train_cases": int(trained_config.get("train-case-count", len(trained_config.get("train_cases", []))))}
             curves[name].append((rounds, evaluation["summary"][first_region]["dice_mean"]))
         results[name] = {
             **results.get(name, {}),

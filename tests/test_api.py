@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import nibabel as nib
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from common import api
-from common.api import evaluate_checkpoint, predict_case, select_cases
+from common.api import cases_file, evaluate_checkpoint, predict_case, select_cases
 from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from common.config import declared_run_config
 from common.data import LAYOUTS, load_case, regions_from_labels
@@ -38,7 +39,14 @@ def trained(tiny_sites: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_train_writes_a_self_describing_checkpoint(trained: Path) -> None:
     ckpt = load_checkpoint(trained)
     assert ckpt.epoch == 2 and ckpt.model == "unet2d" and ckpt.model_args == {"base_channels": 4, "depth": 2, "norm": "group"}
-    assert "Synth_S02_003" not in ckpt.run_config["train_cases"] and len(ckpt.run_config["train_cases"]) == 3
+    assert ckpt.run_config["train-case-count"] == 3
+    # Case IDs and paths stay in a private file beside the checkpoint, never in the checkpoint, which may be shared.
+    record = cases_file(trained)
+    assert stat.S_IMODE(record.stat().st_mode) == 0o600 and stat.S_IMODE(trained.stat().st_mode) == 0o600
+    cases = json.loads(record.read_text())
+    assert len(cases["train"]) == 3 and "Synth_S02_003" not in cases["train"]
+    shared = json.dumps(ckpt.run_config) + json.dumps(ckpt.metrics) + json.dumps(ckpt.extra)
+    assert "Synth_S02" not in shared and str(trained.parent) not in shared and cases["data"] not in shared
     declared = declared_run_config()
     for key in ("postprocess", "postprocess-min-mm3", "postprocess-components"):
         assert ckpt.run_config[key] == declared[key], "the post-processing it was trained with"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import torch
 
-from common.api import train_centralized
+from common.api import cases_file, train_centralized
 from common.config import train_config_from
 from common.data import load_site
 from common.engine import TrainConfig, train
@@ -26,7 +28,8 @@ def test_pooled_training_keeps_one_optimiser_for_the_whole_run(tiny_sites: Path,
     torch.manual_seed(5)
     model = build_model("unet2d", 4, 3, **TINY)
     cases = load_site(tiny_sites / "site-1").cases
-    train(model, [c for c in cases if c.case in pooled.run_config["train_cases"]], 2, config, torch.device("cpu"))
+    trained = json.loads(cases_file(tmp_path / "pooled.pt").read_text())["train"]
+    train(model, [c for c in cases if c.case in trained], 2, config, torch.device("cpu"))
     for key, value in model.state_dict().items():
         assert torch.equal(value, pooled.state_dict[key]), key
 

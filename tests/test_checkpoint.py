@@ -36,3 +36,22 @@ def test_numpy_scalar_metrics_still_load(tmp_path: Path) -> None:
     path = save_checkpoint(Checkpoint(model="unet2d", model_args={}, spec=dataset_spec("brats2021"), state_dict={},
                                       metrics={"dice-wt": np.float64(0.5), "cases": np.int64(3)}), tmp_path / "a.pt")
     assert load_checkpoint(path).metrics == {"dice-wt": 0.5, "cases": 3}
+
+
+def test_a_checkpoint_carries_no_local_path_or_case_id(tmp_path: Path) -> None:
+    """What is shared (the global model) names no file of the coordinator's and no held-out case."""
+    run_config = {"dataset": "/srv/coordinator/lesions.json", "split": "/srv/coordinator/split.json",
+                  "server-eval-data": "/srv/coordinator/held-out", "server-eval-include": "*CBICA_ASK*",
+                  "server-eval-manifest": "/srv/m.json", "output-dir": "/srv/out", "resume-from": "/srv/out/r/last.pt",
+                  "data-root": "/srv/data", "manifest": "/srv/data/m.json", "learning-rate": 0.002,
+                  "postprocess": True, "train-case-count": 12}
+    path = save_checkpoint(Checkpoint(model="unet2d", model_args={}, spec=dataset_spec("brats2021"), state_dict={},
+                                      run_config=run_config), tmp_path / "global.pt")
+    kept = load_checkpoint(path).run_config
+    assert kept == {"learning-rate": 0.002, "postprocess": True, "train-case-count": 12}
+    assert "/srv" not in path.read_bytes().decode("latin-1") and b"CBICA" not in path.read_bytes()
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    # Layouts and split kinds named, not file paths, are kept.
+    named = save_checkpoint(Checkpoint(model="unet2d", model_args={}, spec=dataset_spec("brats2021"), state_dict={},
+                                       run_config={"dataset": "brats2021", "split": "institution"}), tmp_path / "b.pt")
+    assert load_checkpoint(named).run_config == {"dataset": "brats2021", "split": "institution"}

@@ -3,6 +3,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import stat
 from pathlib import Path
 
 import nibabel as nib
@@ -316,3 +317,43 @@ def test_disk_cache_spares_a_fresh_process_the_decoding(tmp_path: Path) -> None:
     os.utime(flair, ns=(flair.stat().st_atime_ns, flair.stat().st_mtime_ns + 10**9))
     load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=tmp_path / "cache"))
     assert DECODE_STATS.files - before == 10
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to give a folder to another user")
+def test_disk_cache_is_not_read_from_another_users_folder(tmp_path: Path) -> None:
+    """Cache entries are unpickled: a folder someone else owns could hold a crafted one, so it is not used."""
+    write_case(tmp_path / "data", "Disk_001")
+    load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=tmp_path / "cache"))
+    os.chown(tmp_path / "cache", 65534, 65534)
+    before = DECODE_STATS.files
+    cache = CaseCache(1 << 30, disk_dir=tmp_path / "cache")
+    assert cache.disk_dir is None
+    load_site(tmp_path / "data", BRATS, cache=cache)
+    assert DECODE_STATS.files - before == 5, "decoded, not read from the other user's folder"
+
+
+def test_disk_cache_folder_others_could_write_is_not_used(tmp_path: Path) -> None:
+    """A pickle planted in a folder that was world-writable never runs: the folder is not used at all."""
+    import pickle
+
+    class Planted:
+        def __reduce__(self):  # noqa: ANN204 - pickle protocol
+            return os.mkdir, (str(tmp_path / "planted-ran"),)
+
+    write_case(tmp_path / "data", "Disk_001")
+    folder = tmp_path / "cache"
+    cache = CaseCache(1 << 30, disk_dir=folder)
+    load_site(tmp_path / "data", BRATS, cache=cache)
+    [entry] = folder.glob("*.pkl")
+    os.chmod(folder, 0o777)
+    entry.write_bytes(pickle.dumps(Planted()))
+    before = DECODE_STATS.files
+    reopened = CaseCache(1 << 30, disk_dir=folder)
+    assert reopened.disk_dir is None and stat.S_IMODE(folder.stat().st_mode) == 0o777
+    load_site(tmp_path / "data", BRATS, cache=reopened)
+    assert not (tmp_path / "planted-ran").exists() and DECODE_STATS.files - before == 5
+    # The same entry, group-writable inside a private folder: not read either.
+    os.chmod(folder, 0o700)
+    os.chmod(entry, 0o666)
+    load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=folder))
+    assert not (tmp_path / "planted-ran").exists()

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import io
+import ssl
+import stat
 import subprocess
 import time
 from pathlib import Path
+from urllib.error import HTTPError
+from urllib.request import Request, urlopen
 
+import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
@@ -19,8 +24,21 @@ def test_secure_federation_with_real_processes(tmp_path: Path) -> None:
     synthesize(tmp_path / "data", sites=2, cases_per_site=3, shape=(32, 32, 16), seed=0)
     workdir = tmp_path / "federation"
     out = tmp_path / "runs"
-    with secure_superlink(workdir, ["hospital-a", "hospital-b", "intruder"]) as federation:
-        assert (federation.certs / "ca.crt").exists() and (federation.certs / "hospitals" / "hospital-a.pub").exists()
+    with secure_superlink(workdir) as federation:
+        # The Fleet address (the one hospitals reach) refuses the Control and Runtime APIs: no one who can reach
+        # it can register a key, list nodes, submit an app or pull ServerApp tasks.
+        refused = federation.register("intruder", "via-fleet")
+        assert refused.returncode != 0 and "404" in refused.stdout + refused.stderr, refused.stdout
+        submit = federation.flwr("run", ".", "via-fleet", "--run-config", "num-server-rounds=1")
+        assert submit.returncode != 0 and "404" in submit.stdout + submit.stderr, submit.stdout
+        listing = federation.flwr("supernode", "list", "via-fleet")
+        assert listing.returncode != 0
+        context = ssl.create_default_context(cafile=str(federation.certs / "ca.crt"))
+        for path in ("/v1/control/list-runs", "/v1/runtime/acquire-task", "/v1/runtime/pull-task-input", "/docs"):
+            with pytest.raises(HTTPError) as error:
+                urlopen(Request(f"https://127.0.0.1:{federation.superlink_port}{path}", data=b"{}",
+                                headers={"content-type": "application/json"}), context=context, timeout=10)
+            assert error.value.code == 404, path
         for index, hospital in enumerate(("hospital-a", "hospital-b")):
             federation.register(hospital)
             federation.start_supernode(hospital, tmp_path / "data" / f"site-{index}")
@@ -39,6 +57,9 @@ def test_secure_federation_with_real_processes(tmp_path: Path) -> None:
         assert code == 0, log.getvalue()[-3000:]
         processes = dict(federation.processes)
 
+    # Each hospital made its own key pair: the coordinator's folder holds no hospital key.
+    assert sorted(p.name for p in (workdir / "certs").iterdir()) == ["ca.crt", "ca.key", "superlink.crt", "superlink.key"]
+    assert stat.S_IMODE((workdir / "hospital-keys" / "hospital-a" / "hospital-a").stat().st_mode) == 0o600
     run_dir = out / "secure"
     history = read_history(run_dir)
     assert [r["round"] for r in history] == [0, 1, 2]

@@ -134,7 +134,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     out = root / "runs"
     config = {**BASE, "num-server-rounds": 5, "output-dir": str(out), "run-name": "faults"}
     run_dir = out / "faults"
-    with secure_superlink(root / "federation", HOSPITALS) as fed:
+    with secure_superlink(root / "federation") as fed:
         for hospital in HOSPITALS:
             fed.register(hospital)
             fed.start_supernode(hospital, data[hospital])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +178,14 @@ def test_resume_restores_sampling_clipping_norm_and_failed_rounds(tmp_path: Path
 def test_state_of_a_layer_the_run_lacks_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'privacy' state.*resume with the run's own config"):
         _stack(tmp_path).resume({"privacy": {"clipping-norm": 1.0}})
+
+
+def test_a_new_run_folder_is_private(tmp_path: Path) -> None:
+    """run_config.json names local paths; metrics and checkpoints derive from patients: mode 0700, whatever the umask."""
+    previous = os.umask(0o022)
+    try:
+        folder = run_folder(with_defaults({"output-dir": str(tmp_path / "outputs"), "run-name": "r"}))
+        prepare_run_folder(folder, with_defaults({"output-dir": str(tmp_path / "outputs"), "run-name": "r"}), None)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and (folder / "run_config.json").exists()

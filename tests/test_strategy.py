@@ -119,3 +119,28 @@ def test_every_strategy_learns_at_its_defaults(name: str, tiny_sites: Path, tmp_
     after = dice(arrays)
     print(f"{name}: mean Dice {before:.3f} -> {after:.3f}")
     assert after > before + 0.05, f"{name} did not learn: mean Dice {before:.3f} -> {after:.3f}"
+
+
+def test_every_instruction_states_the_dataset_spec(tmp_path: Path) -> None:
+    """Sites learn the model's channels and regions from the message, never by reading a path the run config names."""
+    import json
+
+    from common.data import LAYOUTS
+    from fake_federation import evaluate_round
+
+    manifest = tmp_path / "lesions.json"
+    manifest.write_text(json.dumps({"name": "lesions", "channels": {"flair": "{case}_flair.nii.gz"},
+                                    "label": "{case}_seg.nii.gz", "labels": [0, 1], "regions": {"lesion": [1]}}))
+    for dataset in ("brats2021", str(manifest)):
+        stack = build_strategy({"dataset": dataset, "min-available-nodes": 2}, save_checkpoint=lambda *a: None,
+                               out_dir=tmp_path / Path(dataset).stem)
+        _, sent = train_round(stack, FakeGrid([1, 2]), 1, record(START), lambda m: reply(m, _site(1)))
+        evaluated: list = []
+        evaluate_round(stack, FakeGrid([1, 2]), 1, record(START), lambda m: evaluated.append(m))
+        for message in [*sent, *evaluated]:
+            spec = json.loads(message.content["config"]["dataset-spec"])
+            if dataset == "brats2021":
+                assert spec == LAYOUTS["brats2021"].to_json()
+            else:
+                assert list(spec["channels"]) == ["flair"] and list(spec["regions"]) == ["lesion"]
+        assert len(sent) == 2 and len(evaluated) == 2

@@ -182,3 +182,20 @@ def test_bad_normalisation_statistics_are_rejected(tmp_path: Path, running_var: 
     [rejected] = _audit(tmp_path)[-1]["rejected"]
     assert rejected["node-id"] == 3 and reason in rejected["reason"]
     np.testing.assert_allclose(arrays["bn.running_var"].numpy(), np.full(4, 2.0))
+
+
+def test_with_held_out_cases_the_server_not_the_sites_picks_best(tmp_path: Path) -> None:
+    """Sites may report any Dice in [0, 1] for as many cases as max-site-cases allows; with server-eval-data the
+    server's own held-out score chooses best.pt."""
+    saved: list[tuple[int, str]] = []
+    server_scores = {1: 0.7, 2: 0.6}
+    stack = build_strategy({"strategy": "fedavg", "min-available-nodes": 2, "min-train-nodes": 2},
+                           save_checkpoint=lambda arrays, rnd, rec, kind, state: saved.append((rnd, kind)),
+                           out_dir=tmp_path, server_evaluate=lambda rnd, arrays: {"dice-wt": server_scores[rnd]})
+    grid = FakeGrid([1, 2])
+    for rnd, site_dice in ((1, 0.5), (2, 1.0)):  # round 2: a site claims perfect Dice on 100000 cases
+        train_round(stack, grid, rnd, record(GLOBAL), lambda m: reply(m, _update(0.01)))
+        evaluate_round(stack, grid, rnd, record(GLOBAL), lambda m, d=site_dice: evaluate_reply(
+            m, 100000 if m.metadata.dst_node_id == 2 else 2, **{**GOOD_SCORES, "dice-wt": d}))
+    assert "best" not in [kind for rnd, kind in saved if rnd == 2], "round 2's sites claimed more, the server measured less"
+    assert (1, "best") in saved
