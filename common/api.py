@@ -19,10 +19,13 @@ import torch
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .files import replace_private
+from .files import check_output, replace_private
 from .data import (
+    LAYOUTS,
+    MANIFEST_NAMES,
     DatasetSpec,
     PreparedCase,
+    case_paths,
     conform_spec,
     discover_cases,
     load_case,
@@ -70,6 +73,7 @@ def train_centralized(
     on_epoch: Callable[[int, torch.nn.Module], dict[str, float] | None] | None = None,
     lr_schedule: str = "constant",
     epochs_per_round: int = 1,
+    force: bool = False,
 ) -> Checkpoint:
     """Pooled (centralized) training: the baseline federation is compared with.
 
@@ -92,16 +96,19 @@ def train_centralized(
             "rounds", the schedule a federated run with ``local-epochs = epochs_per_round`` follows
             (stepped by torch's ``LambdaLR``).
         epochs_per_round: epochs that share one learning rate.
+        force: replace an existing checkpoint at ``out``.
 
     Returns:
         The final :class:`Checkpoint`.
 
     Raises:
         ValueError: when no usable training case is left.
+        FileExistsError: before any work, when ``out`` is a folder or exists without ``force``.
     """
     config = config or TrainConfig()
     spec = resolve_spec(data, manifest)
     ids = select_cases(discover_cases(data, spec) if case_ids is None else list(case_ids), include, exclude)
+    check_output(out, inputs=_input_files(data, spec, ids, manifest), force=force, what="--out")
     site = load_site(data, spec, case_ids=ids, crop_foreground=crop_foreground)
     by_id = {c.case: c for c in site.cases}
     train_ids, val_ids = split_train_val(list(by_id), val_fraction, config.seed or 0)
@@ -150,6 +157,15 @@ def train_centralized(
     return checkpoint
 
 
+def _input_files(data: str | Path, spec: DatasetSpec, case_ids: Sequence[str], manifest: str | None) -> list[Path]:
+    """Every file a command reads from a data folder: the manifest (given or found) and each case's files."""
+    found = [Path(data) / name for name in MANIFEST_NAMES]
+    files = [*([Path(manifest)] if manifest and manifest not in LAYOUTS else []), *found]
+    for case in case_ids:
+        files += [path for path, _ in case_paths(data, spec, case).values()]
+    return files
+
+
 def cases_file(checkpoint: str | Path) -> Path:
     """The local record of the cases a pooled run trained and validated on: ``<checkpoint>.cases.json``
     (mode 0600), kept out of the checkpoint so that sharing a model never shares case IDs or paths."""
@@ -167,6 +183,7 @@ def evaluate_checkpoint(
     device: str = "auto",
     report: Callable[[str], None] = print,
     postprocess: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Score a checkpoint on every labelled case of a data folder.
 
@@ -186,26 +203,30 @@ def evaluate_checkpoint(
 
     Raises:
         ValueError: for an unreadable checkpoint, data whose channels or regions differ from it,
-            or a post-processing value of the wrong type.
+            a post-processing value of the wrong type, or when no case could be scored.
+        FileExistsError: before any work, when ``out`` is the checkpoint or exists without ``force``.
     """
     ckpt = load_checkpoint(checkpoint)
     postprocessing = ckpt.postprocessing(postprocess)
     spec = _data_spec(ckpt.spec, data, manifest)
+    ids = select_cases(discover_cases(data, spec), include, exclude)
+    if out is not None:
+        check_output(out, inputs=[checkpoint, *_input_files(data, spec, ids, manifest)], force=force,
+                     suffixes=(".json",), what="--out")
+    if not ids:
+        raise ValueError(f"{data}: no case matches layout '{spec.name}' and the case filters.")
     crop = ckpt.crop_foreground
     dev = select_device(device)
     model = ckpt.build().to(dev)
     regions = list(spec.regions)
-    ids = select_cases(discover_cases(data, spec), include, exclude)
-    if not ids:
-        raise ValueError(f"{data}: no case matches layout '{spec.name}' and the case filters.")
     cases, skipped = [], {}
     for i, case_id in enumerate(ids, 1):
         start = time.perf_counter()
         try:
             case = load_case(data, spec, case_id, crop_foreground=crop)
-        except ValueError as exc:
-            skipped[case_id] = str(exc)
-            report(f"skipped {exc}")
+        except Exception as exc:  # noqa: BLE001 - one case never stops the evaluation of the others
+            skipped[case_id] = str(exc) if isinstance(exc, ValueError) else f"case '{case_id}': {type(exc).__name__}: {exc}"
+            report(f"skipped {skipped[case_id]}")
             continue
         probs = predict_probabilities(model, case.image, ckpt.spatial_dims, dev, patch_size=ckpt.patch_size)
         seconds = time.perf_counter() - start
@@ -224,6 +245,9 @@ def evaluate_checkpoint(
     }
     if out is not None:  # per-case scores under case IDs: mode 0600, like everything patient-derived
         replace_private(out, json.dumps(result, indent=2).encode())
+    if not cases:
+        raise ValueError(f"{data}: none of {len(ids)} case(s) could be scored; every one was skipped"
+                         + (f" (reasons in {out})." if out is not None else ": " + "; ".join(skipped.values())))
     return result
 
 
@@ -250,6 +274,7 @@ def predict_case(
     overlay: str | Path | None = None,
     device: str = "auto",
     postprocess: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Segment one case folder and write the label map as NIfTI with the input's affine and header.
 
@@ -259,14 +284,23 @@ def predict_case(
     Args:
         postprocess: post-processing run-config values that win over the checkpoint's
             (see :meth:`common.checkpoint.Checkpoint.postprocessing`).
+        force: replace an existing ``out`` / ``overlay`` (never one of the case's files or the checkpoint).
 
     Returns:
         ``{"case", "out", "seconds", "postprocessing", "labels": {value: voxels}}`` (and ``"overlay"``).
+
+    Raises:
+        FileExistsError: before any work, when ``out`` or ``overlay`` is an input or exists without ``force``.
+        ValueError: for an ``out`` that is not ``.nii.gz`` / ``.nii``, or an overlay that is not ``.png``.
     """
     case_dir = Path(case_dir)
     ckpt = load_checkpoint(checkpoint)
     postprocessing = ckpt.postprocessing(postprocess)
     spec = _data_spec(ckpt.spec, case_dir.parent, manifest) if manifest else ckpt.spec
+    inputs = [checkpoint, *(path for path, _ in case_paths(case_dir.parent, spec, case_dir.name).values())]
+    check_output(out, inputs=inputs, force=force, suffixes=(".nii.gz", ".nii"), what="--out")
+    if overlay is not None:
+        check_output(overlay, inputs=[*inputs, out], force=force, suffixes=(".png", ".pdf", ".svg"), what="--overlay")
     dev = select_device(device)
     model = ckpt.build().to(dev)
     start = time.perf_counter()

@@ -59,6 +59,7 @@ class Checkpoint:
     metrics: dict[str, Any] = field(default_factory=dict)
     run_config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the server optimiser's state
+    source: str = ""  # the file it was loaded from, for error messages (not saved)
 
     @property
     def spatial_dims(self) -> int:
@@ -89,9 +90,18 @@ class Checkpoint:
         return PostProcessing.from_run_config({**self.run_config, **(overrides or {})})
 
     def build(self) -> nn.Module:
-        """The model with these weights loaded."""
+        """The model with these weights loaded.
+
+        Raises:
+            ValueError: when the weights do not fit the model the checkpoint names.
+        """
         model = build_model(self.model, len(self.spec.channels), len(self.spec.regions), **self.model_args)
-        model.load_state_dict(self.state_dict)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as exc:
+            lines = str(exc).splitlines()
+            raise ValueError(f"checkpoint {self.source or ''} of {self.model} {self.model_args}: its weights do not fit that model "
+                             f"({lines[0][:200]}; {len(lines) - 1} more line(s)).") from None
         return model
 
 
@@ -167,14 +177,27 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise ValueError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc}).") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path}: not a FedLesion checkpoint (expected format '{FORMAT}').")
+    missing = sorted({"model", "model_args", "spec", "state_dict"} - set(payload))
+    if missing:
+        raise ValueError(f"checkpoint {path}: incomplete, it lacks {missing}.")
+    state_dict = payload["state_dict"]
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"checkpoint {path}: its state_dict is not a mapping of tensors.")
+    broken = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"checkpoint {path}: {len(broken)} tensor(s) hold NaN or Inf (e.g. '{broken[0]}'); the "
+                         "model diverged when it was trained and cannot be used.")
+    if not isinstance(payload["spec"], dict):
+        raise ValueError(f"checkpoint {path}: its dataset spec is not an object.")
     return Checkpoint(
         model=payload["model"],
         model_args=payload["model_args"],
         spec=DatasetSpec.from_json(payload["spec"], source=str(path)),
-        state_dict=payload["state_dict"],
+        state_dict=state_dict,
         round=payload.get("round", 0),
         epoch=payload.get("epoch", 0),
         metrics=payload.get("metrics", {}),
         run_config=payload.get("run_config", {}),
         extra=payload.get("extra", {}),
+        source=str(path),
     )

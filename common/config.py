@@ -6,6 +6,7 @@ Kept free of Flower so the CLI, tests and benchmarks use the same mapping.
 from __future__ import annotations
 
 import ast
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -44,11 +45,54 @@ def declared_run_config(app_dir: Path = PROJECT_ROOT) -> dict[str, Any]:
     return dict(_declared(Path(app_dir).resolve()))
 
 
+# Allowed values of the run config's numeric keys, declared once beside the defaults' file: (lowest,
+# highest, whether the lowest itself is allowed). Every float must also be finite. Checked by
+# with_defaults, so the launcher, the ServerApp and every ClientApp refuse the same values.
+INF = float("inf")
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "num-server-rounds": (1, INF, True), "fraction-train": (0, 1, False), "fraction-evaluate": (0, 1, True),
+    "min-available-nodes": (1, INF, True), "min-train-nodes": (1, INF, True), "min-evaluate-nodes": (0, INF, True),
+    "round-timeout": (0, INF, False), "max-failed-rounds": (0, INF, True), "node-wait-timeout": (0, INF, False),
+    "max-update-norm-ratio": (0, INF, True), "max-site-cases": (1, INF, True),
+    "dp-noise-multiplier": (0, INF, True), "dp-clipping-norm": (0, INF, False), "dp-initial-clipping-norm": (0, INF, False),
+    "proximal-mu": (0, INF, True), "server-lr": (0, INF, False), "server-beta-1": (0, 0.999999, True),
+    "server-beta-2": (0, 0.999999, True), "server-tau": (0, INF, False), "server-momentum": (0, 0.999999, True),
+    "trim-beta": (0, 0.499999, True), "num-malicious-nodes": (0, INF, True), "server-eval-every": (1, INF, True),
+    "local-epochs": (1, INF, True), "local-steps": (0, INF, True), "batch-size": (1, INF, True),
+    "learning-rate": (0, INF, False), "samples-per-case": (1, INF, True), "pos-ratio": (0, 1, True),
+    "lambda-dice": (0, INF, True), "lambda-focal": (0, INF, True), "focal-gamma": (0, INF, True),
+    "focal-alpha": (0, 1, True), "val-fraction": (0, 0.999999, True), "seed": (0, INF, True),
+    "postprocess-min-mm3": (0, INF, True), "postprocess-components": (0, INF, True),
+    "split-alpha": (0, INF, False), "synth-cases-per-site": (1, INF, True),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "lr-schedule": ("constant", "cosine"),
+    "transport-dtype": ("float32", "float16"),
+    "dp": ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"),
+}
+MAX_SYNTH_SIDE = 512  # synthetic volumes are BraTS-like: 240 x 240 x 155 at most in practice
+
+
+def _check_value(key: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"run-config '{key}' = {value!r} must be a finite number.")
+    if key in RANGES:
+        low, high, low_allowed = RANGES[key]
+        if value < low or (value == low and not low_allowed) or value > high:
+            allowed = f"{'>=' if low_allowed else '>'} {low:g}" + (f" and <= {high:g}" if high < INF else "")
+            raise ValueError(f"run-config '{key}' = {value!r} is out of range: it must be {allowed}.")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ValueError(f"run-config '{key}' = {value!r} is not one of {list(CHOICES[key])}.")
+
+
 def with_defaults(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The declared defaults overlaid with ``run_config``, each value of its declared type.
+    """The declared defaults overlaid with ``run_config``, each value of its declared type and range.
 
     An integer is accepted (and turned into a float) where a float is declared; every other
-    mismatch, a boolean for a number included, is an error.
+    mismatch, a boolean for a number included, is an error. Numbers must lie in :data:`RANGES`
+    and be finite, choices in :data:`CHOICES`; ``model`` and ``model-args`` must name a
+    registered model and its arguments; ``patch-size`` and ``synth-shape`` must be shapes.
+    Nothing here reads a file (a site must not read one a run config names).
 
     Args:
         run_config: a flat kebab-case run config, e.g. Flower's ``context.run_config`` or a preset.
@@ -57,7 +101,7 @@ def with_defaults(run_config: Mapping[str, Any]) -> dict[str, Any]:
         Every declared key with its value.
 
     Raises:
-        ValueError: for a key that is not declared, or a value of the wrong type.
+        ValueError: for a key that is not declared, or a value of the wrong type or out of range.
     """
     values = declared_run_config()
     for key, value in run_config.items():
@@ -70,7 +114,13 @@ def with_defaults(run_config: Mapping[str, Any]) -> dict[str, Any]:
         elif type(value) is not expected:
             raise ValueError(f"run-config '{key}' = {value!r} has type {type(value).__name__}; it must be "
                              f"{expected.__name__}, as its declared default {values[key]!r} in {PROJECT_ROOT / 'pyproject.toml'}.")
+        _check_value(key, value)
         values[key] = value
+    if run_config:  # the declared defaults themselves are valid
+        resolved_model_args(values["model"], **parse_model_args(values["model-args"]))
+        parse_shape(values["patch-size"])
+        if max(parse_shape(values["synth-shape"])) > MAX_SYNTH_SIDE:
+            raise ValueError(f"run-config 'synth-shape' = {values['synth-shape']!r}: each side must be <= {MAX_SYNTH_SIDE}.")
     return values
 
 
@@ -80,12 +130,14 @@ def parse_model_args(text: str) -> dict[str, Any]:
     Values are Python literals (numbers, booleans, tuples); anything else stays a string.
 
     Raises:
-        ValueError: for an item without ``=``.
+        ValueError: for an item without ``=`` or a name given twice.
     """
     out: dict[str, Any] = {}
     for item in text.replace(",", " ").split():
         if "=" not in item:
             raise ValueError(f"model-args item '{item}' is not name=value (e.g. 'base_channels=16 depth=4').")
+        if item.split("=", 1)[0] in out:
+            raise ValueError(f"model-args names '{item.split('=', 1)[0]}' twice.")
         name, value = item.split("=", 1)
         try:
             out[name] = ast.literal_eval(value)
@@ -158,6 +210,10 @@ class TrainConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"TrainConfig: {item.name} must be a finite number, got {value}.")
         for name in ("epochs", "batch_size", "samples_per_case"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}.")

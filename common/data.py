@@ -17,6 +17,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -37,6 +38,26 @@ from .files import open_private, private_folder
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAMES = ("fedlesion.json", "manifest.json")
+MAX_MANIFEST_BYTES = 1 << 20
+# Largest volume a file may declare before any voxel is decoded, counted as decoded (8 bytes a voxel, the widest
+# type scaled data decodes to): BraTS is 240 x 240 x 155 x 8 bytes = 71 MB. FEDLESION_MAX_VOLUME_MB overrides it.
+DEFAULT_MAX_VOLUME_MB = 1024.0
+
+
+def max_volume_bytes() -> int:
+    """``FEDLESION_MAX_VOLUME_MB`` (default :data:`DEFAULT_MAX_VOLUME_MB`) in bytes.
+
+    Raises:
+        ValueError: when the variable is not a positive number.
+    """
+    text = os.environ.get("FEDLESION_MAX_VOLUME_MB", str(DEFAULT_MAX_VOLUME_MB))
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"FEDLESION_MAX_VOLUME_MB='{text}' must be a positive number of megabytes.")
+    return int(value * (1 << 20))
 AFFINE_TOLERANCE = 1e-3  # mm; scanners write affines in float32, exact equality is too strict
 
 
@@ -48,6 +69,21 @@ class CaseError(ValueError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"case '{case}': {self.path}: {problem}")
+
+
+def _split_pattern(pattern: str, source: str = "pattern") -> tuple[str, int | None]:
+    """``(path pattern, 4D volume index or None)`` of ``"path#k"``.
+
+    Raises:
+        ValueError: naming ``source`` when ``k`` is not a whole number >= 0.
+    """
+    if "#" in pattern:
+        path, index = pattern.rsplit("#", 1)
+        if not index.isdigit():
+            raise ValueError(f"{source}: pattern '{pattern}' ends in '#{index}'; the volume index must be a whole "
+                             "number >= 0 (e.g. '#0').")
+        return path, int(index)
+    return pattern, None
 
 
 @dataclass(frozen=True)
@@ -80,10 +116,11 @@ class DatasetSpec:
         if not self.channels:
             raise ValueError(f"dataset spec '{self.name}': 'channels' is empty; name at least one channel.")
         for pattern in [*self.channels.values(), *([self.label] if self.label else [])]:
-            if "{case}" not in pattern:
+            if not isinstance(pattern, str) or "{case}" not in pattern:
                 raise ValueError(
-                    f"dataset spec '{self.name}': pattern '{pattern}' has no '{{case}}' placeholder."
+                    f"dataset spec '{self.name}': pattern {pattern!r} is not a string with a '{{case}}' placeholder."
                 )
+            _split_pattern(pattern, f"dataset spec '{self.name}'")
         if not self.regions:
             raise ValueError(f"dataset spec '{self.name}': 'regions' is empty; name at least one region.")
         for region, values in self.regions.items():
@@ -132,16 +169,40 @@ class DatasetSpec:
         missing = {"channels", "labels", "regions"} - set(data)
         if missing:
             raise ValueError(f"{source}: missing key(s) {sorted(missing)}; see README 'Data layouts'.")
-        try:
-            return cls(
-                name=str(data.get("name", Path(source).stem)),
-                channels={str(k): str(v) for k, v in data["channels"].items()},
-                label=None if data.get("label") is None else str(data["label"]),
-                labels=tuple(int(v) for v in data["labels"]),
-                regions={str(k): tuple(int(x) for x in v) for k, v in data["regions"].items()},
-            )
-        except (TypeError, AttributeError) as exc:
-            raise ValueError(f"{source}: malformed manifest ({exc}); see README 'Data layouts'.") from exc
+
+        def whole(value: Any, key: str) -> int:
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{source}: '{key}' holds {value!r}; label values are whole numbers "
+                                 "(see README 'Data layouts').")
+            return value
+
+        def mapping(key: str) -> dict[str, Any]:
+            if not isinstance(data[key], dict):
+                raise ValueError(f"{source}: '{key}' must be an object, got {type(data[key]).__name__}; "
+                                 "see README 'Data layouts'.")
+            return data[key]
+
+        def strings(value: Any, key: str) -> str:
+            if not isinstance(value, str):
+                raise ValueError(f"{source}: '{key}' must be a path pattern string, got {value!r}.")
+            return value
+
+        if not isinstance(data["labels"], list):
+            raise ValueError(f"{source}: 'labels' must be a list of whole numbers, got {data['labels']!r}.")
+        regions = mapping("regions")
+        for region, values in regions.items():
+            if not isinstance(values, list):
+                raise ValueError(f"{source}: 'regions.{region}' must be a list of label values, got {values!r}.")
+        label = data.get("label")
+        return cls(
+            name=str(data.get("name", Path(source).stem)),
+            channels={str(k): strings(v, f"channels.{k}") for k, v in mapping("channels").items()},
+            label=None if label is None else strings(label, "label"),
+            labels=tuple(whole(v, "labels") for v in data["labels"]),
+            regions={str(k): tuple(whole(x, f"regions.{k}") for x in v) for k, v in regions.items()},
+        )
 
 
 _BRATS_OLD_REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
@@ -254,16 +315,23 @@ def load_manifest(path: str | os.PathLike[str]) -> DatasetSpec:
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"manifest {path}: {path.stat().st_size} bytes; a manifest is a small JSON file "
+                             f"(at most {MAX_MANIFEST_BYTES} bytes).")
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"manifest {path}: file not found; pass an existing file with --manifest.") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"manifest {path}: not valid JSON ({exc}).") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"manifest {path}: not valid UTF-8 JSON ({type(exc).__name__}: {exc}).") from None
+    except OSError as exc:
+        raise ValueError(f"manifest {path}: cannot be read ({exc.strerror or exc}).") from None
     if not isinstance(data, dict):
         raise ValueError(f"manifest {path}: expected a JSON object, got {type(data).__name__}.")
     if "layout" in data:  # a manifest may simply name a built-in layout
         return _layout(str(data["layout"]), str(path))
-    return DatasetSpec.from_json(data, source=str(path))
+    spec = DatasetSpec.from_json(data, source=str(path))
+    check_patterns(spec, f"manifest {path}")
+    return spec
 
 
 def _layout(name: str, source: str) -> DatasetSpec:
@@ -289,6 +357,8 @@ def resolve_spec(data_dir: str | os.PathLike[str], manifest: str | os.PathLike[s
         return load_manifest(manifest)
     if not data_dir.is_dir():
         raise ValueError(f"data folder {data_dir}: not a directory; pass an existing folder with --data.")
+    if not os.access(data_dir, os.R_OK | os.X_OK):
+        raise ValueError(f"data folder {data_dir}: cannot be read (permissions); give this user read access.")
     for name in MANIFEST_NAMES:
         if (data_dir / name).is_file():
             return load_manifest(data_dir / name)
@@ -302,19 +372,42 @@ def resolve_spec(data_dir: str | os.PathLike[str], manifest: str | os.PathLike[s
     )
 
 
-def _split_pattern(pattern: str) -> tuple[str, int | None]:
-    if "#" in pattern:
-        path, index = pattern.rsplit("#", 1)
-        return path, int(index)
-    return pattern, None
+def check_patterns(spec: DatasetSpec, source: str) -> None:
+    """Refuse file patterns that would read outside the data folder (a leading ``/``, ``..``, a drive).
+
+    Checked where files are found and read (a manifest as it loads, :func:`case_paths`), so a
+    layout from anywhere, a checkpoint's included, never reads a file outside the folder given.
+
+    Raises:
+        ValueError: naming ``source`` and the pattern.
+    """
+    for pattern in [*spec.channels.values(), *([spec.label] if spec.label else [])]:
+        path = _split_pattern(pattern, source)[0]
+        if path.startswith(("/", "\\")) or ".." in Path(path).parts or ":" in Path(path).parts[0]:
+            raise ValueError(f"{source}: pattern '{pattern}' must be a relative path inside the data folder "
+                             "(no leading '/', no '..').")
 
 
 def discover_cases(data_dir: str | os.PathLike[str], spec: DatasetSpec) -> list[str]:
     """Case IDs found in ``data_dir``: every ID that any channel's pattern matches, sorted.
 
-    A case missing one modality is still found, so that loading it can say what is missing.
+    A case missing one modality is still found, so that loading it can say what is missing; so is
+    a case folder that cannot be read (glob would pass over it in silence), so that it is counted.
     """
+    check_patterns(spec, f"layout '{spec.name}'")
     cases: set[str] = set()
+    for channel_pattern in spec.channels.values():
+        first, sep, _ = _split_pattern(channel_pattern)[0].partition("/")
+        if "{case}" in first and sep:  # a folder per case: look for folders that cannot be read
+            folder = re.compile(re.escape(first).replace(re.escape("{case}"), "(?P<case>[^/]+)", 1) + "$")
+            try:
+                entries = list(os.scandir(data_dir))
+            except OSError:
+                entries = []
+            for entry in entries:
+                found = folder.match(entry.name)
+                if found and entry.is_dir() and not os.access(entry.path, os.R_OK | os.X_OK):
+                    cases.add(found.group("case"))
     for channel_pattern in spec.channels.values():
         pattern, _ = _split_pattern(channel_pattern)
         search = glob.escape(str(Path(data_dir))) + "/" + pattern.replace("{case}", "*")
@@ -328,7 +421,12 @@ def discover_cases(data_dir: str | os.PathLike[str], spec: DatasetSpec) -> list[
 
 
 def case_paths(data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str) -> dict[str, tuple[Path, int | None]]:
-    """Channel (and ``"label"``) -> (file path, 4D volume index or None) for one case."""
+    """Channel (and ``"label"``) -> (file path, 4D volume index or None) for one case.
+
+    Raises:
+        ValueError: for a pattern that would lead outside ``data_dir`` (:func:`check_patterns`).
+    """
+    check_patterns(spec, f"layout '{spec.name}'")
     out = {}
     for name, pattern in spec.channels.items():
         path, index = _split_pattern(pattern)
@@ -406,6 +504,8 @@ _LOCK = threading.Lock()
 
 def _decode(case: str, path: Path, kind: Literal["image", "label"]) -> tuple[np.ndarray, Any]:
     """The voxel data (3D, or 4D for a multi-volume file) and the image of one file."""
+    if not os.access(path.parent, os.X_OK) and os.path.isdir(path.parent):
+        raise CaseError(case, path.parent, "case folder is not readable (permissions)")
     if not path.exists():
         what = "label file" if kind == "label" else "modality file"
         raise CaseError(case, path, f"missing {what}")
@@ -417,6 +517,18 @@ def _decode(case: str, path: Path, kind: Literal["image", "label"]) -> tuple[np.
         raise CaseError(case, path, f"not a NIfTI file ({type(exc).__name__}: {exc})") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise CaseError(case, path, f"not a NIfTI file (read as {type(img).__name__})")
+    # The header is checked before any voxel is decoded: a header may declare any size, and a small
+    # gzip file may inflate to gigabytes.
+    shape, dtype = img.header.get_data_shape(), img.header.get_data_dtype()
+    declared, limit = float(np.prod(shape, dtype=np.float64)) * 8, max_volume_bytes()
+    if declared > limit:
+        raise CaseError(case, path, f"header declares shape {tuple(shape)}: {declared / 2**20:.0f} MB decoded, more "
+                                    f"than the {limit / 2**20:.0f} MB limit (FEDLESION_MAX_VOLUME_MB)")
+    if dtype.kind == "c":
+        raise CaseError(case, path, f"voxels are complex ({dtype}); a scan holds real intensities")
+    affine = img.affine
+    if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise CaseError(case, path, "affine is missing, non-finite or singular (zero voxel size); the header is corrupt")
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # truncated gzip gives EOFError, zlib.error or OSError
@@ -489,6 +601,9 @@ def load_case(
         if not np.isfinite(data).all():
             bad = int((~np.isfinite(data)).sum())
             raise CaseError(case, paths[name][0], f"{bad} voxel(s) are NaN or Inf")
+        if data.min() == data.max():
+            raise CaseError(case, paths[name][0], f"every voxel is {data.flat[0]:g}: a blank or missing scan "
+                                                  "(a model would learn that this modality carries nothing)")
         channels.append(data)
     regions = None
     empty = False
@@ -716,6 +831,10 @@ def load_site(
             if on_error == "raise":
                 raise
             skipped[case] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one case (a MemoryError included) must never stop a site
+            if on_error == "raise":
+                raise CaseError(case, data_dir, f"{type(exc).__name__}: {exc}") from exc
+            skipped[case] = str(CaseError(case, data_dir, f"unexpected {type(exc).__name__} while loading: {exc}"))
     if skipped:
         logger.warning(
             "%s: skipped %d of %d case(s):\n  %s", data_dir, len(skipped), len(ids), "\n  ".join(skipped.values())

@@ -66,8 +66,8 @@ def autocast(device: torch.device) -> Any:
 
 
 def _training_loader(cases: Sequence[PreparedCase], spatial_dims: int, config: TrainConfig) -> DataLoader:
-    if spatial_dims == 2:
-        sample_size = tuple(max(c.image.shape[axis] for c in cases) for axis in (1, 2))
+    if spatial_dims == 2:  # small crops are padded so that every pooling level of a default-depth U-Net keeps a voxel
+        sample_size = tuple(max(MIN_TRAINING_SIDE, *(c.image.shape[axis] for c in cases)) for axis in (1, 2))
     else:
         sample_size = config.patch_size
     transform = training_transforms(spatial_dims, tuple(sample_size), config.pos_ratio, config.augment)
@@ -139,6 +139,10 @@ def train(
             if anchor is not None:
                 proximal = sum((p.float() - a.float()).pow(2).sum() for p, a in zip(model.parameters(), anchor))
                 loss = loss + 0.5 * config.proximal_mu * proximal
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"training diverged: the loss is {loss.item()} at epoch {epoch}, step "
+                                         f"{batches + 1} (learning rate {config.learning_rate:g}); lower the "
+                                         "learning rate. The model is left as it was before this epoch's checkpoint.")
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -151,6 +155,14 @@ def train(
         if progress is not None:
             progress(epoch, epoch_loss)
     return {"train-loss": epoch_loss, "train-samples": float(seen), "train-seconds": time.perf_counter() - start}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf: the learning rate is too high for this model and data."""
+
+
+MIN_INFERENCE_SIDE = 32  # voxels: enough for five pooling levels
+MIN_TRAINING_SIDE = 16  # voxels: four pooling levels (the default depth); larger slices are not padded
 
 
 @torch.no_grad()
@@ -182,11 +194,16 @@ def predict_probabilities(
     with autocast(device):
         if spatial_dims == 2:
             slices = volume.permute(3, 0, 1, 2)  # (Z, C, X, Y)
+            # A small crop is padded with background (0 after z-scoring) so every pooling level keeps a voxel.
+            size_x, size_y = slices.shape[2:]
+            padding = (0, max(0, MIN_INFERENCE_SIDE - size_y), 0, max(0, MIN_INFERENCE_SIDE - size_x))
+            slices = torch.nn.functional.pad(slices, padding)
             out = torch.cat([torch.sigmoid(model(slices[i:i + slice_batch]).float())
                              for i in range(0, slices.shape[0], slice_batch)])
-            probs = out.permute(1, 2, 3, 0)
+            probs = out[:, :, :size_x, :size_y].permute(1, 2, 3, 0)
         else:
-            window = [min(p, s) for p, s in zip(patch_size, volume.shape[1:])]
+            # MONAI pads a volume smaller than the window; the window itself is never below the minimum.
+            window = [min(p, max(s, MIN_INFERENCE_SIDE)) for p, s in zip(patch_size, volume.shape[1:])]
             logits = sliding_window_inference(volume[None], window, slice_batch, model, overlap=overlap, mode="gaussian")
             probs = torch.sigmoid(logits[0].float())
     return probs.float().cpu()

@@ -128,3 +128,33 @@ def open_private(path: str | os.PathLike[str]) -> BinaryIO:
         os.close(fd)
         raise PermissionError(f"{path}: not a private file of this user; refusing to read it.")
     return os.fdopen(fd, "rb")
+
+
+def check_output(out: str | os.PathLike[str], *, inputs: list[str | os.PathLike[str]] = (),
+                 force: bool = False, suffixes: tuple[str, ...] = (), what: str = "output") -> Path:
+    """Refuse an output path before any work is done: one of the inputs, a folder, the wrong kind of
+    file, or (without ``force``) a file that exists.
+
+    Args:
+        out: the file a command will write.
+        inputs: files the command reads (never replaced, even with ``force``).
+        force: allow replacing an existing file that is not an input.
+        suffixes: allowed endings (e.g. ``(".nii.gz", ".nii")``); empty: any.
+        what: how the error names the path (``--out``).
+
+    Raises:
+        FileExistsError: for an input, a folder, or an existing file without ``force``.
+        ValueError: for another ending than ``suffixes``.
+    """
+    out = Path(out)
+    resolved = out.resolve()
+    for path in inputs:
+        if Path(path).exists() and Path(path).resolve() == resolved:
+            raise FileExistsError(f"{what} {out} is one of this command's inputs; it is never overwritten.")
+    if suffixes and not out.name.endswith(suffixes):
+        raise ValueError(f"{what} {out}: must end in {' or '.join(suffixes)}.")
+    if out.is_dir():
+        raise FileExistsError(f"{what} {out} is a folder; give a file name inside it.")
+    if out.exists() and not force:
+        raise FileExistsError(f"{what} {out} exists; pass --force to replace it.")
+    return out

@@ -290,18 +290,38 @@ def build_model(name: str, in_channels: int, out_channels: int, **model_args: An
     Raises:
         ValueError: for an unknown model name or argument.
     """
+    return _entry(name).factory(in_channels=in_channels, out_channels=out_channels,
+                                **resolved_model_args(name, **model_args))
+
+
+def resolved_model_args(name: str, **model_args: Any) -> dict[str, Any]:
+    """The full argument set a model is built with: its defaults updated by ``model_args``.
+
+    Raises:
+        ValueError: for an unknown model or argument name, a value of another type than the
+            argument's default (an integer is accepted for a float), an integer below 1 or a
+            float outside ``[0, 1)`` (the only float arguments are dropout probabilities).
+    """
     entry = _entry(name)
     unknown = set(model_args) - set(entry.defaults)
     if unknown:
         raise ValueError(
             f"model '{name}' takes no argument(s) {sorted(unknown)}; allowed: {sorted(entry.defaults)}."
         )
-    return entry.factory(in_channels=in_channels, out_channels=out_channels, **{**entry.defaults, **model_args})
-
-
-def resolved_model_args(name: str, **model_args: Any) -> dict[str, Any]:
-    """The full argument set a model is built with: its defaults updated by ``model_args``."""
-    return {**_entry(name).defaults, **model_args}
+    resolved = dict(entry.defaults)
+    for key, value in model_args.items():
+        default = entry.defaults[key]
+        if isinstance(default, float) and type(value) is int:
+            value = float(value)
+        if type(value) is not type(default):
+            raise ValueError(f"model '{name}' argument {key}={value!r} must be {type(default).__name__} "
+                             f"like its default {default!r}.")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"model '{name}' argument {key}={value} must be >= 1.")
+        if isinstance(value, float) and not 0.0 <= value < 1.0:
+            raise ValueError(f"model '{name}' argument {key}={value} must be in [0, 1).")
+        resolved[key] = value
+    return resolved
 
 
 def _entry(name: str) -> ModelEntry:

@@ -112,6 +112,10 @@ def fets(kind: str, case_ids: Sequence[str] | None = None) -> Split:
             notes.append(f"{len(missing)} subject(s) of the partition are not in the data folder: {missing}")
         sites = {s: [c for c in cases if c in present] for s, cases in sites.items()}
         sites = {s: cases for s, cases in sites.items() if cases}
+        if not sites:
+            example = sorted(present)[:3]
+            raise ValueError(f"none of the {len(present)} case(s) is a subject of the FeTS partition '{kind}' "
+                             f"(BraTS2021_NNNNN IDs; found e.g. {example}); use another --kind.")
     return Split(kind, sites, notes)
 
 

@@ -136,19 +136,31 @@ class Resume:
     state: dict[str, Any]  # RunRecorder.checkpoint_state() as the checkpoint saved it
 
 
-def load_resume(path: str, model_name: str, model_args: dict[str, Any]) -> Resume:
+def load_resume(path: str, model_name: str, model_args: dict[str, Any], spec: DatasetSpec | None = None) -> Resume:
     """Read ``resume-from`` and its run's metrics up to its round (later lines, from a crash, are
     dropped from what is returned; :func:`prepare_run_folder` writes that back). Reads only.
 
     Raises:
-        ValueError: when the checkpoint is unreadable, was made with another model, or is not the
-            run's latest round (``best.pt`` or an older copy while ``last.pt`` is further on).
+        ValueError: when the checkpoint is unreadable, was made with another model, other channels
+            or regions than ``spec``, holds tensors of other shapes, or is not the run's latest
+            round (``best.pt`` or an older copy while ``last.pt`` is further on).
     """
     ckpt = load_checkpoint(path)
     # Arguments added to a model since the checkpoint was written take their defaults.
     if ckpt.model != model_name or resolved_model_args(ckpt.model, **ckpt.model_args) != model_args:
         raise ValueError(f"resume-from {path}: trained {ckpt.model} {ckpt.model_args}, but this run configures "
                          f"{model_name} {model_args}; resume with the run's own config.")
+    if spec is not None:
+        if list(ckpt.spec.channels) != list(spec.channels) or list(ckpt.spec.regions) != list(spec.regions):
+            raise ValueError(f"resume-from {path}: trained on channels {list(ckpt.spec.channels)} and regions "
+                             f"{list(ckpt.spec.regions)}, but this run's dataset '{spec.name}' has channels "
+                             f"{list(spec.channels)} and regions {list(spec.regions)}.")
+        model = build_model(model_name, len(spec.channels), len(spec.regions), **model_args)
+        try:
+            model.load_state_dict(ckpt.state_dict)
+        except RuntimeError as exc:
+            raise ValueError(f"resume-from {path}: its tensors do not fit the model "
+                             f"({str(exc).splitlines()[0]} ...).") from None
     folder = Path(path).resolve().parent
     last = folder / "last.pt"
     if last.exists() and last.resolve() != Path(path).resolve() and (latest := load_checkpoint(last).round) > ckpt.round:
@@ -183,19 +195,48 @@ def check_fedbn(values: dict[str, Any], model: torch.nn.Module, model_name: str)
                          "from the global average can round to negative variances.")
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Build (or resume) the global model, run the strategy, and write metrics and checkpoints."""
-    values = with_defaults(context.run_config)
+def check_run(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], DatasetSpec, Resume | None, Path]:
+    """Everything a run can be refused for before it starts, without writing anything: the run
+    config's types and ranges, the dataset, the model, the strategy stack, ``fedbn``, the resume
+    checkpoint and the run folder. The launcher calls it before it starts a SuperLink; the
+    ServerApp calls it first, so a plain ``flwr run`` is checked too.
+
+    Returns:
+        ``(values with defaults, the dataset spec, the resume or None, the run folder)``.
+
+    Raises:
+        ValueError: naming the setting and the problem.
+    """
+    values = with_defaults(run_config)
     spec = dataset_spec(values["dataset"])
     model_name, model_args = model_from(values)
+    check_fedbn(values, build_model(model_name, len(spec.channels), len(spec.regions), **model_args), model_name)
+    build_strategy(values, out_dir=Path(values["output-dir"]), save_checkpoint=lambda *args: None)
+    if values["min-train-nodes"] > values["min-available-nodes"] or values["min-evaluate-nodes"] > values["min-available-nodes"]:
+        log(INFO, "min-train-nodes %d / min-evaluate-nodes %d exceed min-available-nodes %d: rounds use %d",
+            values["min-train-nodes"], values["min-evaluate-nodes"], values["min-available-nodes"], values["min-available-nodes"])
+    resume = load_resume(values["resume-from"], model_name, model_args, spec) if values["resume-from"] else None
+    if resume is not None and resume.round > values["num-server-rounds"]:
+        raise ValueError(f"resume-from {values['resume-from']} is at round {resume.round}, past num-server-rounds "
+                         f"{values['num-server-rounds']}: set num-server-rounds higher to continue it.")
+    return values, spec, resume, run_folder(values)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Build (or resume) the global model, run the strategy, and write metrics and checkpoints.
+
+    Raises:
+        ValueError: for a run config :func:`check_run` refuses (nothing is written).
+        RuntimeError: when no round aggregated an update (every site failed or was rejected):
+            ``final.pt`` is not written, so an untrained model never passes for a result.
+    """
     # Everything is validated before the run folder changes: a refused resume leaves it as it was.
-    resume = load_resume(values["resume-from"], model_name, model_args) if values["resume-from"] else None
-    out_dir = run_folder(values)
+    values, spec, resume, out_dir = check_run(context.run_config)
+    model_name, model_args = model_from(values)
     torch.manual_seed(values["seed"])
     random.seed(values["seed"])  # Flower samples sites with Python's random; a resume restores its state
     model = build_model(model_name, len(spec.channels), len(spec.regions), **model_args)
-    check_fedbn(values, model, model_name)
     num_rounds = values["num-server-rounds"]
     first_round = resume.round + 1 if resume else 1
     log(INFO, "FedLesion: %s %s on '%s' (%d channels, regions %s), rounds %d-%d; outputs in %s",
@@ -227,5 +268,10 @@ def main(grid: Grid, context: Context) -> None:
     if num_rounds >= first_round:
         result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=num_rounds - first_round + 1, timeout=timeout)
         final = result.arrays if result.arrays is not None else initial
+    if not any(record.get("train") and not record.get("failed") for record in strategy.history if record["round"] > 0):
+        message = (f"no round aggregated an update: every site failed or was rejected in every round (reasons in "
+                   f"{out_dir / 'audit.jsonl'} and the SuperNodes' logs); final.pt is not written.")
+        strategy.record.audit({"round": num_rounds, "stopped": message})
+        raise RuntimeError(message)
     save(final, num_rounds, strategy.history[-1] if strategy.history else {}, "final", strategy.checkpoint_state())
     log(INFO, "Per-round metrics (%s):\n%s", out_dir / "metrics.jsonl", format_table(strategy.history))

@@ -9,6 +9,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,33 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from server.strategy import format_table
 
-    from .launch import read_history, run_federation
+    from .launch import become_subreaper, read_history, run_federation, signals_deferred, stop_descendants
 
     overrides = _run_config_overrides(args)
     if args.rounds is not None:
         overrides["num-server-rounds"] = args.rounds
     overrides["output-dir"] = args.out
-    run_dir = run_federation(overrides, num_sites=args.sites, timeout_s=args.timeout)
+    overrides.setdefault("run-name", time.strftime("run-%Y%m%d-%H%M%S"))
+    resume = str(overrides.get("resume-from", ""))
+    folder = Path(resume).resolve().parent if resume else Path(args.out).resolve() / str(overrides["run-name"])
+    started: list[bool] = []
+
+    def adopt_orphans() -> None:  # once every check has passed: this process adopts what the run leaves behind
+        become_subreaper()
+        started.append(True)
+
+    try:
+        run_dir = run_federation(overrides, num_sites=args.sites, timeout_s=args.timeout, on_start=adopt_orphans)
+    except KeyboardInterrupt:
+        last = folder / "last.pt"
+        print(f"\nfedlesion simulate: interrupted; the simulation and its processes are stopped. "
+              + (f"The last completed round is in {last}; continue with the same options plus "
+                 f"--set resume-from='{last}'." if last.exists() else "No round had completed."), file=sys.stderr)
+        return 128 + _SIGNAL[0]
+    finally:
+        if started:  # a run was started by this command: its process holds nothing else
+            with signals_deferred():
+                stop_descendants()  # anything the run left behind and this process adopted
     print("\nPer-round metrics of the global model (validation cases of every site, weighted by cases):\n")
     print(format_table(read_history(run_dir)))
     print(f"\nRun folder: {run_dir}\n  metrics.jsonl, metrics.csv, final.pt (global model), best.pt, last.pt, run_config.json")
@@ -76,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_centralized(
         args.data, args.out, model=args.model, model_args=parse_model_args(args.model_args), manifest=args.manifest,
         config=_train_config(args), val_fraction=args.val_fraction, include=args.include or (),
-        exclude=args.exclude or (), crop_foreground=args.crop_foreground, device=args.device,
+        exclude=args.exclude or (), crop_foreground=args.crop_foreground, device=args.device, force=args.force,
     )
     print(f"checkpoint: {args.out}")
     return 0
@@ -94,7 +115,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.out, manifest=args.manifest,
                                  include=args.include or (), exclude=args.exclude or (), device=args.device,
-                                 postprocess=_postprocess_overrides(args))
+                                 postprocess=_postprocess_overrides(args), force=args.force)
     for region, block in result["summary"].items():
         print(f"{region}: Dice {block['dice_mean']:.3f} ± {block['dice_std']:.3f} | IoU {block['iou_mean']:.3f} ± "
               f"{block['iou_std']:.3f} | HD95 {block['hd95_mean']:.1f} mm")
@@ -108,7 +129,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from common.api import predict_case
 
     result = predict_case(args.checkpoint, args.case, args.out, manifest=args.manifest, overlay=args.overlay,
-                          device=args.device, postprocess=_postprocess_overrides(args))
+                          device=args.device, postprocess=_postprocess_overrides(args), force=args.force)
     print(f"{result['case']}: wrote {result['out']} in {result['seconds']:.2f} s; label voxels {result['labels']}"
           + (f"; overlay {result['overlay']}" if "overlay" in result else ""))
     return 0
@@ -308,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--crop-foreground", action=argparse.BooleanOptionalAction, default=declared["crop-foreground"],
                        help="crop volumes to their nonzero box (default %(default)s)")
     train.add_argument("--seed", type=int, default=declared["seed"], help="random seed (default %(default)s)")
+    train.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="score a checkpoint per region (Dice, IoU, HD95) and write JSON",
@@ -316,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint from `fedlesion train` or a federated run")
     _data_arguments(evaluate)
     evaluate.add_argument("--out", default="metrics.json", help="JSON file to write (default metrics.json)")
+    evaluate.add_argument("--force", action="store_true", help="replace an existing --out (never the checkpoint)")
     _postprocess_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -329,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--manifest", help="manifest when the case's file names differ from the training layout")
     predict.add_argument("--overlay", help="also write scan | prediction | ground truth as this PNG")
     predict.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    predict.add_argument("--force", action="store_true",
+                         help="replace an existing --out / --overlay (never one of the case's scans or the checkpoint)")
     _postprocess_arguments(predict)
     predict.set_defaults(func=cmd_predict)
 
@@ -440,16 +465,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SIGNAL = [signal.SIGINT]  # the signal that interrupted the command; its exit code is 128 + its number
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM: unwind as Ctrl-C does (KeyboardInterrupt), so every command's clean-up runs."""
+    _SIGNAL[0] = signal.Signals(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # SIGTERM unwinds like Ctrl-C, so the SuperLinks and SuperNodes a command started are stopped too.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGTERM unwinds like Ctrl-C, so the SuperLinks, SuperNodes and simulations a command started are stopped too.
+    signal.signal(signal.SIGTERM, _interrupt)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, RuntimeError, FileNotFoundError, FileExistsError, PermissionError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:  # OSError: unreadable, missing or existing files, full disks
         print(f"fedlesion {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nfedlesion {args.command}: interrupted; files written so far are complete (each is written "
+              "atomically).", file=sys.stderr)
+        return 128 + _SIGNAL[0]
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import deque
 import signal
 import socket
@@ -19,8 +20,9 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, TextIO
@@ -29,7 +31,8 @@ from urllib.request import urlopen
 
 from client.site import synthetic_root
 from common.config import declared_run_config, parse_shape, with_defaults
-from server.app import run_folder
+from common.splits import KINDS as SPLIT_KINDS
+from server.app import check_run
 
 from .synthetic import synthesize
 
@@ -72,6 +75,77 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def become_subreaper() -> None:
+    """On Linux, make this process the reaper of its orphaned descendants: a process whose parent
+    exits is re-parented here instead of to init, so :func:`stop_descendants` still finds it. A
+    no-op elsewhere. For a command's own process (``fedlesion simulate``), never a library's caller."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def stop_tree(pid: int, grace_s: float = 10.0) -> list[int]:
+    """Stop ``pid`` and every process below it: SIGTERM to all, SIGKILL to what is left after ``grace_s``.
+
+    The tree is read before anything is signalled (psutil), so children whose parent exits first
+    are stopped too. Processes are found by ancestry, never by a name pattern. Give it only the PID
+    of a process that is still running and not yet reaped (else the PID may be someone else's).
+
+    Returns:
+        The process IDs that were signalled.
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return [process.pid for process in processes]
+
+
+def stop_descendants() -> list[int]:
+    """Stop every process below this one (a subreaper's adopted orphans included). Only for a
+    command's own process, whose every child belongs to the run it is stopping."""
+    import psutil
+
+    stopped = []
+    for child in psutil.Process().children():
+        stopped += stop_tree(child.pid, grace_s=5.0)
+    return stopped
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM while cleaning up (in the main thread), so a second one cannot cut it short."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def stop_process_group(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM the process group, then SIGKILL whatever is left after a grace period."""
     if process.poll() is not None:
@@ -87,8 +161,14 @@ def stop_process_group(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def local_superlink(workdir: Path, app_dir: Path = APP_DIR) -> Iterator[tuple[str, dict[str, str]]]:
+def local_superlink(workdir: Path, app_dir: Path = APP_DIR,
+                    extra_env: Mapping[str, str] | None = None) -> Iterator[tuple[str, dict[str, str]]]:
     """A simulation SuperLink for this process alone.
+
+    Args:
+        workdir: where its state and log go.
+        app_dir: the Flower app.
+        extra_env: environment variables for the SuperLink and everything it starts.
 
     Yields:
         ``(connection name, environment)`` to pass to ``flwr run``.
@@ -102,7 +182,7 @@ def local_superlink(workdir: Path, app_dir: Path = APP_DIR) -> Iterator[tuple[st
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "fedlesion"\n\n[superlink.fedlesion]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    env = flower_environment(flwr_home)
+    env = {**flower_environment(flwr_home), **(extra_env or {})}
     log_path = workdir / "superlink.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
@@ -114,8 +194,12 @@ def local_superlink(workdir: Path, app_dir: Path = APP_DIR) -> Iterator[tuple[st
         wait_healthy(process, f"http://127.0.0.1:{port}/health", log_path)
         yield "fedlesion", env
     finally:
-        stop_process_group(process)
-        stop_orphans(port)
+        # The ServerApp runs under flower-superexec and flwr-simulation (with Ray's processes), all below
+        # the SuperLink but in their own process groups: stop the whole tree, found by ancestry.
+        with signals_deferred():
+            if process.poll() is None:  # a SuperLink that exited (and was reaped) has no tree, and its PID may be reused
+                stop_tree(process.pid)
+            process.wait(timeout=10)
 
 
 def wait_healthy(process: subprocess.Popen[bytes], url: str, log_path: Path, context: ssl.SSLContext | None = None) -> None:
@@ -139,15 +223,6 @@ def wait_healthy(process: subprocess.Popen[bytes], url: str, log_path: Path, con
         time.sleep(0.5)
 
 
-def stop_orphans(port: int) -> None:
-    """Stop what a SuperLink on ``port`` started outside its process group, if it was cut short:
-    the ``flwr-simulation`` process (found by its runtime address) and that process's Ray session."""
-    found = subprocess.run(["pgrep", "-f", f"runtime-api-address 127.0.0.1:{port}"], capture_output=True, text=True)
-    for pid in found.stdout.split():
-        for pattern in (f"--runtime-api-address 127.0.0.1:{port}", f"session_[0-9_-]*_{pid}/"):
-            subprocess.run(["pkill", "-KILL", "-f", pattern], capture_output=True)
-
-
 def log_tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -164,6 +239,8 @@ def run_federation(
     timeout_s: float = 3600.0,
     num_cpus_per_site: int = 1,
     ray_cpus: int | None = None,
+    cache_dir: Path | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> Path:
     """Run the federation in simulation and return its run folder.
 
@@ -178,6 +255,9 @@ def run_federation(
         num_cpus_per_site: CPU cores Ray reserves per virtual SuperNode.
         ray_cpus: CPUs Ray believes it has (default: the machine's). ``num_sites`` here lets
             every site train at once, as separate hospitals would, however many cores there are.
+        cache_dir: the sites' preprocessed-case cache (default ``$FEDLESION_CACHE_DIR``, else
+            ``<output-dir>/cache``: patient-derived arrays stay beside the run, not in ``~/.cache``).
+        on_start: called once every check has passed, just before the SuperLink starts.
 
     Returns:
         The run folder holding ``metrics.jsonl``, ``metrics.csv`` and the checkpoints.
@@ -193,14 +273,31 @@ def run_federation(
                          f"in {app_dir / 'pyproject.toml'}.")
     values["output-dir"] = str(Path(str(values.get("output-dir", declared["output-dir"]))).resolve())
     values.setdefault("run-name", time.strftime("run-%Y%m%d-%H%M%S"))
-    # The ServerApp's own rule, checked before anything starts: a folder that already holds a run
-    # is refused (its old final.pt must never pass for this run's), a resume continues in its checkpoint's folder.
-    run_dir = run_folder(with_defaults(values))
+    # The ServerApp's own checks, before anything starts: settings, model, strategy, resume, and a folder
+    # that already holds a run is refused (its old final.pt must never pass for this run's).
+    checked, _, _, run_dir = check_run(values)
+    if num_sites < 1 or num_sites < checked["min-available-nodes"]:
+        raise ValueError(f"{num_sites} site(s) can never reach min-available-nodes = {checked['min-available-nodes']}: "
+                         f"every round would wait for sites that do not exist. Use more sites or "
+                         f"--set min-available-nodes={max(num_sites, 1)} (and min-train-nodes, min-evaluate-nodes).")
+    split = str(checked["split"])
+    if checked["data-root"]:
+        if not Path(checked["data-root"]).is_dir():
+            raise ValueError(f"data-root {checked['data-root']} is not a folder.")
+        if split != "folders" and split not in SPLIT_KINDS and not (split.endswith(".json") and Path(split).is_file()):
+            raise ValueError(f"split '{split}' is neither 'folders', a split kind {list(SPLIT_KINDS)} nor a split JSON file.")
+    if checked["server-eval-data"] and not Path(checked["server-eval-data"]).is_dir():
+        raise ValueError(f"server-eval-data {checked['server-eval-data']} is not a folder.")
     write_synthetic_sites(values, num_sites)
     output = output or sys.stdout
+    if on_start is not None:
+        on_start()
     with tempfile.TemporaryDirectory(prefix="fedlesion-") as tmp:
         work = Path(workdir or tmp)
-        with local_superlink(work, app_dir) as (connection, env):
+        # Preprocessed scans stay beside the run's outputs (not in ~/.cache) unless the user chose a cache folder.
+        cache = {"FEDLESION_CACHE_DIR": str(cache_dir or os.environ.get("FEDLESION_CACHE_DIR")
+                                            or Path(values["output-dir"]) / "cache")}
+        with local_superlink(work, app_dir, cache) as (connection, env):
             command = [
                 str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), connection, "--stream",
                 "--run-config", str(write_run_config(values, work / "run-config.toml")),
@@ -210,18 +307,35 @@ def run_federation(
             process = subprocess.Popen(command, cwd=app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             assert process.stdout is not None
             tail: deque[str] = deque(maxlen=40)
+            run_id = None
+            # The deadline holds even while Flower prints nothing: the timer ends `flwr run`, which ends the loop.
+            timer = threading.Timer(timeout_s, process.kill)
+            timer.daemon = True
+            timer.start()
             try:
-                deadline = time.monotonic() + timeout_s
                 for line in process.stdout:
                     tail.append(line)
                     output.write(line)
                     output.flush()
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"the federated run exceeded {timeout_s:.0f} s and was stopped.")
+                    run_id = run_id or next(iter(re.findall(r"Successfully started run (\d+)", line)), None)
                 process.wait()
+                if timer.finished.is_set() and not timer.is_alive() and process.returncode != 0:
+                    raise RuntimeError(f"the federated run exceeded {timeout_s:.0f} s and was stopped.")
+            except BaseException:
+                # Interrupted (Ctrl-C, SIGTERM, the timeout): ask Flower to stop the run, then the
+                # SuperLink's whole process tree is stopped on the way out.
+                if run_id is not None:
+                    try:
+                        subprocess.run([str(Path(sys.executable).parent / "flwr"), "stop", run_id, connection],
+                                       cwd=app_dir, env=env, capture_output=True, timeout=30)
+                    except (OSError, subprocess.SubprocessError):
+                        pass  # the process tree is stopped next either way
+                raise
             finally:
+                timer.cancel()
                 if process.poll() is None:
                     process.kill()
+                    process.wait()
     if process.returncode != 0 or not (run_dir / "final.pt").exists():
         raise RuntimeError(
             f"the federated run failed (flwr run exit code {process.returncode}); "

@@ -84,6 +84,7 @@ def reproduce(
     configs: Sequence[str] = DEFAULT_CONFIGS,
     num_sites: int = 3,
     report: Callable[[str], None] = print,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run every configuration and write the comparison.
 
@@ -98,6 +99,7 @@ def reproduce(
         configs: which of :data:`ALL_CONFIGS` to run.
         num_sites: sites for the iid and Dirichlet split kinds.
         report: where progress lines go.
+        cache_dir: the federated runs' preprocessed-case cache (default ``<out>/cache``; folds and seeds share one).
 
     Returns:
         The ``results.json`` content.
@@ -191,7 +193,8 @@ def reproduce(
             "output-dir": str(out / "runs"), "run-name": strategy, "min-available-nodes": len(the_split.sites),
         }
         start = time.perf_counter()
-        run_dir = run_federation(federated_config, num_sites=len(the_split.sites), output=_Prefixed(report, strategy))
+        run_dir = run_federation(federated_config, num_sites=len(the_split.sites), output=_Prefixed(report, strategy),
+                                 cache_dir=Path(cache_dir) if cache_dir else out / "cache")
         timings[strategy] = time.perf_counter() - start
         history = read_history(run_dir)
         key = f"dice-{first_region.lower()}"
@@ -406,7 +409,8 @@ def reproduce_repeated(
             continue
         report(f"=== {name} ({len(repeats)} in all): held-out {len(include)} case(s)" if folds else f"=== {name}")
         per_repeat.append(reproduce(data, split, test_folder, out / name, run_config=config, manifest=manifest,
-                                    test_include=include, configs=configs, num_sites=num_sites, report=report))
+                                    test_include=include, configs=configs, num_sites=num_sites, report=report,
+                                    cache_dir=out / "cache"))
     regions = list(spec.regions)
     results = aggregate_repeats(per_repeat, regions)
     kind = f"{folds}-fold cross-validation (held-out cases stratified by site)" if folds else f"seeds {list(seeds)}"

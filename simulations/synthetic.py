@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.config import MAX_SYNTH_SIDE
+
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 # Relative signal per tissue and modality, after the usual BraTS appearance:
@@ -178,7 +180,15 @@ def synthesize(out_dir: str | Path, sites: int, cases_per_site: int, shape: tupl
     With ``flat`` every case goes straight into ``out_dir`` (one pooled dataset, as BraTS is
     distributed); the site stays readable from the case ID (``Synth_S<site>_<index>``), so
     ``fedlesion split --kind institution`` recovers the sites.
+
+    Raises:
+        ValueError: for fewer than one site or case, or a side above
+            :data:`common.config.MAX_SYNTH_SIDE` (checked before anything is allocated).
     """
+    if sites < 1 or cases_per_site < 1:
+        raise ValueError(f"synthetic data needs at least one site and one case per site (got {sites}, {cases_per_site}).")
+    if max(shape) > MAX_SYNTH_SIDE:
+        raise ValueError(f"synthetic shape {tuple(shape)}: each side must be <= {MAX_SYNTH_SIDE} (BraTS is 240 x 240 x 155).")
     counts = site_case_counts(sites, cases_per_site)
     written = {site: write_site(site_dir(out_dir, site), site, counts[site], shape, seed) for site in range(sites)}
     if flat:

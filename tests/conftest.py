@@ -21,7 +21,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # Test modules that start real processes (flower-superlink, SuperNodes, flwr run, Ray, fresh
 # interpreters per round): the slow half of the suite. `pytest -m "not process"` skips them.
 # Modules that mix both kinds mark their process-level tests themselves (test_resume).
-PROCESS_MODULES = ("test_simulation", "test_deployment", "test_faults", "test_reproduce", "test_decode_once")
+PROCESS_MODULES = ("test_simulation", "test_deployment", "test_faults", "test_reproduce", "test_decode_once",
+                   "test_interrupt")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

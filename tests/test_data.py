@@ -77,7 +77,22 @@ def test_region_labels_map_back_to_one_label() -> None:
     "data, match",
     [
         ({"channels": {}, "labels": [0, 1], "regions": {"A": [1]}}, "'channels' is empty"),
-        ({"channels": {"a": "x.nii.gz"}, "labels": [0, 1], "regions": {"A": [1]}}, "no '\\{case\\}' placeholder"),
+        ({"channels": {"a": "x.nii.gz"}, "labels": [0, 1], "regions": {"A": [1]}}, "with a '\\{case\\}' placeholder"),
+        # Patterns that would read outside the data folder.
+        ({"channels": {"a": "../{case}.nii.gz"}, "labels": [0, 1], "regions": {"A": [1]}}, "relative path inside"),
+        ({"channels": {"a": "{case}/../../x/{case}.nii.gz"}, "labels": [0, 1], "regions": {"A": [1]}}, "no '..'"),
+        ({"channels": {"a": "/etc/{case}.nii.gz"}, "labels": [0, 1], "regions": {"A": [1]}}, "no leading '/'"),
+        ({"channels": {"a": "{case}.nii.gz"}, "label": "../{case}_seg.nii.gz", "labels": [0, 1], "regions": {"A": [1]}},
+         "relative path inside"),
+        # Values of the wrong kind name the key.
+        ({"channels": {"a": "{case}.nii.gz"}, "labels": "abc", "regions": {"A": [1]}}, "'labels' must be a list"),
+        ({"channels": {"a": "{case}.nii.gz"}, "labels": [0, "x"], "regions": {"A": [1]}}, "'labels' holds 'x'"),
+        ({"channels": {"a": "{case}.nii.gz"}, "labels": [0, 1.5], "regions": {"A": [1]}}, "'labels' holds 1.5"),
+        ({"channels": {"a": "{case}.nii.gz"}, "labels": [0, 1], "regions": {"A": "1"}}, "'regions.A' must be a list"),
+        ({"channels": {"a": {"nested": "{case}"}}, "labels": [0, 1], "regions": {"A": [1]}}, "'channels.a' must be a path"),
+        ({"channels": ["{case}.nii.gz"], "labels": [0, 1], "regions": {"A": [1]}}, "'channels' must be an object"),
+        ({"channels": {"a": "{case}.nii.gz#x"}, "labels": [0, 1], "regions": {"A": [1]}}, "volume index must be a whole"),
+        ({"channels": {"a": "{case}.nii.gz#-1"}, "labels": [0, 1], "regions": {"A": [1]}}, "volume index must be a whole"),
         ({"channels": {"a": "{case}.nii.gz"}, "labels": [0, 1], "regions": {"A": [2]}}, "not declared"),
         ({"channels": {"a": "{case}.nii.gz"}, "labels": [0, 1, 2, 3], "regions": {"A": [1, 2], "B": [2, 3]}},
          "does not map back to one label"),
@@ -87,8 +102,22 @@ def test_region_labels_map_back_to_one_label() -> None:
 def test_bad_manifests_are_rejected(tmp_path: Path, data: dict, match: str) -> None:
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as error:
         load_manifest(path)
+    assert str(path) in str(error.value) or "dataset spec" in str(error.value), "the error names the file or the spec"
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00binary", "not valid UTF-8 JSON"),
+    (b"[" * 100000 + b"]" * 100000, "not valid UTF-8 JSON"),
+    (b'["a list"]', "expected a JSON object"),
+])
+def test_unreadable_manifests_name_the_file(tmp_path: Path, content: bytes, match: str) -> None:
+    path = tmp_path / "manifest.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as error:
+        load_manifest(path)
+    assert str(path) in str(error.value)
 
 
 def _brats_with_channels(*names: str, regions: tuple[str, ...] = ("WT", "TC", "ET")) -> DatasetSpec:
@@ -187,6 +216,24 @@ def _corrupt(case_dir: Path, kind: str) -> str:
     if kind == "4d":
         nib.save(nib.Nifti1Image(np.ones((16, 16, 8, 2), np.float32), np.eye(4)), flair)
         return flair.name
+    image = np.random.default_rng(2).uniform(1, 100, (16, 16, 8)).astype(np.float32)
+    if kind in ("singular", "nonfinite-affine"):  # nibabel refuses to write these: the header bytes are edited
+        raw = bytearray(nib.Nifti1Image(image, np.eye(4)).to_bytes())
+        raw[252:256] = np.array([0, 1], "<i2").tobytes()  # qform_code 0, sform_code 1: the affine is srow_x/y/z
+        raw[312:328] = np.array([0, 0, 0.0 if kind == "singular" else np.nan, 0], "<f4").tobytes()  # srow_z
+        flair.write_bytes(gzip.compress(bytes(raw)))
+        return flair.name
+    if kind == "complex":
+        nib.save(nib.Nifti1Image(image.astype(np.complex64), np.eye(4)), flair)
+        return flair.name
+    if kind == "constant":  # a missing modality exported as zeros
+        nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.float32), np.eye(4)), flair)
+        return flair.name
+    if kind == "huge-header":  # a small file whose header declares 32767^3 voxels (a decompression bomb's header)
+        raw = bytearray(nib.Nifti1Image(image, np.eye(4)).to_bytes())
+        raw[42:48] = np.array([32767, 32767, 32767], "<i2").tobytes()  # dim[1..3] of the NIfTI-1 header
+        flair.write_bytes(gzip.compress(bytes(raw)))
+        return flair.name
     raise AssertionError(kind)
 
 
@@ -201,6 +248,11 @@ def _corrupt(case_dir: Path, kind: str) -> str:
         ("labels", "label values \\[3\\] are not in the declared set"),
         ("missing", "missing modality file"),
         ("4d", "expected a 3D volume"),
+        ("singular", "affine is missing, non-finite or singular"),
+        ("nonfinite-affine", "affine is missing, non-finite or singular"),
+        ("complex", "voxels are complex"),
+        ("constant", "every voxel is 0: a blank or missing scan"),
+        ("huge-header", "header declares shape \\(32767, 32767, 32767\\)"),
     ],
 )
 def test_each_bad_case_gives_its_named_error(tmp_path: Path, kind: str, problem: str) -> None:
@@ -216,6 +268,44 @@ def test_each_bad_case_gives_its_named_error(tmp_path: Path, kind: str, problem:
     assert list(site.skipped) == ["Bad_002"] and filename in site.skipped["Bad_002"]
     with pytest.raises(CaseError):
         load_site(tmp_path, BRATS, on_error="raise", cache=None)
+
+
+def test_any_failure_while_loading_one_case_is_that_cases_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nibabel's OrientationError (or anything else unforeseen) for one case never stops a site."""
+    import common.data as data
+
+    write_case(tmp_path, "Good_001")
+    write_case(tmp_path, "Bad_002", seed=1)
+    real = data.load_case
+
+    def flaky(folder, spec, case, **kwargs):  # noqa: ANN001, ANN202
+        if case == "Bad_002":
+            raise nib.orientations.OrientationError("affine is not orthogonal")
+        return real(folder, spec, case, **kwargs)
+
+    monkeypatch.setattr(data, "load_case", flaky)
+    site = load_site(tmp_path, BRATS, cache=None)
+    assert [c.case for c in site.cases] == ["Good_001"]
+    assert "OrientationError" in site.skipped["Bad_002"] and "Bad_002" in site.skipped["Bad_002"]
+    with pytest.raises(CaseError, match="OrientationError"):
+        load_site(tmp_path, BRATS, on_error="raise", cache=None)
+
+
+def test_an_unreadable_case_folder_is_counted_not_lost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """glob passes over a folder it cannot read in silence; discovery finds it, and loading counts it."""
+    write_case(tmp_path, "Good_001")
+    write_case(tmp_path, "Locked_002", seed=1)
+    locked = tmp_path / "Locked_002"
+    os.chmod(locked, 0o000)
+    real_access = os.access
+    if os.geteuid() == 0:  # root reads every folder: answer as the kernel does for an ordinary user
+        monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    try:
+        site = load_site(tmp_path, BRATS, cache=None)
+    finally:
+        os.chmod(locked, 0o755)
+    assert [c.case for c in site.cases] == ["Good_001"]
+    assert "case folder is not readable" in site.skipped["Locked_002"]
 
 
 def test_empty_label_is_allowed_and_counted(tmp_path: Path) -> None:

@@ -139,3 +139,35 @@ def test_device_selection() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             select_device("cuda")
+
+
+@pytest.mark.parametrize("model_name, shape", [("unet2d", (4, 10, 13, 5)), ("unet3d", (4, 10, 13, 9))])
+def test_a_volume_smaller_than_the_pooling_needs_is_padded_and_cropped_back(model_name: str, shape: tuple) -> None:
+    """The default-depth U-Nets pool four times; a 10 x 13 crop once aborted a whole evaluation."""
+    torch.manual_seed(0)
+    model = build_model(model_name, 4, 3, base_channels=4)  # default depth 4
+    probs = predict_probabilities(model, np.random.default_rng(0).normal(size=shape).astype(np.float32),
+                                  2 if model_name == "unet2d" else 3, torch.device("cpu"), patch_size=(32, 32, 32))
+    assert tuple(probs.shape) == (3, *shape[1:]) and torch.isfinite(probs).all()
+
+
+def test_training_on_small_crops_pads_them(tiny_sites: Path) -> None:
+    cases = load_site(tiny_sites / "site-2").cases
+    small = [PreparedCase(**{**c.__dict__, "image": c.image[:, :9, :11], "regions": c.regions[:, :9, :11]}) for c in cases]
+    torch.manual_seed(0)
+    model = build_model("unet2d", 4, 3, base_channels=4)  # depth 4 needs 16 x 16
+    stats = train(model, small, 2, TrainConfig(epochs=1, batch_size=4, samples_per_case=2, seed=0), torch.device("cpu"))
+    assert np.isfinite(stats["train-loss"])
+
+
+def test_training_stops_at_a_non_finite_loss(tiny_sites: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "build_loss", lambda *args: (lambda logits, label: logits.mean() * float("nan")))
+    with pytest.raises(engine.TrainingDiverged, match="training diverged: the loss is nan at epoch 1, step 1"):
+        train(_tiny_model(), load_site(tiny_sites / "site-2").cases, 2,
+              TrainConfig(epochs=1, batch_size=4, samples_per_case=2, seed=0), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("field", ["learning_rate", "pos_ratio", "lambda_dice"])
+def test_train_config_refuses_non_finite_values(field: str) -> None:
+    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+        TrainConfig(**{field: float("inf")})

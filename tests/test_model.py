@@ -29,7 +29,11 @@ def test_unet2d_width_and_depth_change_parameter_count() -> None:
     [
         ("nonet", {}, "unknown model 'nonet'"),
         ("unet2d", {"width": 3}, "takes no argument"),
-        ("unet2d", {"depth": 0}, "depth must be >= 1"),
+        ("unet2d", {"depth": 0}, "depth=0 must be >= 1"),
+        ("unet2d", {"base_channels": "abc"}, "base_channels='abc' must be int"),
+        ("unet2d", {"depth": 2.5}, "depth=2.5 must be int"),
+        ("unet2d", {"norm": 3}, "norm=3 must be str"),
+        ("segresnet", {"dropout_prob": 1.5}, "dropout_prob=1.5 must be in"),
     ],
 )
 def test_build_model_rejects_bad_arguments(name: str, kwargs: dict, match: str) -> None:

@@ -97,8 +97,8 @@ def test_settings_come_from_the_run_config() -> None:
     [
         ({"postprocess": "yes"}, r"run-config 'postprocess' = 'yes' has type str; it must be bool"),
         ({"postprocess-components": 1.5}, r"run-config 'postprocess-components' = 1.5 has type float; it must be int"),
-        ({"postprocess-min-mm3": -1.0}, r"postprocess-min-mm3 must be >= 0 .*got -1.0"),
-        ({"postprocess-components": -1}, r"postprocess-components must be >= 0 .*got -1"),
+        ({"postprocess-min-mm3": -1.0}, r"'postprocess-min-mm3' = -1.0 is out of range: it must be >= 0"),
+        ({"postprocess-components": -1}, r"'postprocess-components' = -1 is out of range: it must be >= 0"),
     ],
 )
 def test_bad_settings_are_refused(run_config: dict[str, Any], match: str) -> None:

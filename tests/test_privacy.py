@@ -104,8 +104,8 @@ def test_adaptive_clipping_learns_the_norm(tmp_path: Path) -> None:
     "config, message",
     [
         ({"strategy": "krum"}, "needs a strategy that averages the updates"),
-        ({"dp": "local"}, "dp 'local' is unknown"),
-        ({"dp-clipping-norm": 0.0}, "a clipping norm > 0"),
+        ({"dp": "local"}, r"'dp' = 'local' is not one of \['none', 'server-fixed'"),
+        ({"dp-clipping-norm": 0.0}, r"'dp-clipping-norm' = 0.0 is out of range: it must be > 0"),
         ({"dp": "server-adaptive", "dp-noise-multiplier": 0.3}, "must be below 0.2"),
     ],
 )

@@ -122,3 +122,24 @@ def test_fedavg_global_model_is_the_case_weighted_mean_of_site_updates(tmp_path:
     assert gap > 0, (record, weights)
     assert distance(weighted) < 0.05 * gap, (distance(weighted), gap)
     assert distance(plain) > 0.5 * gap
+
+
+def test_a_run_in_which_no_round_aggregated_is_a_failure(tmp_path: Path) -> None:
+    """Every site fails every round (no readable scan): the run ends with an error naming why, and no final.pt."""
+    import pytest
+
+    from tests.conftest import write_case
+
+    data = tmp_path / "data"
+    for site in range(2):
+        case = write_case(data / f"site-{site}", f"Case_{site}", shape=(24, 24, 12))
+        (case / f"Case_{site}_flair.nii.gz").write_bytes(b"not a scan")
+    log = io.StringIO()
+    run_config = {"num-server-rounds": 2, "max-failed-rounds": 5, "data-root": str(data), "split": "folders",
+                  "model-args": "base_channels=4 depth=2", "output-dir": str(tmp_path / "out"), "run-name": "none"}
+    with pytest.raises(RuntimeError, match="no final checkpoint"):
+        run_federation(run_config, num_sites=2, workdir=tmp_path / "work", output=log, timeout_s=600)
+    assert "no round aggregated an update" in log.getvalue()
+    assert not (tmp_path / "out" / "none" / "final.pt").exists()
+    audit = (tmp_path / "out" / "none" / "audit.jsonl").read_text()
+    assert "no round aggregated an update" in audit
