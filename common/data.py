@@ -13,14 +13,15 @@ naming the file and the problem.
 
 from __future__ import annotations
 
+import base64
 import glob
 import hashlib
 import json
 import logging
 import math
 import os
-import pickle
 import re
+import shutil
 import tempfile
 import threading
 from collections import OrderedDict
@@ -38,6 +39,7 @@ from .files import open_private, private_folder
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAMES = ("fedlesion.json", "manifest.json")
+CACHE_FORMAT = "fedlesion-case-cache/2"  # arrays as .npy (no pickle) and metadata as JSON, one folder per case
 MAX_MANIFEST_BYTES = 1 << 20
 # Largest volume a file may declare before any voxel is decoded, counted as decoded (8 bytes a voxel, the widest
 # type scaled data decodes to): BraTS is 240 x 240 x 155 x 8 bytes = 71 MB. FEDLESION_MAX_VOLUME_MB overrides it.
@@ -672,8 +674,9 @@ class CaseCache:
     """A bounded LRU cache of preprocessed cases, so epochs and rounds never decode NIfTI twice.
 
     Memory holds the most recently used cases. With ``disk_dir`` every preprocessed case is
-    also written there (as a pickle, mode 0600, in a 0700 folder that this user owns, checked with
-    :func:`common.files.private_folder`; another user's folder is not used), so a
+    also written there (``.npy`` arrays loaded without pickle and a JSON file, mode 0600, in a 0700
+    folder that this user owns, checked with :func:`common.files.private_folder`; another user's
+    folder is not used), so a
     process started later, such as the ClientApp process a SuperNode starts for each round,
     reads the cached arrays instead of decoding NIfTI again. Entries are keyed by the files'
     paths, sizes and modification times and the preprocessing, so a re-exported scan is
@@ -691,7 +694,7 @@ class CaseCache:
         self.max_bytes = max_bytes
         self.disk_dir = Path(disk_dir) if disk_dir else None
         if self.disk_dir is not None:
-            try:  # entries are unpickled: only from a folder no one else owns or can write to
+            try:  # entries are only read from a folder no one else owns or can write to
                 private_folder(self.disk_dir)
             except (PermissionError, OSError) as exc:
                 logger.warning("case cache: not using %s on disk (%s); cases are decoded in each process", disk_dir, exc)
@@ -719,38 +722,68 @@ class CaseCache:
         return prepared
 
     def _disk_path(self, key: tuple[Any, ...]) -> Path | None:
+        """The entry's folder: ``image.npy``, ``regions.npy`` (labelled cases) and ``meta.json``."""
         if self.disk_dir is None:
             return None
-        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:32]
-        return self.disk_dir / f"{digest}.pkl"
+        return self.disk_dir / hashlib.sha256(repr(key).encode()).hexdigest()[:32]
 
     def _read_disk(self, key: tuple[Any, ...]) -> PreparedCase | None:
-        path = self._disk_path(key)
-        if path is None or not path.exists():
+        folder = self._disk_path(key)
+        if folder is None or not (folder / "meta.json").is_file():
             return None
         try:
-            # Only an entry this user wrote and no one else could have: a private file in a private folder.
-            with open_private(path) as handle:
-                stored_key, prepared = pickle.load(handle)  # written by this class on this site's disk
+            # Data only (arrays without pickle, JSON), and only from files this user wrote and no one else could have.
+            with open_private(folder / "meta.json") as handle:
+                meta = json.loads(handle.read().decode())
+            if meta.get("format") != CACHE_FORMAT or meta.get("key") != repr(key):
+                return None  # another version's entry, or (in theory) a digest collision: rebuilt
+            with open_private(folder / "image.npy") as handle:
+                image = np.load(handle, allow_pickle=False)
+            regions = None
+            if meta["labelled"]:
+                with open_private(folder / "regions.npy") as handle:
+                    regions = np.load(handle, allow_pickle=False)
+            header_class = {"Nifti1Header": nib.Nifti1Header, "Nifti2Header": nib.Nifti2Header}[meta["header_class"]]
+            return PreparedCase(
+                case=str(meta["case"]), image=image, regions=regions, affine=np.asarray(meta["affine"], np.float64),
+                header=header_class(binaryblock=base64.b64decode(meta["header"])),
+                original_shape=tuple(int(v) for v in meta["original_shape"]), ornt=np.asarray(meta["ornt"], np.float64),
+                crop=tuple((int(a), int(b)) for a, b in meta["crop"]), empty_label=bool(meta["empty_label"]),
+            )
         except PermissionError as exc:
-            logger.warning("case cache: ignoring %s (%s)", path, exc)
+            logger.warning("case cache: ignoring %s (%s)", folder, exc)
             return None
-        except (OSError, EOFError, pickle.UnpicklingError, ValueError):
-            return None  # a torn or stale entry is simply rebuilt
-        return prepared if stored_key == key else None
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a torn or stale entry is simply rebuilt
+            logger.debug("case cache: rebuilding %s (%s)", folder, exc)
+            return None
 
     def _write_disk(self, key: tuple[Any, ...], prepared: PreparedCase) -> None:
-        path = self._disk_path(key)
-        if path is None:
+        folder = self._disk_path(key)
+        if folder is None:
             return
+        meta = {
+            "format": CACHE_FORMAT, "key": repr(key), "case": prepared.case, "labelled": prepared.regions is not None,
+            "affine": np.asarray(prepared.affine, np.float64).tolist(),
+            "header_class": type(prepared.header).__name__,
+            "header": base64.b64encode(prepared.header.binaryblock).decode(),
+            "original_shape": list(prepared.original_shape), "ornt": np.asarray(prepared.ornt).tolist(),
+            "crop": [list(c) for c in prepared.crop], "empty_label": prepared.empty_label,
+        }
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(fd, "wb") as handle:
-                pickle.dump((key, prepared), handle, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, path)
+            # Written in a private temporary folder, then renamed into place: readers never see half an entry.
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+            np.save(tmp / "image.npy", prepared.image, allow_pickle=False)
+            if prepared.regions is not None:
+                np.save(tmp / "regions.npy", prepared.regions, allow_pickle=False)
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            for entry in tmp.iterdir():
+                os.chmod(entry, 0o600)
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process wrote the same entry first: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
         except OSError as exc:  # a full or read-only disk only costs speed
-            logger.warning("case cache: cannot write %s (%s); continuing without it", path, exc)
+            logger.warning("case cache: cannot write %s (%s); continuing without it", folder, exc)
 
     @staticmethod
     def _key(data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str, crop: bool) -> tuple[Any, ...]:

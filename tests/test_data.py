@@ -423,27 +423,53 @@ def test_disk_cache_is_not_read_from_another_users_folder(tmp_path: Path) -> Non
 
 
 def test_disk_cache_folder_others_could_write_is_not_used(tmp_path: Path) -> None:
-    """A pickle planted in a folder that was world-writable never runs: the folder is not used at all."""
-    import pickle
-
+    """Nothing planted in the cache runs or is used: a folder others could write is not used at all, a
+    file others could write is not read, and entries are arrays and JSON read without pickle."""
     class Planted:
         def __reduce__(self):  # noqa: ANN204 - pickle protocol
             return os.mkdir, (str(tmp_path / "planted-ran"),)
 
     write_case(tmp_path / "data", "Disk_001")
     folder = tmp_path / "cache"
-    cache = CaseCache(1 << 30, disk_dir=folder)
-    load_site(tmp_path / "data", BRATS, cache=cache)
-    [entry] = folder.glob("*.pkl")
-    os.chmod(folder, 0o777)
-    entry.write_bytes(pickle.dumps(Planted()))
+    load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=folder))
+    [entry] = [p for p in folder.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in entry.iterdir()) == ["image.npy", "meta.json", "regions.npy"]  # no pickle stored
+    for array in ("image.npy", "regions.npy"):
+        np.load(entry / array, allow_pickle=False)
+    os.chmod(entry / "image.npy", 0o600)
+    np.save(entry / "image.npy", np.array([Planted()], dtype=object), allow_pickle=True)  # an object array: a pickle
     before = DECODE_STATS.files
+    load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=folder))
+    assert not (tmp_path / "planted-ran").exists() and DECODE_STATS.files - before == 5, "refused, decoded again"
+    os.chmod(folder, 0o777)
     reopened = CaseCache(1 << 30, disk_dir=folder)
     assert reopened.disk_dir is None and stat.S_IMODE(folder.stat().st_mode) == 0o777
-    load_site(tmp_path / "data", BRATS, cache=reopened)
-    assert not (tmp_path / "planted-ran").exists() and DECODE_STATS.files - before == 5
-    # The same entry, group-writable inside a private folder: not read either.
     os.chmod(folder, 0o700)
-    os.chmod(entry, 0o666)
+    os.chmod(entry / "meta.json", 0o666)
+    before = DECODE_STATS.files
     load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=folder))
+    assert DECODE_STATS.files - before == 5, "a group/world-writable entry file is not read"
     assert not (tmp_path / "planted-ran").exists()
+
+
+def test_disk_cache_round_trips_every_field(tmp_path: Path) -> None:
+    affine = np.diag([1.2, 0.9, 2.5, 1.0])
+    affine[:3, 3] = [-10.0, 4.0, 7.5]
+    write_case(tmp_path / "data", "Round_001", affine=affine)
+    fresh = load_case(tmp_path / "data", BRATS, "Round_001", crop_foreground=True)
+    load_site(tmp_path / "data", BRATS, crop_foreground=True, cache=CaseCache(1 << 30, disk_dir=tmp_path / "cache"))
+    before = DECODE_STATS.files
+    cached = load_site(tmp_path / "data", BRATS, crop_foreground=True,
+                       cache=CaseCache(1 << 30, disk_dir=tmp_path / "cache")).cases[0]
+    assert DECODE_STATS.files == before
+    np.testing.assert_array_equal(cached.image, fresh.image)
+    np.testing.assert_array_equal(cached.regions, fresh.regions)
+    np.testing.assert_array_equal(cached.affine, fresh.affine)
+    np.testing.assert_array_equal(cached.ornt, fresh.ornt)
+    assert (cached.crop, cached.original_shape, cached.empty_label, cached.spacing) == (
+        fresh.crop, fresh.original_shape, fresh.empty_label, fresh.spacing)
+    assert cached.header.binaryblock == fresh.header.binaryblock
+    label = np.ones(cached.image.shape[1:], np.uint8)
+    np.testing.assert_array_equal(cached.restore(label), fresh.restore(label))
+
+
