@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Callable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
@@ -114,6 +114,7 @@ def site_errors_stay_local(handler: Callable[..., Message]) -> Callable[..., Mes
 app = ClientApp(mods=[site_errors_stay_local(send_as_configured), site_errors_stay_local(clip_when_asked)])
 
 
+SITE_RECORD = "site"  # evaluation replies: ConfigRecord({"name": <site-name>}), the only string a site sends
 FEDBN_STATE = "fedbn-layers"  # context.state key: this site's own BatchNorm layers under FedBN
 
 
@@ -197,4 +198,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     _, summary = evaluate_cases(model, site.val, site.spec, spatial_dims, site.device, patch_size=patch_size,
                                 postprocessing=PostProcessing.from_run_config(context.run_config))
     values = {"num-examples": len(site.val), **site.counts(), **flat_means(summary, regions)}
-    return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
+    # The site's name (node config `site-name`) lets the server report each site's scores; no case ID or path.
+    content = RecordDict({"metrics": MetricRecord(values), SITE_RECORD: ConfigRecord({"name": site.name})})
+    return Message(content=content, reply_to=msg)

@@ -586,9 +586,37 @@ class UpdateScreening(StrategyWrapper):
         errors, rejected, passed = self._screen(server_round, replies, self._sent_evaluate, "evaluate")
         for entry in rejected:
             log(WARNING, "round %d: rejected the evaluation of node %d: %s", server_round, entry["node-id"], entry["reason"])
+        sites = [{"node-id": node, "site": site_name(message, node),
+                  "metrics": dict(next(iter(message.content.metric_records.values())))}
+                 for message, node in sorted(passed, key=lambda item: item[1])]
         self.record.current.update({"evaluate-failed": [{"node-id": e["node-id"], "reason": e["error"]} for e in errors],
-                                    "evaluate-rejected": rejected})
+                                    "evaluate-rejected": rejected, "evaluate-sites": sites})
         return super().aggregate_evaluate(server_round, [message for message, _ in passed])
+
+
+SITE_NAME_LENGTH = 64
+
+
+def site_name(message: Message, node: int) -> str:
+    """The name an evaluation reply gives its site (``ConfigRecord`` ``site``/``name``), reduced to
+    letters, digits, ``.``, ``_`` and ``-`` and 64 characters; ``node-<id>`` when it gives none.
+    A name is the site's own claim: two replies may give the same one, so the node ID stays beside it."""
+    record = message.content.config_records.get("site")
+    name = record.get("name") if record is not None else None
+    if not isinstance(name, str):
+        return f"node-{node}"
+    cleaned = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "._-") else "_" for ch in name)[:SITE_NAME_LENGTH]
+    return cleaned or f"node-{node}"
+
+
+def worst_site(sites: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """The site with the lowest ``key`` (e.g. ``dice-wt``) among those that scored cases, or None."""
+    scored = [s for s in sites if key in s["metrics"] and s["metrics"].get(WEIGHT_KEY, 0) > 0]
+    if not scored:
+        return None
+    worst = min(scored, key=lambda s: s["metrics"][key])
+    return {"site": worst["site"], "node-id": worst["node-id"], key: worst["metrics"][key],
+            WEIGHT_KEY: worst["metrics"][WEIGHT_KEY]}
 
 
 def _random_state() -> list[Any]:
@@ -710,6 +738,11 @@ class RunRecorder(StrategyWrapper):
         absolute = server_round + self.round_offset
         metrics = super().aggregate_evaluate(absolute, list(replies))
         record = {**self.record.current, "round": absolute, "evaluate": dict(metrics) if metrics is not None else {}}
+        worst = worst_site(record.get("evaluate-sites", []), self.best_key)
+        if worst is not None:
+            record["evaluate-worst"] = worst
+            log(INFO, "round %d: worst site %s (node %d): %s %.3f on %d case(s)", absolute, worst["site"],
+                worst["node-id"], self.best_key, worst[self.best_key], worst[WEIGHT_KEY])
         if self.server_evaluate is not None and self._arrays is not None:
             record["server"] = self.server_evaluate(absolute, self._arrays)
         record["seconds"] = time.perf_counter() - self._started
@@ -775,9 +808,14 @@ class RunRecorder(StrategyWrapper):
 def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
     """One CSV row: round facts plus ``train/...`` and ``evaluate/...`` columns."""
     row = {"round": record["round"], "learning-rate": record.get("learning-rate", ""), "seconds": record.get("seconds", "")}
-    for group in ("train", "evaluate", "server"):
+    for group in ("train", "evaluate", "server", "evaluate-worst"):
         for key, value in record.get(group, {}).items():
             row[f"{group}/{key}"] = value
+    for site in record.get("evaluate-sites", []):  # per site: "site/<name>/<metric>" (node ID added if names repeat)
+        names = [s["site"] for s in record["evaluate-sites"]]
+        label = site["site"] if names.count(site["site"]) == 1 else f"{site['site']}@{site['node-id']}"
+        for key, value in site["metrics"].items():
+            row[f"site/{label}/{key}"] = value
     return row
 
 
@@ -796,12 +834,16 @@ def format_table(history: list[dict[str, Any]]) -> str:
     """A plain-text table of train loss and validation metrics per round."""
     keys = list(dict.fromkeys(k for r in history for k in r.get("evaluate", {})
                               if k.split("-")[0] in ("dice", "iou", "hd95")))
-    header = ["round", "train-loss", *keys]
+    worst_key = next((k for r in history for k in r.get("evaluate-worst", {}) if k.startswith("dice-")), None)
+    header = ["round", "train-loss", *keys, *([f"worst {worst_key}", "worst site"] if worst_key else [])]
     lines = ["  ".join(f"{h:>10}" for h in header)]
     for r in history:
         loss = r.get("train", {}).get("train-loss")
         cells = [f"{r['round']:>10}", f"{loss:>10.4f}" if loss is not None else f"{'-':>10}"]
         cells += [f"{r['evaluate'][k]:>10.3f}" if k in r.get("evaluate", {}) else f"{'-':>10}" for k in keys]
+        if worst_key:
+            worst = r.get("evaluate-worst", {})
+            cells += [f"{worst[worst_key]:>16.3f}" if worst_key in worst else f"{'-':>16}", f"{worst.get('site', '-'):>10}"]
         lines.append("  ".join(cells))
     return "\n".join(lines)
 

@@ -251,25 +251,19 @@ class TreeMemory:
 
 
 def tree_rss(root: int) -> int:
-    """Bytes resident in ``root`` and every process descending from it (from /proc)."""
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            rss[int(entry.name)] = next(int(line.split()[1]) * 1024 for line in (entry / "status").read_text().splitlines()
-                                        if line.startswith("VmRSS:"))
-        except (OSError, StopIteration, IndexError, ValueError):
-            continue
+    """Bytes resident in ``root`` and every process descending from it (psutil)."""
+    import psutil
+
+    try:
+        processes = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
     total = 0
-    for pid, size in rss.items():
-        current = pid
-        while current > 1 and current != root:
-            current = parents.get(current, 0)
-        if current == root:
-            total += size
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
     return total
 
 

@@ -100,9 +100,20 @@ class Federation:
 
     def serverapp_pids(self) -> list[int]:
         """Process IDs of the ``flwr-serverapp`` processes the SuperLink has started (one per active run)."""
-        superlink = self.processes["superlink"].pid
-        found = subprocess.run(["pgrep", "-f", "flwr-serverapp"], capture_output=True, text=True).stdout.split()
-        return [int(pid) for pid in found if _ancestors(int(pid)) & {superlink}]
+        import psutil
+
+        try:
+            below = psutil.Process(self.processes["superlink"].pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        found = []
+        for process in below:
+            try:
+                if any("flwr-serverapp" in part for part in process.cmdline()):
+                    found.append(process.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return found
 
     def run(self, run_config: Mapping[str, Any], output: TextIO | None = None, timeout_s: float = 1800.0) -> int:
         """``flwr run . <connection> --stream`` with these run-config overrides; returns its exit code,
@@ -122,19 +133,6 @@ class Federation:
         finally:
             if process.poll() is None:
                 process.kill()
-
-
-def _ancestors(pid: int) -> set[int]:
-    """The parent, grandparent, ... process IDs of ``pid`` (from /proc; empty where it is gone)."""
-    found: set[int] = set()
-    while pid > 1:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
-        found.add(pid)
-    return found
 
 
 @contextmanager

@@ -28,6 +28,10 @@ def test_two_round_federation_on_tiny_synthetic_sites(tmp_path: Path) -> None:
     history = read_history(run_dir)
     assert [r["round"] for r in history] == [0, 1, 2]
     assert (run_dir / "metrics.csv").read_text().count("\n") == 4
+    # Each site's own scores, under its name, and the worst site (per-site evaluation).
+    last = history[-1]
+    assert sorted(s["site"] for s in last["evaluate-sites"]) == ["synthetic-0", "synthetic-1", "synthetic-2"]
+    assert last["evaluate-worst"]["dice-wt"] == min(s["metrics"]["dice-wt"] for s in last["evaluate-sites"])
     # FedAvg weighted each site's update by its number of training cases.
     expected = sorted(len(split_train_val([str(i) for i in range(n)], 0.25, 0)[0]) for n in site_case_counts(3, 3))
     for record in history[1:]:

@@ -199,3 +199,35 @@ def test_with_held_out_cases_the_server_not_the_sites_picks_best(tmp_path: Path)
             m, 100000 if m.metadata.dst_node_id == 2 else 2, **{**GOOD_SCORES, "dice-wt": d}))
     assert "best" not in [kind for rnd, kind in saved if rnd == 2], "round 2's sites claimed more, the server measured less"
     assert (1, "best") in saved
+
+
+def test_each_sites_scores_and_the_worst_site_are_recorded(tmp_path: Path) -> None:
+    """Per-site evaluation: every accepted reply's scores under its site's name, the worst site, CSV columns;
+    a rejected reply is not listed and a name is reduced to safe characters."""
+    import csv
+
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from server.strategy import format_table
+
+    stack = build_strategy({"strategy": "fedavg", "min-available-nodes": 2, "min-train-nodes": 2},
+                           save_checkpoint=lambda *a: None, out_dir=tmp_path)
+    names = {1: "hospital-a", 2: "../../etc/passwd <b>", 3: None, 4: "hospital-d"}
+    scores = {1: 0.9, 2: 0.6, 3: 0.8, 4: 50.0}  # node 4's Dice is impossible: rejected, not the best nor listed
+
+    def answer(m):  # noqa: ANN001, ANN202
+        node = m.metadata.dst_node_id
+        content = RecordDict({"metrics": MetricRecord({"num-examples": node, **{**GOOD_SCORES, "dice-wt": scores[node]}})})
+        if names[node] is not None:
+            content["site"] = ConfigRecord({"name": names[node]})
+        return Message(content=content, reply_to=m)
+
+    evaluate_round(stack, FakeGrid([1, 2, 3, 4]), 1, record(GLOBAL), answer)
+    [entry] = stack.history
+    assert [(s["node-id"], s["site"], s["metrics"]["dice-wt"]) for s in entry["evaluate-sites"]] == [
+        (1, "hospital-a", 0.9), (2, ".._.._etc_passwd__b_", 0.6), (3, "node-3", 0.8)]
+    assert entry["evaluate-worst"] == {"site": ".._.._etc_passwd__b_", "node-id": 2, "dice-wt": 0.6, "num-examples": 2}
+    row = next(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert float(row["site/hospital-a/dice-wt"]) == 0.9 and float(row["site/node-3/num-examples"]) == 3
+    assert row["evaluate-worst/site"] == ".._.._etc_passwd__b_"
+    assert "0.600" in format_table(stack.history)
