@@ -184,6 +184,7 @@ def evaluate_checkpoint(
     report: Callable[[str], None] = print,
     postprocess: Mapping[str, Any] | None = None,
     force: bool = False,
+    sites: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Score a checkpoint on every labelled case of a data folder.
 
@@ -194,6 +195,10 @@ def evaluate_checkpoint(
     Args:
         postprocess: post-processing run-config values that win over the checkpoint's
             (see :meth:`common.checkpoint.Checkpoint.postprocessing`).
+        sites: site -> its case IDs (a split, :class:`common.splits.Split`'s ``sites``): adds
+            ``"sites": {site: {"num_cases", "summary", "skipped"}}`` summarising each site's own
+            cases (the same per-case scores as the whole), and ``"worst_site"`` by the first
+            region's mean Dice. Only cases that are also selected are scored.
 
     Returns:
         ``{"checkpoint", "data", "postprocessing": {postprocess, postprocess-min-mm3, postprocess-components},
@@ -243,12 +248,29 @@ def evaluate_checkpoint(
         "seconds_per_case": float(np.mean([c["seconds"] for c in cases])) if cases else None,
         "skipped": skipped,
     }
+    if sites is not None:
+        result.update(_by_site(cases, skipped, sites, regions))
     if out is not None:  # per-case scores under case IDs: mode 0600, like everything patient-derived
         replace_private(out, json.dumps(result, indent=2).encode())
     if not cases:
         raise ValueError(f"{data}: none of {len(ids)} case(s) could be scored; every one was skipped"
                          + (f" (reasons in {out})." if out is not None else ": " + "; ".join(skipped.values())))
     return result
+
+
+def _by_site(cases: Sequence[dict[str, Any]], skipped: Mapping[str, str], sites: Mapping[str, Sequence[str]],
+             regions: Sequence[str]) -> dict[str, Any]:
+    """Per-site summaries of per-case scores, and the site with the lowest mean Dice of the first region."""
+    by_case = {c["case"]: c for c in cases}
+    out: dict[str, Any] = {}
+    for site, ids in sites.items():
+        scored = [by_case[c] for c in ids if c in by_case]
+        out[site] = {"num_cases": len(scored), "skipped": sum(1 for c in ids if c in skipped),
+                     "summary": summarize([{r: c[r] for r in regions} for c in scored], regions)}
+    scored_sites = {site: block for site, block in out.items() if block["num_cases"]}
+    worst = min(scored_sites, key=lambda site: scored_sites[site]["summary"][regions[0]]["dice_mean"], default=None)
+    return {"sites": out, "worst_site": None if worst is None else {
+        "site": worst, "region": regions[0], "dice_mean": scored_sites[worst]["summary"][regions[0]]["dice_mean"]}}
 
 
 def _data_spec(trained: DatasetSpec, data: str | Path, manifest: str | None) -> DatasetSpec:

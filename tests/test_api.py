@@ -173,3 +173,26 @@ def test_evaluate_refuses_data_with_other_channels(brats_checkpoint: Path, tmp_p
 def test_select_cases() -> None:
     ids = ["Brats18_CBICA_A", "Brats18_TCIA02_B", "Brats18_TCIA08_C"]
     assert select_cases(ids, include=["*TCIA*"], exclude=["*08*"]) == ["Brats18_TCIA02_B"]
+
+
+def test_evaluate_by_site_agrees_with_evaluate_on_each_sites_cases(trained: Path, tmp_path: Path) -> None:
+    """`evaluate --by-site institution` on a pooled folder: each site's summary is what `evaluate` gives on that
+    site's cases alone, and the worst site is the one with the lowest mean Dice."""
+    from simulations.synthetic import synthesize
+
+    pooled = tmp_path / "pooled"
+    synthesize(pooled, sites=2, cases_per_site=2, shape=(32, 32, 16), seed=3, flat=True)
+    out = tmp_path / "by-site.json"
+    assert main(["evaluate", "--checkpoint", str(trained), "--data", str(pooled), "--by-site", "institution",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["sites"]) == {"S00", "S01"} and "summary" in result and "cases" in result  # the contract stays
+    for site, block in result["sites"].items():
+        alone = api.evaluate_checkpoint(trained, pooled, include=[f"Synth_{site}_*"], report=lambda _: None)
+        assert block["num_cases"] == len(alone["cases"])
+        for region, numbers in alone["summary"].items():
+            assert block["summary"][region]["dice_mean"] == pytest.approx(numbers["dice_mean"])
+    worst = min(result["sites"], key=lambda s: result["sites"][s]["summary"]["WT"]["dice_mean"])
+    assert result["worst_site"]["site"] == worst and result["worst_site"]["region"] == "WT"
+    assert main(["evaluate", "--checkpoint", str(trained), "--data", str(pooled), "--by-site", "iid",
+                 "--out", str(tmp_path / "x.json")]) == 2
