@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from common.data import (
     DatasetSpec,
     PreparedCase,
     conform_spec,
+    default_cache_dir,
     discover_cases,
     load_site,
     resolve_spec,
@@ -175,8 +175,7 @@ def _cache(node_config: Mapping[str, Any]) -> CaseCache:
     """The preprocessed-case cache: in memory, and on disk at ``cache-dir`` (node config),
     ``$FEDLESION_CACHE_DIR`` or ``~/.cache/fedlesion/cases``, because a SuperNode may start
     a fresh ClientApp process for every round."""
-    folder = str(node_config.get("cache-dir", "")) or os.environ.get("FEDLESION_CACHE_DIR") or str(
-        Path.home() / ".cache" / "fedlesion" / "cases")
+    folder = str(node_config.get("cache-dir", "")) or str(default_cache_dir())
     if folder not in _CACHES:
         _CACHES[folder] = CaseCache(CACHE.max_bytes, disk_dir=folder)
     return _CACHES[folder]

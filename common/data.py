@@ -688,10 +688,14 @@ class CaseCache:
         disk_dir: where preprocessed cases persist between processes, or ``None``.
     """
 
-    def __init__(self, max_bytes: int, disk_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, max_bytes: int, disk_dir: str | os.PathLike[str] | None = None,
+                 max_disk_bytes: int | None = None) -> None:
         if max_bytes < 0:
             raise ValueError(f"CaseCache: max_bytes must be >= 0, got {max_bytes}.")
         self.max_bytes = max_bytes
+        # On disk: FEDLESION_CACHE_DISK_GIB (default 100); 0 means no bound.
+        self.max_disk_bytes = (int(float(os.environ.get("FEDLESION_CACHE_DISK_GIB", "100")) * 2**30)
+                               if max_disk_bytes is None else max_disk_bytes)
         self.disk_dir = Path(disk_dir) if disk_dir else None
         if self.disk_dir is not None:
             try:  # entries are only read from a folder no one else owns or can write to
@@ -737,6 +741,7 @@ class CaseCache:
                 meta = json.loads(handle.read().decode())
             if meta.get("format") != CACHE_FORMAT or meta.get("key") != repr(key):
                 return None  # another version's entry, or (in theory) a digest collision: rebuilt
+            os.utime(folder)  # recently used: the size bound removes the least recently used entries first
             with open_private(folder / "image.npy") as handle:
                 image = np.load(handle, allow_pickle=False)
             regions = None
@@ -782,6 +787,8 @@ class CaseCache:
                 os.replace(tmp, folder)
             except OSError:  # another process wrote the same entry first: keep theirs
                 shutil.rmtree(tmp, ignore_errors=True)
+            if self.max_disk_bytes:
+                purge_cache(folder.parent, keep_bytes=self.max_disk_bytes)
         except OSError as exc:  # a full or read-only disk only costs speed
             logger.warning("case cache: cannot write %s (%s); continuing without it", folder, exc)
 
@@ -797,6 +804,48 @@ class CaseCache:
                 stats.append((str(path), None, None))
         # The spec's channel and region order is part of the key: a reordered spec is another case.
         return (json.dumps(spec.to_json()), tuple(stats), crop)
+
+
+def default_cache_dir() -> Path:
+    """The on-disk case cache when a SuperNode's node config names none: ``$FEDLESION_CACHE_DIR``,
+    else ``~/.cache/fedlesion/cases``."""
+    return Path(os.environ.get("FEDLESION_CACHE_DIR") or Path.home() / ".cache" / "fedlesion" / "cases")
+
+
+_ENTRY = re.compile(r"^[0-9a-f]{32}$")  # an entry folder's name (see CaseCache._disk_path)
+
+
+def cache_entries(folder: str | os.PathLike[str]) -> list[Path]:
+    """The case-cache entries (and temporary folders a killed writer left) in ``folder``, oldest use first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()
+             and (_ENTRY.match(p.name) or (p.name.startswith(".") and _ENTRY.match(p.name[1:33])))]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def cache_size(folder: str | os.PathLike[str]) -> int:
+    """Bytes the case-cache entries in ``folder`` take."""
+    return sum(f.stat().st_size for entry in cache_entries(folder) for f in entry.iterdir() if f.is_file())
+
+
+def purge_cache(folder: str | os.PathLike[str], keep_bytes: int = 0) -> tuple[int, int]:
+    """Remove case-cache entries from ``folder``, least recently used first, until at most ``keep_bytes``
+    remain (0: all). Only folders that are cache entries are touched, never other files.
+
+    Returns:
+        ``(entries removed, bytes freed)``.
+    """
+    entries = cache_entries(folder)
+    sizes = {entry: sum(f.stat().st_size for f in entry.iterdir() if f.is_file()) for entry in entries}
+    total, removed, freed = sum(sizes.values()), 0, 0
+    for entry in entries:
+        if total - freed <= keep_bytes:
+            break
+        shutil.rmtree(entry, ignore_errors=True)
+        removed, freed = removed + 1, freed + sizes[entry]
+    return removed, freed
 
 
 CACHE = CaseCache(

@@ -226,6 +226,19 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from common.data import cache_entries, cache_size, default_cache_dir, purge_cache
+
+    folder = Path(args.dir) if args.dir else default_cache_dir()
+    if args.purge:
+        removed, freed = purge_cache(folder)
+        print(f"{folder}: removed {removed} cached case(s), {freed / 2**20:.1f} MB")
+    else:
+        print(f"{folder}: {len(cache_entries(folder))} cached case(s), {cache_size(folder) / 2**20:.1f} MB "
+              "(preprocessed scans: patient-derived; `fedlesion cache --purge` empties it)")
+    return 0
+
+
 def cmd_superlink(args: argparse.Namespace) -> int:
     from server.superlink import serve
 
@@ -440,6 +453,16 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", required=True, help="folder for the key pair (never commit it)")
     keygen.add_argument("--name", required=True, help="this hospital's name, e.g. hospital-a")
     keygen.set_defaults(func=cmd_keygen)
+
+    cache = sub.add_parser("cache", help="show or empty the preprocessed-case cache",
+                           description="The on-disk case cache holds preprocessed scans (patient-derived) so that "
+                                       "rounds decode no NIfTI twice: a folder per case, .npy arrays and JSON. Without "
+                                       "--dir: $FEDLESION_CACHE_DIR, else ~/.cache/fedlesion/cases (a SuperNode's "
+                                       "node config may name another with cache-dir). It is bounded by "
+                                       "FEDLESION_CACHE_DISK_GIB (default 100), least recently used cases first.")
+    cache.add_argument("--dir", help="the cache folder (default: as above)")
+    cache.add_argument("--purge", action="store_true", help="remove every cached case (only cache entries are touched)")
+    cache.set_defaults(func=cmd_cache)
 
     superlink = sub.add_parser(
         "superlink", help="coordinator: Flower's SuperLink with the Control API off the hospitals' address",

@@ -473,3 +473,29 @@ def test_disk_cache_round_trips_every_field(tmp_path: Path) -> None:
     np.testing.assert_array_equal(cached.restore(label), fresh.restore(label))
 
 
+
+
+def test_the_disk_cache_is_bounded_and_purged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Least recently used cases leave first when the bound is passed; `fedlesion cache --purge` empties the
+    folder and touches nothing that is not a cache entry."""
+    from common.data import cache_entries, cache_size
+    from simulations.cli import main
+
+    for i in range(3):
+        write_case(tmp_path / "data", f"Lru_00{i}", seed=i)
+    folder = tmp_path / "cache"
+    unbounded = CaseCache(1 << 30, disk_dir=folder, max_disk_bytes=0)
+    load_site(tmp_path / "data", BRATS, cache=unbounded)
+    one_entry = cache_size(folder) // 3
+    assert len(cache_entries(folder)) == 3
+    os.utime(cache_entries(folder)[0], (1, 1))  # the oldest use: the first to go
+    oldest = cache_entries(folder)[0].name
+    bounded = CaseCache(1 << 30, disk_dir=folder, max_disk_bytes=int(2.5 * one_entry))
+    write_case(tmp_path / "data", "Lru_003", seed=3)
+    load_site(tmp_path / "data", BRATS, case_ids=["Lru_003"], cache=bounded)
+    names = [p.name for p in cache_entries(folder)]
+    assert len(names) == 2 and oldest not in names and cache_size(folder) <= 2.5 * one_entry
+    (folder / "notes.txt").write_text("not a cache entry")
+    assert main(["cache", "--dir", str(folder)]) == 0 and "2 cached case(s)" in capsys.readouterr().out
+    assert main(["cache", "--dir", str(folder), "--purge"]) == 0
+    assert cache_entries(folder) == [] and (folder / "notes.txt").read_text() == "not a cache entry"
