@@ -115,6 +115,7 @@ app = ClientApp(mods=[site_errors_stay_local(send_as_configured), site_errors_st
 
 
 SITE_RECORD = "site"  # evaluation replies: ConfigRecord({"name": <site-name>}), the only string a site sends
+SITE_NAME_MAX = 64
 FEDBN_STATE = "fedbn-layers"  # context.state key: this site's own BatchNorm layers under FedBN
 
 
@@ -198,6 +199,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     _, summary = evaluate_cases(model, site.val, site.spec, spatial_dims, site.device, patch_size=patch_size,
                                 postprocessing=PostProcessing.from_run_config(context.run_config))
     values = {"num-examples": len(site.val), **site.counts(), **flat_means(summary, regions)}
-    # The site's name (node config `site-name`) lets the server report each site's scores; no case ID or path.
-    content = RecordDict({"metrics": MetricRecord(values), SITE_RECORD: ConfigRecord({"name": site.name})})
+    content = RecordDict({"metrics": MetricRecord(values)})
+    # The site's name lets the server report each site's scores: only a name the hospital chose (node config
+    # `site-name`; in simulation the site's own label), never one derived from its data folder's path.
+    if "site-name" in context.node_config or "partition-id" in context.node_config:
+        content[SITE_RECORD] = ConfigRecord({"name": site.name[:SITE_NAME_MAX]})
     return Message(content=content, reply_to=msg)

@@ -24,6 +24,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -34,7 +35,7 @@ import nibabel as nib
 import numpy as np
 from monai.transforms import NormalizeIntensity
 
-from .files import open_private, private_folder
+from .files import open_private, private_folder, replace_private
 
 logger = logging.getLogger(__name__)
 
@@ -694,12 +695,13 @@ class CaseCache:
             raise ValueError(f"CaseCache: max_bytes must be >= 0, got {max_bytes}.")
         self.max_bytes = max_bytes
         # On disk: FEDLESION_CACHE_DISK_GIB (default 100); 0 means no bound.
-        self.max_disk_bytes = (int(float(os.environ.get("FEDLESION_CACHE_DISK_GIB", "100")) * 2**30)
-                               if max_disk_bytes is None else max_disk_bytes)
+        self.max_disk_bytes = _env_size("FEDLESION_CACHE_DISK_GIB", 100.0, 2**30) if max_disk_bytes is None else max_disk_bytes
         self.disk_dir = Path(disk_dir) if disk_dir else None
         if self.disk_dir is not None:
             try:  # entries are only read from a folder no one else owns or can write to
                 private_folder(self.disk_dir)
+                if not (self.disk_dir / CACHE_TAG).exists():  # what `fedlesion cache --purge` requires
+                    (self.disk_dir / CACHE_TAG).write_text(CACHE_TAG_TEXT)
             except (PermissionError, OSError) as exc:
                 logger.warning("case cache: not using %s on disk (%s); cases are decoded in each process", disk_dir, exc)
                 self.disk_dir = None
@@ -729,7 +731,7 @@ class CaseCache:
         """The entry's folder: ``image.npy``, ``regions.npy`` (labelled cases) and ``meta.json``."""
         if self.disk_dir is None:
             return None
-        return self.disk_dir / hashlib.sha256(repr(key).encode()).hexdigest()[:32]
+        return self.disk_dir / hashlib.sha256(f"{CACHE_FORMAT}|{key!r}".encode()).hexdigest()[:32]
 
     def _read_disk(self, key: tuple[Any, ...]) -> PreparedCase | None:
         folder = self._disk_path(key)
@@ -739,9 +741,8 @@ class CaseCache:
             # Data only (arrays without pickle, JSON), and only from files this user wrote and no one else could have.
             with open_private(folder / "meta.json") as handle:
                 meta = json.loads(handle.read().decode())
-            if meta.get("format") != CACHE_FORMAT or meta.get("key") != repr(key):
-                return None  # another version's entry, or (in theory) a digest collision: rebuilt
-            os.utime(folder)  # recently used: the size bound removes the least recently used entries first
+            if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT or meta.get("key") != repr(key):
+                raise ValueError("another version's entry, or a digest collision")
             with open_private(folder / "image.npy") as handle:
                 image = np.load(handle, allow_pickle=False)
             regions = None
@@ -749,18 +750,24 @@ class CaseCache:
                 with open_private(folder / "regions.npy") as handle:
                     regions = np.load(handle, allow_pickle=False)
             header_class = {"Nifti1Header": nib.Nifti1Header, "Nifti2Header": nib.Nifti2Header}[meta["header_class"]]
-            return PreparedCase(
+            prepared = PreparedCase(
                 case=str(meta["case"]), image=image, regions=regions, affine=np.asarray(meta["affine"], np.float64),
                 header=header_class(binaryblock=base64.b64decode(meta["header"])),
                 original_shape=tuple(int(v) for v in meta["original_shape"]), ornt=np.asarray(meta["ornt"], np.float64),
                 crop=tuple((int(a), int(b)) for a, b in meta["crop"]), empty_label=bool(meta["empty_label"]),
             )
-        except PermissionError as exc:
+        except PermissionError as exc:  # not ours to trust, nor to delete
             logger.warning("case cache: ignoring %s (%s)", folder, exc)
             return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # a torn or stale entry is simply rebuilt
+        except Exception as exc:  # noqa: BLE001 - a torn, stale or foreign entry is removed and rebuilt
             logger.debug("case cache: rebuilding %s (%s)", folder, exc)
+            _discard(folder)
             return None
+        try:
+            os.utime(folder)  # recently used: the size bound removes the least recently used entries first
+        except OSError:
+            pass
+        return prepared
 
     def _write_disk(self, key: tuple[Any, ...], prepared: PreparedCase) -> None:
         folder = self._disk_path(key)
@@ -777,18 +784,20 @@ class CaseCache:
         try:
             # Written in a private temporary folder, then renamed into place: readers never see half an entry.
             tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-            np.save(tmp / "image.npy", prepared.image, allow_pickle=False)
-            if prepared.regions is not None:
-                np.save(tmp / "regions.npy", prepared.regions, allow_pickle=False)
-            (tmp / "meta.json").write_text(json.dumps(meta))
-            for entry in tmp.iterdir():
-                os.chmod(entry, 0o600)
+            files = {"image.npy": prepared.image, **({"regions.npy": prepared.regions} if prepared.regions is not None else {})}
+            for name, array in files.items():
+                replace_private(tmp / name, lambda handle, a=array: np.save(handle, a, allow_pickle=False))
+            replace_private(tmp / "meta.json", json.dumps(meta).encode())
             try:
                 os.replace(tmp, folder)
-            except OSError:  # another process wrote the same entry first: keep theirs
-                shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:  # an entry is there already (another process's, or one a read just found bad)
+                _discard(folder)
+                try:
+                    os.replace(tmp, folder)
+                except OSError:
+                    shutil.rmtree(tmp, ignore_errors=True)
             if self.max_disk_bytes:
-                purge_cache(folder.parent, keep_bytes=self.max_disk_bytes)
+                purge_cache(folder.parent, keep_bytes=self.max_disk_bytes, spare_recent_s=RECENT_USE_S)
         except OSError as exc:  # a full or read-only disk only costs speed
             logger.warning("case cache: cannot write %s (%s); continuing without it", folder, exc)
 
@@ -813,38 +822,108 @@ def default_cache_dir() -> Path:
 
 
 _ENTRY = re.compile(r"^[0-9a-f]{32}$")  # an entry folder's name (see CaseCache._disk_path)
+_PARTIAL = re.compile(r"^\.[0-9a-f]{32}\.[a-z0-9_]{8}$")  # a writer's temporary folder (tempfile.mkdtemp)
+_OLD_PICKLE = re.compile(r"^[0-9a-f]{32}\.pkl$|^tmp[a-z0-9_]{8}\.tmp$")  # entries before 2026-11-27 (pickles)
+_ENTRY_FILES = {"image.npy", "regions.npy", "meta.json"}
+CACHE_TAG = "CACHEDIR.TAG"  # marks a FedLesion case cache (https://bford.info/cachedir/)
+CACHE_TAG_TEXT = "Signature: 8a477f597d28d172789f06886806bc55\n# FedLesion preprocessed-case cache\n"
+RECENT_USE_S = 600.0  # the size bound never removes an entry used this recently (a site's round in progress)
+
+
+def _env_size(name: str, default: float, unit: int) -> int:
+    text = os.environ.get(name, str(default))
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}='{text}' must be a number >= 0.")
+    return int(value * unit)
+
+
+def _discard(path: Path) -> None:
+    """Remove a cache entry or file: renamed aside first, so no reader ever sees it half deleted."""
+    aside = path.with_name(f".{path.name[:32]}.gone{os.getpid() % 10000:04d}")  # a temporary folder's name
+    try:
+        os.replace(path, aside)
+    except OSError:
+        return
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
+def _entry_size(path: Path) -> int | None:
+    """Bytes of a cache entry (folder of entry files, a writer's temporary folder, an old pickle), or None when
+    ``path`` is not one or has gone (other processes add and remove entries all the time)."""
+    try:
+        if path.is_symlink():
+            return None
+        if path.is_file():
+            return path.stat().st_size if _OLD_PICKLE.match(path.name) else None
+        if not (_ENTRY.match(path.name) or _PARTIAL.match(path.name)) or not path.is_dir():
+            return None
+        files = list(path.iterdir())
+        if any(f.name not in _ENTRY_FILES or f.is_symlink() or not f.is_file() for f in files):
+            return None  # something else lives here: never ours to count or delete
+        return sum(f.stat().st_size for f in files)
+    except OSError:
+        return None
 
 
 def cache_entries(folder: str | os.PathLike[str]) -> list[Path]:
-    """The case-cache entries (and temporary folders a killed writer left) in ``folder``, oldest use first."""
+    """The case-cache entries in ``folder`` (and writers' temporary folders, and old pickled entries),
+    least recently used first."""
     folder = Path(folder)
-    if not folder.is_dir():
+    found = []
+    try:
+        children = list(folder.iterdir())
+    except OSError:
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()
-             and (_ENTRY.match(p.name) or (p.name.startswith(".") and _ENTRY.match(p.name[1:33])))]
-    return sorted(found, key=lambda p: p.stat().st_mtime)
+    for path in children:
+        try:
+            if _entry_size(path) is not None:
+                found.append((path.stat().st_mtime, path))
+        except OSError:
+            continue
+    return [path for _, path in sorted(found)]
 
 
 def cache_size(folder: str | os.PathLike[str]) -> int:
     """Bytes the case-cache entries in ``folder`` take."""
-    return sum(f.stat().st_size for entry in cache_entries(folder) for f in entry.iterdir() if f.is_file())
+    return sum(_entry_size(entry) or 0 for entry in cache_entries(folder))
 
 
-def purge_cache(folder: str | os.PathLike[str], keep_bytes: int = 0) -> tuple[int, int]:
+def purge_cache(folder: str | os.PathLike[str], keep_bytes: int = 0, spare_recent_s: float = 0.0) -> tuple[int, int]:
     """Remove case-cache entries from ``folder``, least recently used first, until at most ``keep_bytes``
-    remain (0: all). Only folders that are cache entries are touched, never other files.
+    remain (0: all). Only cache entries are touched: folders holding nothing but entry files, writers'
+    temporary folders, old pickled entries. Entries used in the last ``spare_recent_s`` seconds are kept
+    (a bound below one round's cases would otherwise evict what the round is about to read).
+
+    Raises:
+        ValueError: when ``folder`` exists but is not a FedLesion case cache (no ``CACHEDIR.TAG``).
 
     Returns:
         ``(entries removed, bytes freed)``.
     """
+    folder = Path(folder)
+    if folder.exists() and not (folder / CACHE_TAG).is_file():
+        raise ValueError(f"{folder} is not a FedLesion case cache (no {CACHE_TAG}); nothing was removed.")
     entries = cache_entries(folder)
-    sizes = {entry: sum(f.stat().st_size for f in entry.iterdir() if f.is_file()) for entry in entries}
-    total, removed, freed = sum(sizes.values()), 0, 0
+    sizes = {entry: _entry_size(entry) or 0 for entry in entries}
+    total, removed, freed, now = sum(sizes.values()), 0, 0, time.time()
     for entry in entries:
         if total - freed <= keep_bytes:
             break
-        shutil.rmtree(entry, ignore_errors=True)
-        removed, freed = removed + 1, freed + sizes[entry]
+        try:
+            if spare_recent_s and now - entry.stat().st_mtime < spare_recent_s:
+                continue
+        except OSError:
+            continue
+        _discard(entry)
+        if not entry.exists():
+            removed, freed = removed + 1, freed + sizes[entry]
     return removed, freed
 
 

@@ -487,6 +487,10 @@ class UpdateScreening(StrategyWrapper):
         if len(content.array_records) != arrays[1] or len(content.metric_records) != 1:
             return (f"expected {arrays[0]} ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
                     f"{len(content.metric_records)}")
+        extra = {key: dict(value) for key, value in content.config_records.items()}
+        if extra and (not evaluation or set(extra) != {"site"} or set(extra["site"]) != {"name"}
+                      or not isinstance(extra["site"]["name"], str) or len(extra["site"]["name"]) > 256):
+            return "only an evaluation reply may carry a config record, and only 'site' with one short 'name'"
         metrics = next(iter(content.metric_records.values()))
         cases = metrics.get(WEIGHT_KEY)
         lowest = 0 if evaluation else 1
@@ -495,6 +499,8 @@ class UpdateScreening(StrategyWrapper):
             return (f"{WEIGHT_KEY} {cases!r} is not a whole number of cases in [{lowest}, {self.max_site_cases}] "
                     "(max-site-cases)")
         for key, value in metrics.items():
+            if isinstance(value, (list, tuple)):
+                return f"metric '{key}' is not a single number"
             values = np.asarray(value, np.float64)
             if not np.isfinite(values).all():
                 return f"metric '{key}' is not finite"
@@ -605,7 +611,7 @@ def site_name(message: Message, node: int) -> str:
     name = record.get("name") if record is not None else None
     if not isinstance(name, str):
         return f"node-{node}"
-    cleaned = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "._-") else "_" for ch in name)[:SITE_NAME_LENGTH]
+    cleaned = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "._-") else "_" for ch in name[:SITE_NAME_LENGTH])
     return cleaned or f"node-{node}"
 
 
@@ -811,11 +817,9 @@ def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
     for group in ("train", "evaluate", "server", "evaluate-worst"):
         for key, value in record.get(group, {}).items():
             row[f"{group}/{key}"] = value
-    for site in record.get("evaluate-sites", []):  # per site: "site/<name>/<metric>" (node ID added if names repeat)
-        names = [s["site"] for s in record["evaluate-sites"]]
-        label = site["site"] if names.count(site["site"]) == 1 else f"{site['site']}@{site['node-id']}"
+    for site in record.get("evaluate-sites", []):  # per site: "site/<name>@<node-id>/<metric>", stable over rounds
         for key, value in site["metrics"].items():
-            row[f"site/{label}/{key}"] = value
+            row[f"site/{site['site']}@{site['node-id']}/{key}"] = value
     return row
 
 

@@ -121,7 +121,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.by_site.endswith(".json"):
             sites = Split.load(args.by_site).sites
         elif args.by_site not in ("institution", "fets1", "fets2", "fets-small"):
-            raise ValueError(f"--by-site {args.by_site}: give institution, fets1, fets2, or a split JSON "
+            raise ValueError(f"--by-site {args.by_site}: give institution, fets1, fets2, fets-small, or a split JSON "
                              "(`fedlesion split` writes one for iid and Dirichlet splits).")
         else:
             from common.api import _data_spec
@@ -138,6 +138,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for site, block in (result.get("sites") or {}).items():
         dice = " ".join(f"{r} {b['dice_mean']:.3f}" for r, b in block["summary"].items()) or "no case scored"
         print(f"  site {site} ({block['num_cases']} case(s)): Dice {dice}")
+    if sites is not None and not result.get("worst_site"):
+        raise ValueError(f"--by-site {args.by_site}: none of its sites' cases were scored in {args.data}; "
+                         "is it a split of this folder?")
     if result.get("worst_site"):
         worst = result["worst_site"]
         print(f"  worst site: {worst['site']} ({worst['region']} Dice {worst['dice_mean']:.3f})")

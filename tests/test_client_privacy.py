@@ -71,3 +71,14 @@ def test_trained_arrays_are_finite(tiny_sites: Path) -> None:
     assert all(torch.isfinite(v).all() for v in arrays.values() if v.is_floating_point())
     assert reply.content.metric_records["metrics"]["num-examples"] == 2
     assert np.isfinite(reply.content.metric_records["metrics"]["train-loss"])
+
+
+def test_a_site_without_a_chosen_name_sends_none(tiny_sites: Path) -> None:
+    """Without `site-name` a site's label is its data folder's name: part of a path, so it is not sent."""
+    model = build_model("unet2d", 4, 3, base_channels=4, depth=2)
+    msg = Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=7, message_type="evaluate")
+    context = Context(run_id=1, node_id=7, node_config={"data-path": str(tiny_sites / "site-1")}, state=RecordDict(),
+                      run_config=RUN_CONFIG)
+    reply = client_app.evaluate(msg, context)
+    assert not reply.content.config_records and "site-1" not in repr(reply.content)

@@ -441,10 +441,15 @@ def test_disk_cache_folder_others_could_write_is_not_used(tmp_path: Path) -> Non
     before = DECODE_STATS.files
     load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=folder))
     assert not (tmp_path / "planted-ran").exists() and DECODE_STATS.files - before == 5, "refused, decoded again"
+    # The refused entry was replaced by a clean one, which is read (no decoding) ...
+    before = DECODE_STATS.files
+    load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=folder))
+    assert DECODE_STATS.files == before
     os.chmod(folder, 0o777)
     reopened = CaseCache(1 << 30, disk_dir=folder)
     assert reopened.disk_dir is None and stat.S_IMODE(folder.stat().st_mode) == 0o777
     os.chmod(folder, 0o700)
+    # ... until one of its files becomes writable by others: then it is not read.
     os.chmod(entry / "meta.json", 0o666)
     before = DECODE_STATS.files
     load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=folder))
@@ -487,15 +492,53 @@ def test_the_disk_cache_is_bounded_and_purged(tmp_path: Path, capsys: pytest.Cap
     unbounded = CaseCache(1 << 30, disk_dir=folder, max_disk_bytes=0)
     load_site(tmp_path / "data", BRATS, cache=unbounded)
     one_entry = cache_size(folder) // 3
-    assert len(cache_entries(folder)) == 3
-    os.utime(cache_entries(folder)[0], (1, 1))  # the oldest use: the first to go
-    oldest = cache_entries(folder)[0].name
+    entries = cache_entries(folder)
+    assert len(entries) == 3
+    for age, entry in enumerate(entries):  # last used long ago, in this order
+        os.utime(entry, (1000 + age, 1000 + age))
     bounded = CaseCache(1 << 30, disk_dir=folder, max_disk_bytes=int(2.5 * one_entry))
     write_case(tmp_path / "data", "Lru_003", seed=3)
     load_site(tmp_path / "data", BRATS, case_ids=["Lru_003"], cache=bounded)
     names = [p.name for p in cache_entries(folder)]
-    assert len(names) == 2 and oldest not in names and cache_size(folder) <= 2.5 * one_entry
+    assert len(names) == 2 and entries[0].name not in names and entries[1].name not in names
+    assert cache_size(folder) <= 2.5 * one_entry
+    # A recent use is spared even above the bound: a round's own cases are never evicted under it.
+    write_case(tmp_path / "data", "Lru_004", seed=4)
+    load_site(tmp_path / "data", BRATS, case_ids=["Lru_004"], cache=bounded)
+    assert len(cache_entries(folder)) == 2 and entries[2].name not in [p.name for p in cache_entries(folder)]
+    write_case(tmp_path / "data", "Lru_005", seed=5)
+    load_site(tmp_path / "data", BRATS, case_ids=["Lru_005"], cache=bounded)
+    assert len(cache_entries(folder)) == 3
+    # Purge touches cache entries only: not a file, not a hex-named folder holding anything else, not a link.
     (folder / "notes.txt").write_text("not a cache entry")
-    assert main(["cache", "--dir", str(folder)]) == 0 and "2 cached case(s)" in capsys.readouterr().out
+    (folder / ("a" * 32)).mkdir()
+    (folder / ("a" * 32) / "results.csv").write_text("someone's")
+    (folder / ("b" * 32)).symlink_to(tmp_path / "data")
+    assert main(["cache", "--dir", str(folder)]) == 0 and "3 cached case(s)" in capsys.readouterr().out
     assert main(["cache", "--dir", str(folder), "--purge"]) == 0
     assert cache_entries(folder) == [] and (folder / "notes.txt").read_text() == "not a cache entry"
+    assert (folder / ("a" * 32) / "results.csv").exists() and (tmp_path / "data" / "Lru_000").is_dir()
+    # A folder that is not a FedLesion cache is refused whole.
+    other = tmp_path / "mlruns"
+    (other / ("c" * 32)).mkdir(parents=True)
+    (other / ("c" * 32) / "meta.json").write_text("{}")
+    assert main(["cache", "--dir", str(other), "--purge"]) == 2 and (other / ("c" * 32)).exists()
+
+
+def test_a_stale_or_torn_cache_entry_is_rebuilt(tmp_path: Path) -> None:
+    """An entry that cannot be read (a file missing, another format) is replaced, not a permanent miss."""
+    write_case(tmp_path / "data", "Torn_001")
+    folder = tmp_path / "cache"
+    load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=folder))
+    [entry] = cache_entries_of(folder)
+    (entry / "image.npy").unlink()
+    load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=folder))  # decodes, rewrites
+    before = DECODE_STATS.files
+    load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=folder))
+    assert DECODE_STATS.files == before, "the rewritten entry is read"
+
+
+def cache_entries_of(folder: Path) -> list[Path]:
+    from common.data import cache_entries
+
+    return cache_entries(folder)

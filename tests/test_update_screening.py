@@ -141,6 +141,7 @@ GOOD_SCORES = {"dice-wt": 0.8, "iou-wt": 0.7, "hd95-wt": 3.0}
         (2, {**GOOD_SCORES, "dice-wt": float("nan")}, "'dice-wt' is not finite"),
         (2, {**GOOD_SCORES, "dice-tc": 0.5}, "metric names"),
         (2, {"dice-wt": 0.8}, "metric names"),
+        (2, {**GOOD_SCORES, "dice-wt": [0.1, 0.9]}, "'dice-wt' is not a single number"),
     ],
 )
 def test_bad_evaluation_is_rejected_and_audited(tmp_path: Path, cases: float, scores: dict, reason: str) -> None:
@@ -228,6 +229,27 @@ def test_each_sites_scores_and_the_worst_site_are_recorded(tmp_path: Path) -> No
         (1, "hospital-a", 0.9), (2, ".._.._etc_passwd__b_", 0.6), (3, "node-3", 0.8)]
     assert entry["evaluate-worst"] == {"site": ".._.._etc_passwd__b_", "node-id": 2, "dice-wt": 0.6, "num-examples": 2}
     row = next(csv.DictReader((tmp_path / "metrics.csv").open()))
-    assert float(row["site/hospital-a/dice-wt"]) == 0.9 and float(row["site/node-3/num-examples"]) == 3
+    assert float(row["site/hospital-a@1/dice-wt"]) == 0.9 and float(row["site/node-3@3/num-examples"]) == 3
     assert row["evaluate-worst/site"] == ".._.._etc_passwd__b_"
     assert "0.600" in format_table(stack.history)
+
+
+@pytest.mark.parametrize("site_record, reason", [
+    ({"name": "x" * 100000}, "only 'site' with one short 'name'"),
+    ({"name": "a", "path": "/data/brats"}, "only 'site' with one short 'name'"),
+    ({"name": 3}, "only 'site' with one short 'name'"),
+])
+def test_an_evaluation_reply_carries_no_other_strings(tmp_path: Path, site_record: dict, reason: str) -> None:
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    stack = _stack(tmp_path)
+
+    def answer(m):  # noqa: ANN001, ANN202
+        content = RecordDict({"metrics": MetricRecord({"num-examples": 2, **GOOD_SCORES})})
+        if m.metadata.dst_node_id == 4:
+            content["site"] = ConfigRecord(site_record)
+        return Message(content=content, reply_to=m)
+
+    evaluate_round(stack, FakeGrid([1, 2, 3, 4]), 1, record(GLOBAL), answer)
+    [rejected] = _audit(tmp_path)[-1]["evaluate-rejected"]
+    assert rejected["node-id"] == 4 and reason in rejected["reason"]
