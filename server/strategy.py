@@ -840,16 +840,17 @@ def format_table(history: list[dict[str, Any]]) -> str:
                               if k.split("-")[0] in ("dice", "iou", "hd95")))
     worst_key = next((k for r in history for k in r.get("evaluate-worst", {}) if k.startswith("dice-")), None)
     header = ["round", "train-loss", *keys, *([f"worst {worst_key}", "worst site"] if worst_key else [])]
-    lines = ["  ".join(f"{h:>10}" for h in header)]
+    rows = []
     for r in history:
         loss = r.get("train", {}).get("train-loss")
-        cells = [f"{r['round']:>10}", f"{loss:>10.4f}" if loss is not None else f"{'-':>10}"]
-        cells += [f"{r['evaluate'][k]:>10.3f}" if k in r.get("evaluate", {}) else f"{'-':>10}" for k in keys]
+        cells = [str(r["round"]), f"{loss:.4f}" if loss is not None else "-"]
+        cells += [f"{r['evaluate'][k]:.3f}" if k in r.get("evaluate", {}) else "-" for k in keys]
         if worst_key:
             worst = r.get("evaluate-worst", {})
-            cells += [f"{worst[worst_key]:>16.3f}" if worst_key in worst else f"{'-':>16}", f"{worst.get('site', '-'):>10}"]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+            cells += [f"{worst[worst_key]:.3f}" if worst_key in worst else "-", str(worst.get("site", "-"))]
+        rows.append(cells)
+    widths = [max(10, len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    return "\n".join("  ".join(f"{cell:>{w}}" for cell, w in zip(line, widths)) for line in [header, *rows])
 
 
 # name -> (Flower class, {run-config key: constructor argument}); values and defaults come from the run config
