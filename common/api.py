@@ -44,6 +44,7 @@ from .engine import (
     train,
 )
 from .metrics import summarize
+from .splits import Split, make_split
 from .model import build_model, model_spatial_dims, resolved_model_args
 from .postprocess import PostProcessing
 
@@ -184,7 +185,7 @@ def evaluate_checkpoint(
     report: Callable[[str], None] = print,
     postprocess: Mapping[str, Any] | None = None,
     force: bool = False,
-    sites: Mapping[str, Sequence[str]] | None = None,
+    sites: Mapping[str, Sequence[str]] | str | None = None,
 ) -> dict[str, Any]:
     """Score a checkpoint on every labelled case of a data folder.
 
@@ -195,7 +196,8 @@ def evaluate_checkpoint(
     Args:
         postprocess: post-processing run-config values that win over the checkpoint's
             (see :meth:`common.checkpoint.Checkpoint.postprocessing`).
-        sites: site -> its case IDs (a split, :class:`common.splits.Split`'s ``sites``): adds
+        sites: site -> its case IDs (a split, :class:`common.splits.Split`'s ``sites``), or a split JSON
+            path, or ``institution`` / ``fets1`` / ``fets2`` / ``fets-small`` (split of the selected cases): adds
             ``"sites": {site: {"num_cases", "summary", "skipped"}}`` summarising each site's own
             cases (the same per-case scores as the whole), and ``"worst_site"`` by the first
             region's mean Dice. Only cases that are also selected are scored.
@@ -220,6 +222,8 @@ def evaluate_checkpoint(
                      suffixes=(".json",), what="--out")
     if not ids:
         raise ValueError(f"{data}: no case matches layout '{spec.name}' and the case filters.")
+    if isinstance(sites, str):
+        sites = _split_sites(sites, ids)
     crop = ckpt.crop_foreground
     dev = select_device(device)
     model = ckpt.build().to(dev)
@@ -256,6 +260,20 @@ def evaluate_checkpoint(
         raise ValueError(f"{data}: none of {len(ids)} case(s) could be scored; every one was skipped"
                          + (f" (reasons in {out})." if out is not None else ": " + "; ".join(skipped.values())))
     return result
+
+
+def _split_sites(split: str, case_ids: Sequence[str]) -> dict[str, list[str]]:
+    """A split JSON's sites, or those of a split kind that needs no further settings.
+
+    Raises:
+        ValueError: for another kind (iid and Dirichlet splits are written by ``fedlesion split``).
+    """
+    if split.endswith(".json"):
+        return Split.load(split).sites
+    if split not in ("institution", "fets1", "fets2", "fets-small"):
+        raise ValueError(f"--by-site {split}: give institution, fets1, fets2, fets-small, or a split JSON "
+                         "(`fedlesion split` writes one for iid and Dirichlet splits).")
+    return make_split(split, case_ids, num_sites=1, alpha=1.0, seed=0).sites
 
 
 def _by_site(cases: Sequence[dict[str, Any]], skipped: Mapping[str, str], sites: Mapping[str, Sequence[str]],

@@ -113,32 +113,16 @@ def _postprocess_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from common.api import evaluate_checkpoint
 
-    sites = None
-    if args.by_site:
-        from common.data import discover_cases
-        from common.splits import Split, make_split
-
-        if args.by_site.endswith(".json"):
-            sites = Split.load(args.by_site).sites
-        elif args.by_site not in ("institution", "fets1", "fets2", "fets-small"):
-            raise ValueError(f"--by-site {args.by_site}: give institution, fets1, fets2, fets-small, or a split JSON "
-                             "(`fedlesion split` writes one for iid and Dirichlet splits).")
-        else:
-            from common.api import _data_spec
-            from common.checkpoint import load_checkpoint
-
-            ids = discover_cases(args.data, _data_spec(load_checkpoint(args.checkpoint).spec, args.data, args.manifest))
-            sites = make_split(args.by_site, ids, num_sites=1, alpha=1.0, seed=0).sites
     result = evaluate_checkpoint(args.checkpoint, args.data, args.out, manifest=args.manifest,
                                  include=args.include or (), exclude=args.exclude or (), device=args.device,
-                                 postprocess=_postprocess_overrides(args), force=args.force, sites=sites)
+                                 postprocess=_postprocess_overrides(args), force=args.force, sites=args.by_site)
     for region, block in result["summary"].items():
         print(f"{region}: Dice {block['dice_mean']:.3f} ± {block['dice_std']:.3f} | IoU {block['iou_mean']:.3f} ± "
               f"{block['iou_std']:.3f} | HD95 {block['hd95_mean']:.1f} mm")
     for site, block in (result.get("sites") or {}).items():
         dice = " ".join(f"{r} {b['dice_mean']:.3f}" for r, b in block["summary"].items()) or "no case scored"
         print(f"  site {site} ({block['num_cases']} case(s)): Dice {dice}")
-    if sites is not None and not result.get("worst_site"):
+    if args.by_site and not result.get("worst_site"):
         raise ValueError(f"--by-site {args.by_site}: none of its sites' cases were scored in {args.data}; "
                          "is it a split of this folder?")
     if result.get("worst_site"):
