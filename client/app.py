@@ -18,13 +18,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
-from common.config import model_from, train_config_from, with_defaults
-from common.engine import evaluate as evaluate_cases
-from common.engine import train as train_cases
-from common.metrics import flat_means
-from common.model import batchnorm_keys, build_model, model_spatial_dims
-from common.postprocess import PostProcessing
-from common.privacy import TRANSPORT_DTYPES, clip_update, numpy_arrays
+from fedlesion.common.config import model_from, train_config_from, with_defaults
+from fedlesion.common.engine import evaluate as evaluate_cases
+from fedlesion.common.engine import train as train_cases
+from fedlesion.common.metrics import flat_means
+from fedlesion.common.model import batchnorm_keys, build_model, model_spatial_dims
+from fedlesion.common.postprocess import PostProcessing
+from fedlesion.common.privacy import TRANSPORT_DTYPES, clip_update, numpy_arrays
 
 from . import site as sites
 
@@ -39,7 +39,7 @@ def encode_update(trained: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarr
     while its entries stay above float16's smallest normal number (6.1e-5). Below it float16 keeps
     a fixed step of 6e-8, so tiny updates lose more: measured, 1.4% of the update (relative L2
     error) at an entry standard deviation of 1e-6, 14% at 1e-7. The server adds the update back
-    (:func:`server.strategy.decode_update`). Integer counters are sent as they are.
+    (:func:`fedlesion.server.strategy.decode_update`). Integer counters are sent as they are.
 
     Args:
         trained: the site's model after training.
@@ -72,7 +72,7 @@ def send_as_configured(msg: Message, context: Context, call_next: Callable[[Mess
 def clip_when_asked(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Client-side DP clipping (``dp = client-*``): when the round's config carries a clipping
     norm, the update's parameters are clipped to it (statistics are not: see
-    :mod:`common.privacy`) and the reply says whether clipping was needed (``norm_bit``, from
+    :mod:`fedlesion.common.privacy`) and the reply says whether clipping was needed (``norm_bit``, from
     which the adaptive modes learn the norm)."""
     reply = call_next(msg, context)
     if msg.metadata.message_type != MessageType.TRAIN or reply.has_error() or KEY_CLIPPING_NORM not in msg.content["config"]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.files import PUBLIC_FILE_MODE, write_new, write_private
+from fedlesion.common.files import PUBLIC_FILE_MODE, write_new, write_private
 
 
 def fingerprint(public_key_line: str) -> str:

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from common.config import DATASET_SPEC_KEY, dataset_spec, parse_shape, with_defaults
-from common.data import (
+from fedlesion.common.config import DATASET_SPEC_KEY, dataset_spec, parse_shape, with_defaults
+from fedlesion.common.data import (
     CACHE,
     LAYOUTS,
     CaseCache,
@@ -31,8 +31,8 @@ from common.data import (
     resolve_spec,
     split_train_val,
 )
-from common.engine import select_device
-from common.splits import Split, make_split, tumour_volumes
+from fedlesion.common.engine import select_device
+from fedlesion.common.splits import Split, make_split, tumour_volumes
 
 logger = logging.getLogger("flwr")
 
@@ -83,7 +83,7 @@ def locate(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Sit
     site (``data-root`` empty; the launcher writes them under :func:`synthetic_root` before the
     run, the hospital side never generates data); the ``partition-id``-th sub-folder of ``data-root``
     (``split = "folders"``); or the ``partition-id``-th site of a split of ``data-root``'s
-    cases (``split`` = a kind from :mod:`common.splits` or a split JSON file).
+    cases (``split`` = a kind from :mod:`fedlesion.common.splits` or a split JSON file).
 
     Raises:
         ValueError: when the node config names no data and this is not a simulation, or a
@@ -137,8 +137,8 @@ def expected_spec(round_config: Mapping[str, Any], node_config: Mapping[str, Any
                   run_config: Mapping[str, Any]) -> DatasetSpec:
     """The channels and regions the shared model has, as the server states them.
 
-    The server sends the spec's JSON in every round's config (:data:`common.config.DATASET_SPEC_KEY`);
-    only its channel names, their order and the region names are used (:func:`common.data.conform_spec`):
+    The server sends the spec's JSON in every round's config (:data:`fedlesion.common.config.DATASET_SPEC_KEY`);
+    only its channel names, their order and the region names are used (:func:`fedlesion.common.data.conform_spec`):
     file patterns and label values always come from the site's own layout. A SuperNode never reads
     a file the run config names: a hospital's node config alone says which paths it reads
     (``data-path``, ``manifest``, ``cache-dir``). Without the server's spec, the run config's

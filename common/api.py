@@ -195,8 +195,8 @@ def evaluate_checkpoint(
 
     Args:
         postprocess: post-processing run-config values that win over the checkpoint's
-            (see :meth:`common.checkpoint.Checkpoint.postprocessing`).
-        sites: site -> its case IDs (a split, :class:`common.splits.Split`'s ``sites``), or a split JSON
+            (see :meth:`fedlesion.common.checkpoint.Checkpoint.postprocessing`).
+        sites: site -> its case IDs (a split, :class:`fedlesion.common.splits.Split`'s ``sites``), or a split JSON
             path, or ``institution`` / ``fets1`` / ``fets2`` / ``fets-small`` (split of the selected cases): adds
             ``"sites": {site: {"num_cases", "summary", "skipped"}}`` summarising each site's own
             cases (the same per-case scores as the whole), and ``"worst_site"`` by the first
@@ -323,7 +323,7 @@ def predict_case(
 
     Args:
         postprocess: post-processing run-config values that win over the checkpoint's
-            (see :meth:`common.checkpoint.Checkpoint.postprocessing`).
+            (see :meth:`fedlesion.common.checkpoint.Checkpoint.postprocessing`).
         force: replace an existing ``out`` / ``overlay`` (never one of the case's files or the checkpoint).
 
     Returns:

@@ -11,18 +11,29 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from functools import cache
+from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
-from .data import LAYOUTS, DatasetSpec, load_manifest
+from .data import LAYOUTS, DatasetSpec, builtin_spec, load_manifest, shipped_manifests
 from .model import resolved_model_args
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+APP_CONFIG = "[tool.flwr.app.config] in the app's pyproject.toml"  # where the run config is declared, for messages
+
+
+def app_pyproject() -> Path:
+    """The app's ``pyproject.toml``: the repository's in a checkout or a FAB (whose ``pyproject.toml``
+    ``flwr build`` writes from it), the copy an installed wheel carries (``fedlesion/app.toml``)."""
+    from fedlesion import CHECKOUT
+
+    if CHECKOUT is not None:
+        return CHECKOUT / "pyproject.toml"
+    with as_file(files("fedlesion").joinpath("app.toml")) as path:
+        return Path(path)
 
 
 @cache
-def _declared(app_dir: Path) -> dict[str, Any]:
-    path = app_dir / "pyproject.toml"
+def _declared(path: Path) -> dict[str, Any]:
     try:
         return dict(tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"])
     except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
@@ -30,11 +41,12 @@ def _declared(app_dir: Path) -> dict[str, Any]:
                          "declares every run-config key and its default.") from exc
 
 
-def declared_run_config(app_dir: Path = PROJECT_ROOT) -> dict[str, Any]:
+def declared_run_config(app_dir: Path | None = None) -> dict[str, Any]:
     """The run config's keys and defaults, as declared under ``[tool.flwr.app.config]`` in ``pyproject.toml``.
 
     Args:
-        app_dir: the Flower app folder holding ``pyproject.toml`` (this repository).
+        app_dir: a Flower app folder holding ``pyproject.toml``; ``None``: this app's own
+            (:func:`app_pyproject`).
 
     Returns:
         A fresh ``{key: default}`` dict (kebab-case keys, TOML-typed values).
@@ -42,7 +54,8 @@ def declared_run_config(app_dir: Path = PROJECT_ROOT) -> dict[str, Any]:
     Raises:
         ValueError: when the file or its table cannot be read.
     """
-    return dict(_declared(Path(app_dir).resolve()))
+    path = app_pyproject() if app_dir is None else Path(app_dir) / "pyproject.toml"
+    return dict(_declared(path.resolve()))
 
 
 # Allowed values of the run config's numeric keys, declared once beside the defaults' file: (lowest,
@@ -107,13 +120,13 @@ def with_defaults(run_config: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in run_config.items():
         if key not in values:
             raise ValueError(f"unknown run-config key '{key}'; the keys are those under [tool.flwr.app.config] "
-                             f"in {PROJECT_ROOT / 'pyproject.toml'}.")
+                             f"in {APP_CONFIG}.")
         expected = type(values[key])
         if expected is float and type(value) is int:
             value = float(value)
         elif type(value) is not expected:
             raise ValueError(f"run-config '{key}' = {value!r} has type {type(value).__name__}; it must be "
-                             f"{expected.__name__}, as its declared default {values[key]!r} in {PROJECT_ROOT / 'pyproject.toml'}.")
+                             f"{expected.__name__}, as its declared default {values[key]!r} in {APP_CONFIG}.")
         _check_value(key, value)
         values[key] = value
     if run_config:  # the declared defaults themselves are valid
@@ -166,12 +179,13 @@ DATASET_SPEC_KEY = "dataset-spec"  # round-config key: the shared model's Datase
 
 def dataset_spec(name_or_path: str) -> DatasetSpec:
     """A built-in layout by name, or a manifest file by path."""
-    if name_or_path in LAYOUTS:
-        return LAYOUTS[name_or_path]
-    for candidate in (Path(name_or_path), PROJECT_ROOT / name_or_path):  # manifests shipped with the app
-        if candidate.is_file():
-            return load_manifest(candidate)
-    raise ValueError(f"dataset '{name_or_path}' is neither a built-in layout {sorted(LAYOUTS)} nor a manifest file.")
+    spec = builtin_spec(name_or_path)
+    if spec is not None:
+        return spec
+    if Path(name_or_path).is_file():
+        return load_manifest(name_or_path)
+    raise ValueError(f"dataset '{name_or_path}' is neither a built-in layout {sorted(LAYOUTS)}, a shipped manifest "
+                     f"{shipped_manifests()} nor a manifest file.")
 
 
 def model_from(run_config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any, Literal
 
@@ -337,6 +338,23 @@ def load_manifest(path: str | os.PathLike[str]) -> DatasetSpec:
     return spec
 
 
+def shipped_manifests() -> list[str]:
+    """Names of the manifests that ship with FedLesion (``common/manifests/<name>.json``)."""
+    return sorted(p.name.removesuffix(".json") for p in files(__package__).joinpath("manifests").iterdir()
+                  if p.name.endswith(".json"))
+
+
+def builtin_spec(name: str) -> DatasetSpec | None:
+    """A built-in layout or a shipped manifest by name, found through the installed package's
+    resources (a checkout, a FAB and an installed wheel alike); ``None`` for any other name."""
+    if name in LAYOUTS:
+        return LAYOUTS[name]
+    if name in shipped_manifests():
+        with as_file(files(__package__).joinpath("manifests", f"{name}.json")) as path:
+            return load_manifest(path)
+    return None
+
+
 def _layout(name: str, source: str) -> DatasetSpec:
     if name not in LAYOUTS:
         raise ValueError(f"{source}: unknown layout '{name}'; choose one of {sorted(LAYOUTS)}.")
@@ -355,9 +373,7 @@ def resolve_spec(data_dir: str | os.PathLike[str], manifest: str | os.PathLike[s
     """
     data_dir = Path(data_dir)
     if manifest:
-        if str(manifest) in LAYOUTS:
-            return LAYOUTS[str(manifest)]
-        return load_manifest(manifest)
+        return builtin_spec(str(manifest)) or load_manifest(manifest)
     if not data_dir.is_dir():
         raise ValueError(f"data folder {data_dir}: not a directory; pass an existing folder with --data.")
     if not os.access(data_dir, os.R_OK | os.X_OK):
@@ -676,7 +692,7 @@ class CaseCache:
 
     Memory holds the most recently used cases. With ``disk_dir`` every preprocessed case is
     also written there (``.npy`` arrays loaded without pickle and a JSON file, mode 0600, in a 0700
-    folder that this user owns, checked with :func:`common.files.private_folder`; another user's
+    folder that this user owns, checked with :func:`fedlesion.common.files.private_folder`; another user's
     folder is not used), so a
     process started later, such as the ClientApp process a SuperNode starts for each round,
     reads the cached arrays instead of decoding NIfTI again. Entries are keyed by the files'

@@ -233,7 +233,7 @@ def evaluate(
 
     Returns:
         ``(per_case, summary)``: per case ``{"case", "seconds", region: {metric: value}}``;
-        the summary as :func:`common.metrics.summarize`.
+        the summary as :func:`fedlesion.common.metrics.summarize`.
     """
     per_case = []
     regions = list(spec.regions)
@@ -259,7 +259,7 @@ def score_case(probs: torch.Tensor | np.ndarray, case: PreparedCase, spec: Datas
         postprocessing: how the label map is cleaned, as :func:`probabilities_to_labels`.
 
     Returns:
-        :func:`common.metrics.region_metrics` of the predicted label map's regions.
+        :func:`fedlesion.common.metrics.region_metrics` of the predicted label map's regions.
     """
     masks = predicted_regions(probs, spec, case.spacing, postprocessing)
     return region_metrics(masks, case.regions, list(spec.regions), spacing=case.spacing)
@@ -284,7 +284,7 @@ def probabilities_to_labels(probs: torch.Tensor | np.ndarray, spec: DatasetSpec,
     evaluation scores it. Regions are painted from the largest label set to the smallest,
     so nested regions end with the innermost label (BraTS: WT paints 2, then TC 1, then ET 4);
     then the whole lesion's small and surplus components are removed
-    (:func:`common.postprocess.postprocess_labels`).
+    (:func:`fedlesion.common.postprocess.postprocess_labels`).
 
     Args:
         probs: ``(R, *spatial)`` probabilities, channels in ``spec.regions`` order.

@@ -54,7 +54,7 @@ class PostProcessing:
         """The settings of a run config; keys it lacks take their declared defaults, other keys are ignored.
 
         Raises:
-            ValueError: for a value of the wrong type (see :func:`common.config.with_defaults`).
+            ValueError: for a value of the wrong type (see :func:`fedlesion.common.config.with_defaults`).
         """
         values = with_defaults({key: run_config[key] for key in RUN_CONFIG_KEYS if key in run_config})
         return cls(values["postprocess"], values["postprocess-min-mm3"], values["postprocess-components"])

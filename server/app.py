@@ -22,15 +22,15 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from common.api import select_cases
-from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from common.config import dataset_spec, model_from, train_config_from, with_defaults
-from common.files import private_folder
-from common.data import DatasetSpec, conform_spec, discover_cases, load_site, resolve_spec
-from common.engine import evaluate, select_device
-from common.metrics import flat_means
-from common.model import batchnorm_keys, build_model, model_spatial_dims, resolved_model_args
-from common.postprocess import PostProcessing
+from fedlesion.common.api import select_cases
+from fedlesion.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedlesion.common.config import dataset_spec, model_from, train_config_from, with_defaults
+from fedlesion.common.files import private_folder
+from fedlesion.common.data import DatasetSpec, conform_spec, discover_cases, load_site, resolve_spec
+from fedlesion.common.engine import evaluate, select_device
+from fedlesion.common.metrics import flat_means
+from fedlesion.common.model import batchnorm_keys, build_model, model_spatial_dims, resolved_model_args
+from fedlesion.common.postprocess import PostProcessing
 
 from .strategy import build_strategy, format_table
 
@@ -48,7 +48,7 @@ def run_folder(values: Mapping[str, Any]) -> Path:
     (the run name defaulting to a timestamp), which must not hold a run yet.
 
     Args:
-        values: the run config with its defaults (:func:`common.config.with_defaults`).
+        values: the run config with its defaults (:func:`fedlesion.common.config.with_defaults`).
 
     Raises:
         ValueError: when ``run-name`` is not a single folder name, or a new run's folder already holds a run.

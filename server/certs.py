@@ -6,10 +6,10 @@
   hosts hospitals reach it at plus ``localhost``, ``127.0.0.1`` and ``::1`` (the control address
   ``flwr`` uses on the SuperLink's own machine).
 
-Each hospital makes its own SuperNode key pair (:mod:`client.keys`, ``fedlesion keygen``) and
+Each hospital makes its own SuperNode key pair (:mod:`fedlesion.client.keys`, ``fedlesion keygen``) and
 sends only the public key: the coordinator never holds a hospital's private key.
 
-Private keys are created with mode 0600 (:func:`common.files.write_private`). Nothing here
+Private keys are created with mode 0600 (:func:`fedlesion.common.files.write_private`). Nothing here
 belongs in version control.
 """
 
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.files import PUBLIC_FILE_MODE, write_new, write_private
+from fedlesion.common.files import PUBLIC_FILE_MODE, write_new, write_private
 
 VALID_DAYS = 365
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # the control address is reached on the SuperLink's own machine

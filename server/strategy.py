@@ -40,10 +40,10 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggre
 from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT, compute_adaptive_noise_params
 
-from common.config import DATASET_SPEC_KEY, dataset_spec, with_defaults
-from common.files import private_folder
-from common.engine import learning_rate
-from common.privacy import STATISTICS_SUFFIXES, TRANSPORT_DTYPES, numpy_arrays, private_mean, update_norm
+from fedlesion.common.config import DATASET_SPEC_KEY, dataset_spec, with_defaults
+from fedlesion.common.files import private_folder
+from fedlesion.common.engine import learning_rate
+from fedlesion.common.privacy import STATISTICS_SUFFIXES, TRANSPORT_DTYPES, numpy_arrays, private_mean, update_norm
 
 SERVER_STATE = ("m_t", "v_t", "momentum_vector")  # what Flower's server optimisers carry between rounds
 SERVER_OPTIMIZERS = (flwr_strategies.FedAdam, flwr_strategies.FedYogi, flwr_strategies.FedAdagrad, flwr_strategies.FedAvgM)
@@ -237,7 +237,7 @@ class DifferentialPrivacy(StrategyWrapper):
     Each update's parameters are clipped to the clipping norm ``C``; the clipped updates are
     averaged with equal weights over ``m``, the number of sites sampled this round; Gaussian
     noise of standard deviation ``z C / m`` is added to the parameters (see
-    :func:`common.privacy.private_mean`). The wrapped strategy receives that one private mean as
+    :func:`fedlesion.common.privacy.private_mean`). The wrapped strategy receives that one private mean as
     its only update: FedAvg and FedProx keep it, FedAdam, FedYogi and FedAvgM step on it. What
     they do with it is post-processing, so the guarantee holds for all of them. Normalisation
     statistics are averaged plainly, without clipping or noise, and are not covered; nor are
@@ -439,7 +439,7 @@ class UpdateScreening(StrategyWrapper):
     - training: array names, shapes or dtypes other than the global model's in ``transport-dtype``
       (float16 arrays are deltas from the global model, see :func:`decode_update`); NaN or Inf;
       a normalisation statistic above :data:`STATISTIC_BOUND` in size, a negative running
-      variance or counter; an update norm (parameters, see :func:`common.privacy.update_norm`)
+      variance or counter; an update norm (parameters, see :func:`fedlesion.common.privacy.update_norm`)
       above ``max_norm_ratio`` times the round's median.
 
     Args:
@@ -660,7 +660,7 @@ class RunRecorder(StrategyWrapper):
         server_evaluate: optional ``(round, arrays) -> metrics`` scoring the global model at the
             server each round, recorded under ``"server"``.
         round_config: values sent to the sites with every training and evaluation instruction
-            (the dataset spec, see :func:`client.site.expected_spec`).
+            (the dataset spec, see :func:`fedlesion.client.site.expected_spec`).
 
     Raises:
         ValueError: for an unknown schedule.

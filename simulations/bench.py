@@ -45,12 +45,12 @@ from monai.transforms import (
     SaveImage,
 )
 
-from common.checkpoint import load_checkpoint
-from common.data import DatasetSpec, case_paths, discover_cases, load_case, regions_from_labels, resolve_spec
-from common.engine import autocast, predict_probabilities, probabilities_to_labels
-from common.metrics import region_metrics
-from common.model import build_model, model_spatial_dims
-from common.postprocess import PostProcessing
+from fedlesion.common.checkpoint import load_checkpoint
+from fedlesion.common.data import DatasetSpec, case_paths, discover_cases, load_case, regions_from_labels, resolve_spec
+from fedlesion.common.engine import autocast, predict_probabilities, probabilities_to_labels
+from fedlesion.common.metrics import region_metrics
+from fedlesion.common.model import build_model, model_spatial_dims
+from fedlesion.common.postprocess import PostProcessing
 
 
 class SliceNet(torch.nn.Module):
@@ -220,7 +220,7 @@ def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest
                 (out / "bench.json").write_text(json.dumps(result, indent=2))  # what is measured survives a later failure
     if "federation" in sections:
         from .bench_federation import bench_federation
-        from common.config import declared_run_config
+        from fedlesion.common.config import declared_run_config
 
         config = {**declared_run_config(), "num-server-rounds": 4, **(federation_config or {})}
         print("federation: simulating the main job with float32, then float16 transport ...", flush=True)

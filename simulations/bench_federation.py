@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.data import DatasetSpec, case_paths, load_case
-from common.engine import TrainConfig, train
-from common.losses import build_loss
-from common.model import build_model, model_spatial_dims
-from common.splits import FETS_FILES, PARTITIONS
+from fedlesion.common.data import DatasetSpec, case_paths, load_case
+from fedlesion.common.engine import TrainConfig, train
+from fedlesion.common.losses import build_loss
+from fedlesion.common.model import build_model, model_spatial_dims
+from fedlesion.common.splits import FETS_FILES, PARTITIONS
 
 
 
@@ -155,7 +155,7 @@ def _median_rate(fn: Callable[[], int], repeats: int) -> float:
 # --- federation overhead --------------------------------------------------------------------
 
 def model_fp32_bytes(run_config: Mapping[str, Any], spec: DatasetSpec) -> int:
-    from common.config import model_from
+    from fedlesion.common.config import model_from
 
     name, args = model_from(run_config)
     state = build_model(name, len(spec.channels), len(spec.regions), **args).state_dict()
@@ -189,7 +189,7 @@ def bench_federation(out: Path, run_config: Mapping[str, Any], num_sites: int = 
     hospitals do; otherwise on a 2-core machine a third site would wait for a free worker and
     that wait would be counted as overhead.
     """
-    from common.config import dataset_spec
+    from fedlesion.common.config import dataset_spec
 
     from .launch import read_history, run_federation
 
@@ -203,7 +203,7 @@ def bench_federation(out: Path, run_config: Mapping[str, Any], num_sites: int = 
         result[dtype] = federation_overhead(history, model_fp32_bytes(run_config, spec))
         last = history[-1].get("evaluate", {})
         result[dtype]["final_dice"] = {k: v for k, v in last.items() if k.startswith("dice-")}
-    from client.site import synthetic_root
+    from fedlesion.client.site import synthetic_root
 
     data_root = synthetic_root({**run_config, "output-dir": str(out / "federation")}, num_sites)  # what the runs generated
     result["float16_cost"] = transport_cost(data_root, run_config, rounds=int(run_config.get("num-server-rounds", 4)))
@@ -310,11 +310,11 @@ def transport_cost(data_root: Path, run_config: Mapping[str, Any], rounds: int =
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from client.app import encode_update
-    from common.config import model_from, train_config_from, with_defaults
-    from common.data import load_site, resolve_spec, split_train_val
-    from common.engine import evaluate
-    from server.strategy import decode_update
+    from fedlesion.client.app import encode_update
+    from fedlesion.common.config import model_from, train_config_from, with_defaults
+    from fedlesion.common.data import load_site, resolve_spec, split_train_val
+    from fedlesion.common.engine import evaluate
+    from fedlesion.server.strategy import decode_update
 
     values = with_defaults(run_config)
     name, args = model_from(values)

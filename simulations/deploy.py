@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
-from common.config import declared_run_config
-from client.keys import make_hospital_key
-from server.certs import make_certificates
+from fedlesion.common.config import declared_run_config
+from fedlesion.client.keys import make_hospital_key
+from fedlesion.server.certs import make_certificates
 
-from .launch import APP_DIR, flower_environment, free_port, stop_process_group, wait_healthy, write_run_config
+from .launch import app_folder, flower_environment, free_port, stop_process_group, wait_healthy, write_run_config
 
 BIN = Path(sys.executable).parent
 
@@ -40,9 +40,14 @@ class Federation:
     control_port: int
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
+    @property
+    def app(self) -> Path:
+        """The Flower app this federation's runs are built from (:func:`~fedlesion.simulations.launch.app_folder`)."""
+        return app_folder(self.workdir)
+
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run a ``flwr`` CLI command against this federation's SuperLink."""
-        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=APP_DIR, capture_output=True,
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.app, capture_output=True,
                               text=True, timeout=timeout)
 
     def hospital_key(self, hospital: str) -> Path:
@@ -94,8 +99,8 @@ class Federation:
         if unknown:
             raise ValueError(f"unknown run-config key(s) {unknown}.")
         config_file = write_run_config(run_config, self.workdir / "run-config.toml")
-        return subprocess.Popen([str(BIN / "flwr"), "run", str(APP_DIR), self.connection, "--stream",
-                                 "--run-config", str(config_file)], cwd=APP_DIR, env=self.env,
+        return subprocess.Popen([str(BIN / "flwr"), "run", str(self.app), self.connection, "--stream",
+                                 "--run-config", str(config_file)], cwd=self.app, env=self.env,
                                 stdout=stdout, stderr=subprocess.STDOUT, text=True)
 
     def serverapp_pids(self) -> list[int]:

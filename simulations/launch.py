@@ -29,14 +29,27 @@ from typing import Any, Iterator, TextIO
 from urllib.error import URLError
 from urllib.request import urlopen
 
-from client.site import synthetic_root
-from common.config import declared_run_config, parse_shape, with_defaults
-from common.splits import KINDS as SPLIT_KINDS
-from server.app import check_run
+from fedlesion.client.site import synthetic_root
+from fedlesion import CHECKOUT
+from fedlesion.common.config import APP_CONFIG, app_pyproject, declared_run_config, parse_shape, with_defaults
+from fedlesion.common.splits import KINDS as SPLIT_KINDS
+from fedlesion.server.app import check_run
 
 from .synthetic import synthesize
 
-APP_DIR = Path(__file__).resolve().parent.parent
+
+
+def app_folder(workdir: Path) -> Path:
+    """The Flower app folder ``flwr run`` builds its FAB from. In a checkout, the repository: the FAB
+    carries its code, and every process Flower starts runs that code. Installed from a wheel, a
+    folder in ``workdir`` holding only the app's ``pyproject.toml``: its components
+    (``fedlesion.server.app:app``, ``fedlesion.client.app:app``) are the installed package's."""
+    if CHECKOUT is not None:
+        return CHECKOUT
+    folder = workdir / "app"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_bytes(app_pyproject().read_bytes())
+    return folder
 STARTUP_TIMEOUT_S = 90.0
 
 
@@ -70,7 +83,7 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
         # Flower starts further executables (flower-superexec, flwr-simulation) by name.
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         # The project's packages must be importable in every process Flower starts.
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR), env.get("PYTHONPATH", "")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(CHECKOUT or ""), env.get("PYTHONPATH", "")])),
     })
     return env
 
@@ -161,7 +174,7 @@ def stop_process_group(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def local_superlink(workdir: Path, app_dir: Path = APP_DIR,
+def local_superlink(workdir: Path, app_dir: Path,
                     extra_env: Mapping[str, str] | None = None) -> Iterator[tuple[str, dict[str, str]]]:
     """A simulation SuperLink for this process alone.
 
@@ -233,7 +246,7 @@ def log_tail(path: Path, lines: int = 30) -> str:
 def run_federation(
     run_config: Mapping[str, Any],
     num_sites: int,
-    app_dir: Path = APP_DIR,
+    app_dir: Path | None = None,
     workdir: Path | None = None,
     output: TextIO | None = None,
     timeout_s: float = 3600.0,
@@ -248,7 +261,7 @@ def run_federation(
         run_config: overrides of ``[tool.flwr.app.config]``; ``output-dir`` is made absolute
             and ``run-name`` is set when absent, so the run folder is known.
         num_sites: virtual SuperNodes (one per site; ``partition-id`` selects the site).
-        app_dir: the Flower app (this repository).
+        app_dir: the Flower app (default: :func:`app_folder`).
         workdir: where the private SuperLink keeps its state and log (a temporary folder when None).
         output: where Flower's streamed log goes (standard output when None).
         timeout_s: the most the whole run may take.
@@ -270,7 +283,7 @@ def run_federation(
     unknown = sorted(set(values) - set(declared))
     if unknown:
         raise ValueError(f"unknown run-config key(s) {unknown}; the keys are those under [tool.flwr.app.config] "
-                         f"in {app_dir / 'pyproject.toml'}.")
+                         f"in {APP_CONFIG if app_dir is None else app_dir / 'pyproject.toml'}.")
     values["output-dir"] = str(Path(str(values.get("output-dir", declared["output-dir"]))).resolve())
     values.setdefault("run-name", time.strftime("run-%Y%m%d-%H%M%S"))
     # The ServerApp's own checks, before anything starts: settings, model, strategy, resume, and a folder
@@ -297,6 +310,7 @@ def run_federation(
         # Preprocessed scans stay beside the run's outputs (not in ~/.cache) unless the user chose a cache folder.
         cache = {"FEDLESION_CACHE_DIR": str(cache_dir or os.environ.get("FEDLESION_CACHE_DIR")
                                             or Path(values["output-dir"]) / "cache")}
+        app_dir = app_dir or app_folder(work)
         with local_superlink(work, app_dir, cache) as (connection, env):
             command = [
                 str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), connection, "--stream",
@@ -347,7 +361,7 @@ def run_federation(
 def write_synthetic_sites(run_config: Mapping[str, Any], num_sites: int) -> Path | None:
     """Write the synthetic sites a run with an empty ``data-root`` trains on, before it starts.
 
-    The sites land where the ClientApp looks for them (:func:`client.site.synthetic_root`) and
+    The sites land where the ClientApp looks for them (:func:`fedlesion.client.site.synthetic_root`) and
     are reused by later runs with the same settings. Returns their folder, or ``None`` when the
     run names its own ``data-root``.
     """

@@ -4,7 +4,7 @@ Every configuration trains the same model for the same total number of local epo
 (``rounds x local-epochs``), then the final models are scored on the same held-out cases.
 The federated runs go through ``flwr run`` on Flower's simulation engine; the centralized
 and local-only runs use the same training loop directly. Configurations: ``central``,
-``local`` (every site alone), each strategy of :data:`server.strategy.STRATEGIES` and ``fedbn``
+``local`` (every site alone), each strategy of :data:`fedlesion.server.strategy.STRATEGIES` and ``fedbn``
 (FedAvg with each site's BatchNorm layers kept local, on the same model with ``norm=batch``).
 
 Outputs in ``--out``: ``results.json``, ``results.md``, ``curves.png``, ``overlay.png``,
@@ -27,17 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.api import evaluate_checkpoint, select_cases, train_centralized, write_overlay
-from common.checkpoint import load_checkpoint
-from common.config import model_from, parse_model_args, train_config_from, with_defaults
-from common.data import discover_cases, load_site, resolve_spec
-from common.engine import evaluate, predict_probabilities, predicted_regions, select_device
-from common.metrics import METRICS
-from common.model import build_model, model_spatial_dims
-from common.postprocess import PostProcessing
-from common.splits import Split, make_split, tumour_volumes
+from fedlesion.common.api import evaluate_checkpoint, select_cases, train_centralized, write_overlay
+from fedlesion.common.checkpoint import load_checkpoint
+from fedlesion.common.config import model_from, parse_model_args, train_config_from, with_defaults
+from fedlesion.common.data import discover_cases, load_site, resolve_spec
+from fedlesion.common.engine import evaluate, predict_probabilities, predicted_regions, select_device
+from fedlesion.common.metrics import METRICS
+from fedlesion.common.model import build_model, model_spatial_dims
+from fedlesion.common.postprocess import PostProcessing
+from fedlesion.common.splits import Split, make_split, tumour_volumes
 
-from server.strategy import STRATEGIES
+from fedlesion.server.strategy import STRATEGIES
 
 from .launch import read_history, run_federation
 

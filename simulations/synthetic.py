@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.config import MAX_SYNTH_SIDE
+from fedlesion.common.config import MAX_SYNTH_SIDE
 
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -183,7 +183,7 @@ def synthesize(out_dir: str | Path, sites: int, cases_per_site: int, shape: tupl
 
     Raises:
         ValueError: for fewer than one site or case, or a side above
-            :data:`common.config.MAX_SYNTH_SIDE` (checked before anything is allocated).
+            :data:`fedlesion.common.config.MAX_SYNTH_SIDE` (checked before anything is allocated).
     """
     if sites < 1 or cases_per_site < 1:
         raise ValueError(f"synthetic data needs at least one site and one case per site (got {sites}, {cases_per_site}).")

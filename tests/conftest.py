@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from simulations.synthetic import synthesize
+from fedlesion.simulations.synthetic import synthesize
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_SHAPE = (32, 32, 16)

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from common import api
-from common.api import cases_file, evaluate_checkpoint, predict_case, select_cases
-from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from common.config import declared_run_config
-from common.data import LAYOUTS, load_case, regions_from_labels
-from common.metrics import region_metrics
-from common.model import build_model
-from simulations.cli import main
+from fedlesion.common import api
+from fedlesion.common.api import cases_file, evaluate_checkpoint, predict_case, select_cases
+from fedlesion.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedlesion.common.config import declared_run_config
+from fedlesion.common.data import LAYOUTS, load_case, regions_from_labels
+from fedlesion.common.metrics import region_metrics
+from fedlesion.common.model import build_model
+from fedlesion.cli import main
 from tests.conftest import write_case
 
 BRATS = LAYOUTS["brats2021"]
@@ -178,7 +178,7 @@ def test_select_cases() -> None:
 def test_evaluate_by_site_agrees_with_evaluate_on_each_sites_cases(trained: Path, tmp_path: Path) -> None:
     """`evaluate --by-site institution` on a pooled folder: each site's summary is what `evaluate` gives on that
     site's cases alone, and the worst site is the one with the lowest mean Dice."""
-    from simulations.synthetic import synthesize
+    from fedlesion.simulations.synthetic import synthesize
 
     pooled = tmp_path / "pooled"
     synthesize(pooled, sites=2, cases_per_site=2, shape=(32, 32, 16), seed=3, flat=True)

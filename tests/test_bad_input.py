@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.checkpoint import FORMAT, Checkpoint, load_checkpoint, save_checkpoint
-from common.data import LAYOUTS
-from common.model import build_model
-from simulations.cli import main
+from fedlesion.common.checkpoint import FORMAT, Checkpoint, load_checkpoint, save_checkpoint
+from fedlesion.common.data import LAYOUTS
+from fedlesion.common.model import build_model
+from fedlesion.cli import main
 from tests.conftest import write_case
 
 TINY = "base_channels=4 depth=2"
@@ -141,12 +141,12 @@ def test_bad_input_is_a_named_error_and_nothing_is_overwritten(workspace: dict[s
 
 def test_ctrl_c_during_train_is_a_message_not_a_traceback(workspace: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    import common.api
+    import fedlesion.common.api
 
     def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.api, "train_centralized", interrupted)
+    monkeypatch.setattr(fedlesion.common.api, "train_centralized", interrupted)
     assert main(["train", "--data", str(workspace["data"]), "--out", str(workspace["root"] / "ctrl-c.pt")]) == 130
     error = capsys.readouterr().err
     assert "interrupted" in error and "Traceback" not in error

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from common.api import cases_file, train_centralized
-from common.config import train_config_from
-from common.data import load_site
-from common.engine import TrainConfig, train
-from common.model import build_model
+from fedlesion.common.api import cases_file, train_centralized
+from fedlesion.common.config import train_config_from
+from fedlesion.common.data import load_site
+from fedlesion.common.engine import TrainConfig, train
+from fedlesion.common.model import build_model
 
 TINY = {"base_channels": 4, "depth": 2}
 

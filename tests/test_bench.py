@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from simulations.bench import run_bench
-from simulations.bench_federation import federation_overhead, fets2_sizes, tree_rss
+from fedlesion.simulations.bench import run_bench
+from fedlesion.simulations.bench_federation import federation_overhead, fets2_sizes, tree_rss
 
 
 def test_bench_writes_the_contracted_keys(tiny_sites: Path, tmp_path: Path) -> None:

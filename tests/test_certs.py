@@ -12,10 +12,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-import common.files
-from client.keys import fingerprint, make_hospital_key
-from common.files import private_folder, write_private
-from server.certs import make_certificates
+import fedlesion.common.files
+from fedlesion.client.keys import fingerprint, make_hospital_key
+from fedlesion.common.files import private_folder, write_private
+from fedlesion.server.certs import make_certificates
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +28,7 @@ def usual_umask() -> None:
 
 @pytest.fixture
 def modes_at_write(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """The mode each file has at the moment bytes are first written to it through :mod:`common.files`."""
+    """The mode each file has at the moment bytes are first written to it through :mod:`fedlesion.common.files`."""
     seen: dict[str, int] = {}
     real_write = os.write
 
@@ -36,7 +36,7 @@ def modes_at_write(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         seen.setdefault(os.readlink(f"/proc/self/fd/{fd}"), stat.S_IMODE(os.fstat(fd).st_mode))
         return real_write(fd, data)
 
-    monkeypatch.setattr(common.files.os, "write", write)
+    monkeypatch.setattr(fedlesion.common.files.os, "write", write)
     return seen
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.checkpoint import FORMAT, Checkpoint, load_checkpoint, save_checkpoint
-from common.config import dataset_spec
+from fedlesion.common.checkpoint import FORMAT, Checkpoint, load_checkpoint, save_checkpoint
+from fedlesion.common.config import dataset_spec
 
 
 class _Payload:

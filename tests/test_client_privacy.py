@@ -9,8 +9,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import app as client_app
-from common.model import build_model
+from fedlesion.client import app as client_app
+from fedlesion.common.model import build_model
 
 RUN_CONFIG = {"model": "unet2d", "model-args": "base_channels=4 depth=2", "dataset": "brats2021", "seed": 0,
               "val-fraction": 0.34, "samples-per-case": 4, "batch-size": 4, "local-epochs": 1, "learning-rate": 1e-3}

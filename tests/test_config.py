@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from common.api import train_centralized
-from common.config import TrainConfig, declared_run_config, parse_shape, train_config_from, with_defaults
-from simulations.cli import _train_config, build_parser
+from fedlesion.common.api import train_centralized
+from fedlesion.common.config import TrainConfig, declared_run_config, parse_shape, train_config_from, with_defaults
+from fedlesion.cli import _train_config, build_parser
 
 DECLARED = declared_run_config()
 CLI_TRAIN = build_parser().parse_args(["train", "--data", "d", "--out", "o"])

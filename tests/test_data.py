@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.data import (
+from fedlesion.common.data import (
     DECODE_STATS,
     LAYOUTS,
     CaseCache,
@@ -27,7 +27,7 @@ from common.data import (
 from tests.conftest import REPO, write_case
 
 BRATS = LAYOUTS["brats2021"]
-SAMPLE_MANIFEST = REPO / "simulations" / "manifests" / "brats18-sample.json"
+SAMPLE_MANIFEST = REPO / "common" / "manifests" / "brats18-sample.json"
 
 
 def test_brats2021_case_loads_with_regions(tmp_path: Path) -> None:
@@ -272,7 +272,7 @@ def test_each_bad_case_gives_its_named_error(tmp_path: Path, kind: str, problem:
 
 def test_any_failure_while_loading_one_case_is_that_cases_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """nibabel's OrientationError (or anything else unforeseen) for one case never stops a site."""
-    import common.data as data
+    import fedlesion.common.data as data
 
     write_case(tmp_path, "Good_001")
     write_case(tmp_path, "Bad_002", seed=1)
@@ -483,8 +483,8 @@ def test_disk_cache_round_trips_every_field(tmp_path: Path) -> None:
 def test_the_disk_cache_is_bounded_and_purged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Least recently used cases leave first when the bound is passed; `fedlesion cache --purge` empties the
     folder and touches nothing that is not a cache entry."""
-    from common.data import cache_entries, cache_size
-    from simulations.cli import main
+    from fedlesion.common.data import cache_entries, cache_size
+    from fedlesion.cli import main
 
     for i in range(3):
         write_case(tmp_path / "data", f"Lru_00{i}", seed=i)
@@ -539,6 +539,6 @@ def test_a_stale_or_torn_cache_entry_is_rebuilt(tmp_path: Path) -> None:
 
 
 def cache_entries_of(folder: Path) -> list[Path]:
-    from common.data import cache_entries
+    from fedlesion.common.data import cache_entries
 
     return cache_entries(folder)

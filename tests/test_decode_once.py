@@ -20,9 +20,9 @@ import json, sys
 from flwr.supercore.task_identity import TaskIdentity
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from client import app
-from common.data import DECODE_STATS
-from common.model import build_model
+from fedlesion.client import app
+from fedlesion.common.data import DECODE_STATS
+from fedlesion.common.model import build_model
 data, server_round = sys.argv[1], int(sys.argv[2])
 run_config = {"model": "unet2d", "model-args": "base_channels=4 depth=2", "dataset": "brats2021", "seed": 0,
               "val-fraction": 0.34, "samples-per-case": 2, "local-steps": 4, "batch-size": 2, "local-epochs": 1}

@@ -14,10 +14,10 @@ from urllib.request import Request, urlopen
 import pytest
 import torch
 
-from common.checkpoint import load_checkpoint
-from simulations.deploy import secure_superlink
-from simulations.launch import read_history
-from simulations.synthetic import synthesize
+from fedlesion.common.checkpoint import load_checkpoint
+from fedlesion.simulations.deploy import secure_superlink
+from fedlesion.simulations.launch import read_history
+from fedlesion.simulations.synthetic import synthesize
 
 
 def test_secure_federation_with_real_processes(tmp_path: Path) -> None:
@@ -67,7 +67,7 @@ def test_secure_federation_with_real_processes(tmp_path: Path) -> None:
     assert (run_dir / "metrics.csv").exists() and (run_dir / "last.pt").exists()
     final = load_checkpoint(run_dir / "final.pt")
     torch.manual_seed(0)
-    from common.model import build_model
+    from fedlesion.common.model import build_model
 
     initial = build_model("unet2d", 4, 3, base_channels=4, depth=2).state_dict()
     assert any(not torch.equal(v, initial[k]) for k, v in final.state_dict.items() if v.is_floating_point())

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from common import engine
-from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, state_dict_from_arrays
-from common.data import LAYOUTS, PreparedCase, load_site, regions_from_labels
-from common.engine import TrainConfig, evaluate, predict_probabilities, probabilities_to_labels, select_device, train
-from common.losses import build_loss
-from common.model import build_model
-from common.postprocess import PostProcessing
+from fedlesion.common import engine
+from fedlesion.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, state_dict_from_arrays
+from fedlesion.common.data import LAYOUTS, PreparedCase, load_site, regions_from_labels
+from fedlesion.common.engine import TrainConfig, evaluate, predict_probabilities, probabilities_to_labels, select_device, train
+from fedlesion.common.losses import build_loss
+from fedlesion.common.model import build_model
+from fedlesion.common.postprocess import PostProcessing
 
 BRATS = LAYOUTS["brats2021"]
 RAW = PostProcessing(enabled=False, min_mm3=0.0, components=0)  # painting alone: these lesions are a few voxels

@@ -23,11 +23,11 @@ import psutil
 import pytest
 import torch
 
-from common.checkpoint import load_checkpoint
-from common.model import build_model
-from simulations.deploy import Federation, secure_superlink
-from simulations.launch import read_history, stop_process_group
-from simulations.synthetic import write_site
+from fedlesion.common.checkpoint import load_checkpoint
+from fedlesion.common.model import build_model
+from fedlesion.simulations.deploy import Federation, secure_superlink
+from fedlesion.simulations.launch import read_history, stop_process_group
+from fedlesion.simulations.synthetic import write_site
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c", "hospital-d")
 SHAPE = (32, 32, 16)
@@ -206,8 +206,8 @@ def test_audit_log_holds_no_patient_data(scenario: dict) -> None:
 
 WRITER = """
 import sys, torch
-from common.checkpoint import Checkpoint, save_checkpoint
-from common.data import LAYOUTS
+from fedlesion.common.checkpoint import Checkpoint, save_checkpoint
+from fedlesion.common.data import LAYOUTS
 target = sys.argv[1]
 for n in range(1, 10_000):
     state = {f"layer{i}.weight": torch.full((256, 256), float(n)) for i in range(24)}  # ~6 MB a write

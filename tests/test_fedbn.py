@@ -9,10 +9,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client import app as client_app
-from client import site as sites
-from common.model import batchnorm_keys, build_model
-from server.app import check_fedbn
+from fedlesion.client import app as client_app
+from fedlesion.client import site as sites
+from fedlesion.common.model import batchnorm_keys, build_model
+from fedlesion.server.app import check_fedbn
 
 ARGS = "base_channels=4 depth=2 norm=batch"
 RUN_CONFIG = {"model": "unet2d", "model-args": ARGS, "dataset": "brats2021", "seed": 0, "val-fraction": 0.34,
@@ -153,7 +153,7 @@ def test_the_server_app_checks_fedbn_before_the_run(tmp_path: Path) -> None:
     """The ServerApp refuses fedbn on a GroupNorm model before anything is written."""
     from flwr.app import Context as AppContext
 
-    from server import app as server_app
+    from fedlesion.server import app as server_app
 
     context = AppContext(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                          run_config={"fedbn": True, "model-args": "base_channels=4 depth=2",

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from common.checkpoint import load_checkpoint
+from fedlesion.common.checkpoint import load_checkpoint
 
 FAST = ["--set", "model-args='base_channels=4 depth=2'", "--set", "local-steps=2", "--set", "batch-size=4",
         "--set", "samples-per-case=4", "--set", "synth-shape='32,32,16'", "--set", "synth-cases-per-site=3",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.launch import run_federation
+from fedlesion.simulations.launch import run_federation
 
 
 def test_a_folder_holding_a_finished_run_is_refused_before_anything_starts(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from common.data import LAYOUTS, regions_from_labels
-from common.metrics import region_metrics, summarize
+from fedlesion.common.data import LAYOUTS, regions_from_labels
+from fedlesion.common.metrics import region_metrics, summarize
 
 BRATS = LAYOUTS["brats2021"]
 SHAPE = (12, 10, 8)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.model import MODELS, build_model, model_spatial_dims, resolved_model_args
+from fedlesion.common.model import MODELS, build_model, model_spatial_dims, resolved_model_args
 
 
 @pytest.mark.parametrize("size", [(32, 32), (33, 45), (48, 40)])

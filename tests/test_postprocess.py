@@ -12,16 +12,16 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
-from client import app as client_app
-from common import api
-from common.checkpoint import Checkpoint, save_checkpoint
-from common.config import declared_run_config, model_from
-from common.data import LAYOUTS, regions_from_labels
-from common.engine import probabilities_to_labels
-from common.model import build_model
-from common.postprocess import PostProcessing, postprocess_labels
-from server import app as server_app
-from simulations.cli import _postprocess_overrides, build_parser, main
+from fedlesion.client import app as client_app
+from fedlesion.common import api
+from fedlesion.common.checkpoint import Checkpoint, save_checkpoint
+from fedlesion.common.config import declared_run_config, model_from
+from fedlesion.common.data import LAYOUTS, regions_from_labels
+from fedlesion.common.engine import probabilities_to_labels
+from fedlesion.common.model import build_model
+from fedlesion.common.postprocess import PostProcessing, postprocess_labels
+from fedlesion.server import app as server_app
+from fedlesion.cli import _postprocess_overrides, build_parser, main
 from tests.conftest import write_case
 
 BRATS = LAYOUTS["brats2021"]

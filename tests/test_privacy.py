@@ -11,9 +11,9 @@ from fake_federation import FakeGrid, error_reply, record, reply, task_identity,
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
-from client import app as client_app
-from common.privacy import clip_update, update_norm
-from server.strategy import DifferentialPrivacy, build_strategy
+from fedlesion.client import app as client_app
+from fedlesion.common.privacy import clip_update, update_norm
+from fedlesion.server.strategy import DifferentialPrivacy, build_strategy
 
 SIZE = 20_000  # parameters: enough to measure the noise's standard deviation to about 1%
 START = {"conv.weight": np.zeros(SIZE, np.float32), "bn.running_var": np.ones(8, np.float32),

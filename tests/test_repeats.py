@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.splits import Split
-from simulations.reproduce import (
+from fedlesion.common.splits import Split
+from fedlesion.simulations.reproduce import (
     ALL_CONFIGS,
     _fedbn_model_args,
     aggregate_repeats,
@@ -15,7 +15,7 @@ from simulations.reproduce import (
     reproduce,
     results_markdown,
 )
-from common.config import with_defaults
+from fedlesion.common.config import with_defaults
 
 SPLIT = Split("institution", {"CBICA": [f"C{i}" for i in range(10)], "2013": [f"B{i}" for i in range(4)],
                               "TCIA02": ["T0", "T1", "T2"], "TCIA10": ["U0", "U1", "U2"]})
@@ -84,8 +84,8 @@ def test_repeats_already_done_are_read_not_rerun(tmp_path, monkeypatch) -> None:
     """An interrupted cross-validation continues: finished folds are read from their results.json."""
     import json
 
-    import simulations.reproduce as module
-    from simulations.synthetic import synthesize
+    import fedlesion.simulations.reproduce as module
+    from fedlesion.simulations.synthetic import synthesize
 
     data = tmp_path / "data"
     synthesize(data, sites=2, cases_per_site=4, shape=(16, 16, 8), seed=0, flat=True)

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from common.checkpoint import load_checkpoint
-from simulations.cli import main
+from fedlesion.common.checkpoint import load_checkpoint
+from fedlesion.cli import main
 
 SMOKE = ["--set", "num-server-rounds=2", "--set", "model-args='base_channels=4 depth=2'", "--set", "samples-per-case=4",
          "--set", "batch-size=4", "--set", "local-steps=4"]  # val-fraction stays at its default: reproduce must train the sites on every case
 
 
 def test_reproduce_smoke(tmp_path: Path) -> None:
-    from simulations.synthetic import write_site
+    from fedlesion.simulations.synthetic import write_site
 
     data = tmp_path / "data"
     write_site(data, site=0, cases=6, shape=(32, 32, 16), seed=0)
@@ -49,7 +49,7 @@ def test_reproduce_smoke(tmp_path: Path) -> None:
 
 def test_reproduce_over_folds_with_fedbn(tmp_path: Path) -> None:
     """Two-fold cross-validation by site, FedBN through flwr run beside pooled and local-only training."""
-    from simulations.synthetic import synthesize
+    from fedlesion.simulations.synthetic import synthesize
 
     data = tmp_path / "data"
     synthesize(data, sites=2, cases_per_site=4, shape=(32, 32, 16), seed=0, flat=True)

@@ -13,12 +13,12 @@ import torch
 from fake_federation import FakeGrid, error_reply, record, reply, task_identity, train_round  # noqa: F401 - fixture
 from flwr.app import ConfigRecord
 
-from common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from common.config import dataset_spec, with_defaults
-from common.model import resolved_model_args
-from server.app import load_resume, prepare_run_folder, run_folder
-from server.strategy import build_strategy
-from simulations.launch import read_history, run_federation
+from fedlesion.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedlesion.common.config import dataset_spec, with_defaults
+from fedlesion.common.model import resolved_model_args
+from fedlesion.server.app import load_resume, prepare_run_folder, run_folder
+from fedlesion.server.strategy import build_strategy
+from fedlesion.simulations.launch import read_history, run_federation
 
 BASE = {
     "strategy": "fedadam", "server-lr": 0.01, "model-args": "base_channels=4 depth=2", "synth-shape": "32,32,16",

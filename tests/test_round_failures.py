@@ -13,9 +13,9 @@ import pytest
 from fake_federation import FakeGrid, error_reply, record, reply, task_identity, train_round  # noqa: F401 - fixture
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
-from client import app as client_app
+from fedlesion.client import app as client_app
 
-from server.strategy import build_strategy
+from fedlesion.server.strategy import build_strategy
 
 START = {"w": np.zeros((4, 4), np.float32), "b": np.zeros(4, np.float32)}
 

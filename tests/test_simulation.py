@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import load_checkpoint
-from common.data import split_train_val
-from common.model import build_model
-from simulations.launch import read_history, run_federation
-from simulations.synthetic import site_case_counts
+from fedlesion.common.checkpoint import load_checkpoint
+from fedlesion.common.data import split_train_val
+from fedlesion.common.model import build_model
+from fedlesion.simulations.launch import read_history, run_federation
+from fedlesion.simulations.synthetic import site_case_counts
 
 
 def test_two_round_federation_on_tiny_synthetic_sites(tmp_path: Path) -> None:
@@ -86,8 +86,8 @@ def test_fedavg_global_model_is_the_case_weighted_mean_of_site_updates(tmp_path:
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from client import app as client_app
-    from common.config import declared_run_config
+    from fedlesion.client import app as client_app
+    from fedlesion.common.config import declared_run_config
 
     overrides = {
         "num-server-rounds": 1, "model-args": "base_channels=4 depth=2", "synth-shape": "32,32,16",

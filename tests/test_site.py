@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import site as sites
-from common.config import declared_run_config
-from common.data import LAYOUTS, load_case
+from fedlesion.client import site as sites
+from fedlesion.common.config import declared_run_config
+from fedlesion.common.data import LAYOUTS, load_case
 from tests.conftest import write_case
 
 BRATS = LAYOUTS["brats2021"]

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.data import discover_cases, load_manifest
-from simulations.cli import main
-from common.splits import KINDS, Split, by_institution, dirichlet_count, dirichlet_volume, fets, iid, make_split, skew
+from fedlesion.common.data import discover_cases, load_manifest
+from fedlesion.cli import main
+from fedlesion.common.splits import KINDS, Split, by_institution, dirichlet_count, dirichlet_volume, fets, iid, make_split, skew
 from tests.conftest import REPO
 
 IDS = [f"Brats18_{inst}_{i:03d}_1" for inst, n in (("CBICA", 12), ("TCIA01", 5), ("TCIA08", 3), ("2013", 4))
@@ -33,7 +33,7 @@ def test_institution_split_reads_the_id() -> None:
 
 
 def test_shared_sample_by_institution(sample_dir: Path) -> None:
-    spec = load_manifest(REPO / "simulations" / "manifests" / "brats18-sample.json")
+    spec = load_manifest(REPO / "common" / "manifests" / "brats18-sample.json")
     assert by_institution(discover_cases(sample_dir, spec)).sizes() == {"CBICA": 4, "TCIA02": 1, "TCIA08": 1}
 
 

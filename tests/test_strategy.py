@@ -7,8 +7,8 @@ import pytest
 from fake_federation import FakeGrid, record, reply, task_identity, train_round  # noqa: F401 - fixture
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from common.engine import learning_rate
-from server.strategy import SERVER_OPTIMIZERS, STRATEGIES, aggregate_metrics, build_strategy, format_table
+from fedlesion.common.engine import learning_rate
+from fedlesion.server.strategy import SERVER_OPTIMIZERS, STRATEGIES, aggregate_metrics, build_strategy, format_table
 
 START = {"conv.weight": np.zeros(6, np.float32), "bn.running_var": np.ones(3, np.float32),
          "bn.num_batches_tracked": np.array(4, np.int64)}
@@ -84,11 +84,11 @@ def test_every_strategy_learns_at_its_defaults(name: str, tiny_sites: Path, tmp_
     import torch
     from flwr.app import Context
 
-    from client import app as client_app
-    from common.data import load_site, resolve_spec
-    from common.engine import evaluate
-    from common.model import build_model
-    from simulations.synthetic import synthesize
+    from fedlesion.client import app as client_app
+    from fedlesion.common.data import load_site, resolve_spec
+    from fedlesion.common.engine import evaluate
+    from fedlesion.common.model import build_model
+    from fedlesion.simulations.synthetic import synthesize
 
     held_out = tmp_path / "held-out"
     synthesize(held_out, sites=1, cases_per_site=2, shape=(32, 32, 16), seed=7)
@@ -125,7 +125,7 @@ def test_every_instruction_states_the_dataset_spec(tmp_path: Path) -> None:
     """Sites learn the model's channels and regions from the message, never by reading a path the run config names."""
     import json
 
-    from common.data import LAYOUTS
+    from fedlesion.common.data import LAYOUTS
     from fake_federation import evaluate_round
 
     manifest = tmp_path / "lesions.json"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from server.certs import make_certificates
-from server.superlink import FleetOnlyOnPublicAddress, check_flower_config, parse_address, serve
+from fedlesion.server.certs import make_certificates
+from fedlesion.server.superlink import FleetOnlyOnPublicAddress, check_flower_config, parse_address, serve
 
 CONTROL = ("127.0.0.1", 9093)
 
@@ -104,7 +104,7 @@ def test_serve_refuses_before_listening(tls: list[str], fleet: str, control: str
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     listened: list = []
-    monkeypatch.setattr("server.superlink._listen", lambda *a: listened.append(a))
+    monkeypatch.setattr("fedlesion.server.superlink._listen", lambda *a: listened.append(a))
     with pytest.raises(ValueError, match=match):
         serve(fleet, control, [*tls, *extra])
     assert listened == []
@@ -113,7 +113,7 @@ def test_serve_refuses_before_listening(tls: list[str], fleet: str, control: str
 def test_without_tls_files_nothing_listens(monkeypatch: pytest.MonkeyPatch) -> None:
     """Flower itself exits when asked for TLS without its files; either way nothing listens."""
     listened: list = []
-    monkeypatch.setattr("server.superlink._listen", lambda *a: listened.append(a))
+    monkeypatch.setattr("fedlesion.server.superlink._listen", lambda *a: listened.append(a))
     with pytest.raises((ValueError, SystemExit)):
         serve("0.0.0.0:9092", "127.0.0.1:9093", ["--enable-supernode-auth"])
     assert listened == []

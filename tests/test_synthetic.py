@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from simulations.cli import main
-from simulations.synthetic import MODALITIES, make_case, scanner_profile, site_case_counts
+from fedlesion.cli import main
+from fedlesion.simulations.synthetic import MODALITIES, make_case, scanner_profile, site_case_counts
 from tests.conftest import TINY_SHAPE
 
 
@@ -62,7 +62,7 @@ def test_sites_differ_in_size_and_intensity(tiny_sites: Path) -> None:
 
 
 def test_same_seed_same_data(tmp_path: Path) -> None:
-    from simulations.synthetic import synthesize
+    from fedlesion.simulations.synthetic import synthesize
 
     synthesize(tmp_path / "a", 1, 2, TINY_SHAPE, seed=5)
     synthesize(tmp_path / "b", 1, 2, TINY_SHAPE, seed=5)

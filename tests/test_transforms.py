@@ -5,7 +5,7 @@ import pytest
 import torch
 from monai.transforms import Compose, RandAffined
 
-from common.transforms import training_transforms
+from fedlesion.common.transforms import training_transforms
 
 
 def _lesion_volume(seed: int, shape: tuple[int, int, int] = (48, 48, 12)) -> dict[str, torch.Tensor]:

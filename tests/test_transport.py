@@ -9,11 +9,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
-from client import app as client_app
-from client.app import encode_update
-from common.model import build_model
-from common.privacy import update_norm
-from server.strategy import decode_update
+from fedlesion.client import app as client_app
+from fedlesion.client.app import encode_update
+from fedlesion.common.model import build_model
+from fedlesion.common.privacy import update_norm
+from fedlesion.server.strategy import decode_update
 
 RUN_CONFIG = {"model": "unet2d", "model-args": "base_channels=4 depth=2", "dataset": "brats2021", "seed": 0,
               "val-fraction": 0.34, "samples-per-case": 4, "batch-size": 4, "local-epochs": 1, "learning-rate": 1e-3}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fake_federation import FakeGrid, evaluate_reply, evaluate_round, record, reply, task_identity, train_round  # noqa: F401
 
-from server.strategy import build_strategy
+from fedlesion.server.strategy import build_strategy
 
 GLOBAL = {"w": np.zeros((4, 4), np.float32), "b": np.zeros(4, np.float32)}
 
@@ -209,7 +209,7 @@ def test_each_sites_scores_and_the_worst_site_are_recorded(tmp_path: Path) -> No
 
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-    from server.strategy import format_table
+    from fedlesion.server.strategy import format_table
 
     stack = build_strategy({"strategy": "fedavg", "min-available-nodes": 2, "min-train-nodes": 2},
                            save_checkpoint=lambda *a: None, out_dir=tmp_path)

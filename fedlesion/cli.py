@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from common.config import declared_run_config, parse_shape
+from fedlesion.common.config import declared_run_config, parse_shape
 
 
 def _parse_value(text: str) -> Any:
@@ -36,7 +36,7 @@ def _run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .synthetic import synthesize
+    from fedlesion.simulations.synthetic import synthesize
 
     shape = parse_shape(args.shape)
     sites = synthesize(args.out, args.sites, args.cases_per_site, shape, args.seed, flat=args.flat)
@@ -46,9 +46,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from server.strategy import format_table
+    from fedlesion.server.strategy import format_table
 
-    from .launch import become_subreaper, read_history, run_federation, signals_deferred, stop_descendants
+    from fedlesion.simulations.launch import become_subreaper, read_history, run_federation, signals_deferred, stop_descendants
 
     overrides = _run_config_overrides(args)
     if args.rounds is not None:
@@ -82,7 +82,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    from common.config import train_config_from
+    from fedlesion.common.config import train_config_from
 
     return train_config_from({"batch-size": args.batch_size, "learning-rate": args.learning_rate,
                               "samples-per-case": args.samples_per_case, "pos-ratio": args.pos_ratio,
@@ -91,8 +91,8 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from common.api import train_centralized
-    from common.config import parse_model_args
+    from fedlesion.common.api import train_centralized
+    from fedlesion.common.config import parse_model_args
 
     train_centralized(
         args.data, args.out, model=args.model, model_args=parse_model_args(args.model_args), manifest=args.manifest,
@@ -111,7 +111,7 @@ def _postprocess_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from common.api import evaluate_checkpoint
+    from fedlesion.common.api import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.out, manifest=args.manifest,
                                  include=args.include or (), exclude=args.exclude or (), device=args.device,
@@ -135,7 +135,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from common.api import predict_case
+    from fedlesion.common.api import predict_case
 
     result = predict_case(args.checkpoint, args.case, args.out, manifest=args.manifest, overlay=args.overlay,
                           device=args.device, postprocess=_postprocess_overrides(args), force=args.force)
@@ -145,10 +145,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from common.api import select_cases
-    from common.data import discover_cases, resolve_spec
+    from fedlesion.common.api import select_cases
+    from fedlesion.common.data import discover_cases, resolve_spec
 
-    from common.splits import make_split, tumour_volumes
+    from fedlesion.common.splits import make_split, tumour_volumes
 
     spec = resolve_spec(args.data, args.manifest)
     ids = select_cases(discover_cases(args.data, spec), args.include or (), args.exclude or ())
@@ -164,7 +164,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import DEFAULT_CONFIGS, reproduce, reproduce_repeated
+    from fedlesion.simulations.reproduce import DEFAULT_CONFIGS, reproduce, reproduce_repeated
 
     overrides = _run_config_overrides(args)
     configs = args.configs.split(",") if args.configs else list(DEFAULT_CONFIGS)
@@ -189,7 +189,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from server.certs import make_certificates
+    from fedlesion.server.certs import make_certificates
 
     passphrase = None
     if args.ca_passphrase_file:
@@ -203,7 +203,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from client.keys import fingerprint, make_hospital_key
+    from fedlesion.client.keys import fingerprint, make_hospital_key
 
     private, public = make_hospital_key(args.out, args.name)
     print(f"private key (stays here, mode 0600): {private}")
@@ -214,7 +214,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from common.data import cache_entries, cache_size, default_cache_dir, purge_cache
+    from fedlesion.common.data import cache_entries, cache_size, default_cache_dir, purge_cache
 
     folder = Path(args.dir) if args.dir else default_cache_dir()
     if args.purge:
@@ -227,7 +227,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:
-    from server.superlink import serve
+    from fedlesion.server.superlink import serve
 
     flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
     serve(args.fleet_address, args.control_address, flower_args)
@@ -235,10 +235,10 @@ def cmd_superlink(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from server.strategy import format_table
+    from fedlesion.server.strategy import format_table
 
-    from .deploy import demo
-    from .launch import read_history
+    from fedlesion.simulations.deploy import demo
+    from fedlesion.simulations.launch import read_history
 
     run_dir = demo(Path(args.out), sites=args.sites, rounds=args.rounds)
     print(format_table(read_history(run_dir)))
@@ -247,9 +247,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from common.config import parse_model_args
+    from fedlesion.common.config import parse_model_args
 
-    from .bench import run_bench
+    from fedlesion.simulations.bench import run_bench
 
     models = args.models.split(",")
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint or [])
@@ -264,7 +264,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from common.model import MODELS, build_model
+    from fedlesion.common.model import MODELS, build_model
 
     for name, entry in MODELS.items():
         params = sum(p.numel() for p in build_model(name, 4, 3).parameters())
