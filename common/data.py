@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import shutil
@@ -28,9 +29,10 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from importlib.resources import as_file, files
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import nibabel as nib
 import numpy as np
@@ -41,7 +43,7 @@ from .files import open_private, private_folder, replace_private
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAMES = ("fedlesion.json", "manifest.json")
-CACHE_FORMAT = "fedlesion-case-cache/2"  # arrays as .npy (no pickle) and metadata as JSON, one folder per case
+CACHE_FORMAT = "fedlesion-case-cache/3"  # slice-major .npy arrays (no pickle, read memory-mapped) and JSON metadata, a folder per case
 MAX_MANIFEST_BYTES = 1 << 20
 # Largest volume a file may declare before any voxel is decoded, counted as decoded (8 bytes a voxel, the widest
 # type scaled data decodes to): BraTS is 240 x 240 x 155 x 8 bytes = 71 MB. FEDLESION_MAX_VOLUME_MB overrides it.
@@ -491,8 +493,33 @@ class PreparedCase:
         return tuple(out)
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """``(C, X, Y, Z)`` of ``image``."""
+        return tuple(self.image.shape)
+
+    @property
+    def labelled(self) -> bool:
+        return self.regions is not None
+
+    @property
     def nbytes(self) -> int:
         return self.image.nbytes + (0 if self.regions is None else self.regions.nbytes)
+
+    def load(self) -> PreparedCase:
+        """The case with its arrays (itself; a :class:`LazyCase` reads them)."""
+        return self
+
+    def info(self) -> dict[str, Any]:
+        """Everything but the voxels, as JSON-able values (a cache entry's ``meta.json``)."""
+        return {
+            "case": self.case, "shape": list(self.shape), "labelled": self.labelled,
+            "regions_shape": None if self.regions is None else list(self.regions.shape),
+            "affine": np.asarray(self.affine, np.float64).tolist(), "header_class": type(self.header).__name__,
+            "header": base64.b64encode(self.header.binaryblock).decode(), "original_shape": list(self.original_shape),
+            "ornt": np.asarray(self.ornt).tolist(), "crop": [list(c) for c in self.crop], "empty_label": self.empty_label,
+        }
+
+
 
     def restore(self, volume: np.ndarray) -> np.ndarray:
         """Map a ``(X, Y, Z)`` array in the prepared frame back to the file's voxel grid."""
@@ -502,6 +529,58 @@ class PreparedCase:
         to_file = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), self.ornt)
         back = nib.orientations.apply_orientation(full, to_file)
         return np.ascontiguousarray(back)
+
+
+class LazyCase(PreparedCase):
+    """A usable case whose voxels are read only when ``image`` or ``regions`` is used.
+
+    Everything else (ID, shape, header, affine, crop) is held; the arrays come from the
+    :class:`CaseCache` each time: memory-mapped from its folder on disk when it has one (the
+    mapping is dropped with the array, so a process holds only the cases it is using), else from
+    its bounded memory, else decoded again. A site of any size thus costs a ClientApp process
+    the cases it samples, not the cases it has.
+    """
+
+    def __init__(self, info: dict[str, Any], fetch: Callable[[LazyCase], PreparedCase]) -> None:
+        header_class = {"Nifti1Header": nib.Nifti1Header, "Nifti2Header": nib.Nifti2Header}[info["header_class"]]
+        self.case = str(info["case"])
+        self.affine = np.asarray(info["affine"], np.float64)
+        self.header = header_class(binaryblock=base64.b64decode(info["header"]))
+        self.original_shape = tuple(int(v) for v in info["original_shape"])
+        self.ornt = np.asarray(info["ornt"], np.float64)
+        self.crop = tuple((int(a), int(b)) for a, b in info["crop"])
+        self.empty_label = bool(info["empty_label"])
+        self._shape = tuple(int(v) for v in info["shape"])
+        self._labelled = bool(info["labelled"])
+        self._regions_shape = tuple(int(v) for v in info["regions_shape"]) if info.get("regions_shape") else None
+        self._fetch = fetch
+
+    image = property(lambda self: self._fetch(self).image)  # type: ignore[assignment]
+    regions = property(lambda self: self._fetch(self).regions)  # type: ignore[assignment]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def labelled(self) -> bool:
+        return self._labelled
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * math.prod(self._shape) + (math.prod(self._regions_shape) if self._regions_shape else 0)
+
+    def load(self) -> PreparedCase:
+        """The case with its arrays, read once (for code that uses them repeatedly)."""
+        return self._fetch(self)
+
+    def __repr__(self) -> str:
+        return f"LazyCase({self.case!r}, shape={self._shape}, labelled={self._labelled})"
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    __hash__ = object.__hash__
 
 
 @dataclass
@@ -687,22 +766,53 @@ def foreground_box(image: np.ndarray, margin: int = 0) -> tuple[tuple[int, int],
     return tuple(box)
 
 
-class CaseCache:
-    """A bounded LRU cache of preprocessed cases, so epochs and rounds never decode NIfTI twice.
+def map_npy(path: str | os.PathLike[str]) -> np.ndarray:
+    """A memory-mapped (copy-on-write) view of a ``.npy`` file that this user owns and no one else may write
+    (checked on the open file, as :func:`fedlesion.common.files.open_private` does); never pickle.
+    Only the pages used are read, and the mapping goes when the array does."""
+    with open_private(path) as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f"{path}: .npy format {version} is not one this cache writes.")
+        shape, fortran, dtype = read_header[version](handle)
+        if dtype.hasobject:
+            raise ValueError(f"{path}: holds Python objects; refusing it.")
+        offset = handle.tell()
+        size = os.fstat(handle.fileno()).st_size
+        if size < offset + dtype.itemsize * math.prod(shape):
+            raise ValueError(f"{path}: shorter than its header says (a torn write).")
+        if size == offset or math.prod(shape) == 0:
+            return np.zeros(shape, dtype)
+        # Copy-on-write: a transform writing in place gets private pages; the file never changes.
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    return np.ndarray(shape, dtype, buffer=mapped, offset=offset, order="F" if fortran else "C")
 
-    Memory holds the most recently used cases. With ``disk_dir`` every preprocessed case is
-    also written there (``.npy`` arrays loaded without pickle and a JSON file, mode 0600, in a 0700
-    folder that this user owns, checked with :func:`fedlesion.common.files.private_folder`; another user's
-    folder is not used), so a
-    process started later, such as the ClientApp process a SuperNode starts for each round,
-    reads the cached arrays instead of decoding NIfTI again. Entries are keyed by the files'
-    paths, sizes and modification times and the preprocessing, so a re-exported scan is
-    decoded afresh.
+
+class CaseCache:
+    """Where preprocessed cases come from, so epochs and rounds never decode NIfTI twice, in a
+    bounded amount of memory whatever the number of cases.
+
+    :meth:`lazy` validates and preprocesses a case once and returns a :class:`LazyCase`: its
+    metadata only. Its arrays are read when used:
+
+    - with ``disk_dir`` (opt-in: it holds patient-derived arrays outside the data folder), every
+      preprocessed case is written there once (``.npy`` arrays without pickle and a JSON file,
+      mode 0600, in a 0700 folder that this user owns, checked with
+      :func:`fedlesion.common.files.private_folder`; another user's folder is not used) and read
+      back memory-mapped (:func:`map_npy`): a process, such as the ClientApp process a SuperNode
+      starts for each message, maps only the cases it samples, and the operating system's page
+      cache, not the process, keeps the recently used ones;
+    - without it, the most recently used cases stay in this process's memory up to ``max_bytes``
+      (least recently used dropped first) and a dropped case is decoded again when next used.
+
+    Entries are keyed by the files' paths, sizes and modification times and the preprocessing,
+    so a re-exported scan is decoded afresh.
 
     Args:
-        max_bytes: the most memory the cached arrays may take; the least recently used
-            case is dropped first.
+        max_bytes: the most memory cases held in memory may take (no ``disk_dir``).
         disk_dir: where preprocessed cases persist between processes, or ``None``.
+        max_disk_bytes: the bound on ``disk_dir`` (default ``FEDLESION_CACHE_DISK_GIB``, 100 GiB; 0: none).
     """
 
     def __init__(self, max_bytes: int, disk_dir: str | os.PathLike[str] | None = None,
@@ -725,23 +835,47 @@ class CaseCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get_or_load(self, data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str, crop_foreground: bool) -> PreparedCase:
+    def lazy(self, data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str, crop_foreground: bool) -> LazyCase:
+        """The case, validated and preprocessed (decoded now only if no entry holds it), without its arrays.
+
+        Raises:
+            CaseError: (or another exception) for a case that cannot be used.
+        """
         key = self._key(data_dir, spec, case, crop_foreground)
+        info = self._read_info(key)
+        if info is None:
+            prepared = load_case(data_dir, spec, case, crop_foreground=crop_foreground)
+            info = prepared.info()
+            if not self._write_disk(key, prepared):
+                self._remember(key, prepared)
+        return LazyCase(info, partial(self._fetch, (key, Path(data_dir), spec, crop_foreground)))
+
+    def get_or_load(self, data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str, crop_foreground: bool) -> PreparedCase:
+        """The case with its arrays (read once)."""
+        return self.lazy(data_dir, spec, case, crop_foreground).load()
+
+    def _fetch(self, source: tuple[tuple[Any, ...], Path, DatasetSpec, bool], lazy: LazyCase) -> PreparedCase:
+        key, data_dir, spec, crop = source
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        prepared = self._read_disk(key)
-        if prepared is None:
-            prepared = load_case(data_dir, spec, case, crop_foreground=crop_foreground)
-            self._write_disk(key, prepared)
+        prepared = self._map_disk(key, lazy)
+        if prepared is not None:
+            return prepared
+        # Not on disk (no cache folder, or its entry was purged meanwhile): decode again.
+        prepared = load_case(data_dir, spec, lazy.case, crop_foreground=crop)
+        if not self._write_disk(key, prepared):
+            self._remember(key, prepared)
+        return prepared
+
+    def _remember(self, key: tuple[Any, ...], prepared: PreparedCase) -> None:
         with self._lock:
             self._items[key] = prepared
             self._bytes += prepared.nbytes
             while self._bytes > self.max_bytes and len(self._items) > 1:
                 _, dropped = self._items.popitem(last=False)
                 self._bytes -= dropped.nbytes
-        return prepared
 
     def _disk_path(self, key: tuple[Any, ...]) -> Path | None:
         """The entry's folder: ``image.npy``, ``regions.npy`` (labelled cases) and ``meta.json``."""
@@ -749,29 +883,24 @@ class CaseCache:
             return None
         return self.disk_dir / hashlib.sha256(f"{CACHE_FORMAT}|{key!r}".encode()).hexdigest()[:32]
 
-    def _read_disk(self, key: tuple[Any, ...]) -> PreparedCase | None:
+    def _read_info(self, key: tuple[Any, ...]) -> dict[str, Any] | None:
+        """The entry's metadata when a complete entry for ``key`` is on disk (or the case is in memory)."""
+        with self._lock:
+            if key in self._items:
+                return self._items[key].info()
         folder = self._disk_path(key)
         if folder is None or not (folder / "meta.json").is_file():
             return None
         try:
-            # Data only (arrays without pickle, JSON), and only from files this user wrote and no one else could have.
+            # Data only (JSON, and arrays without pickle), only from files this user wrote and no one else could have.
             with open_private(folder / "meta.json") as handle:
                 meta = json.loads(handle.read().decode())
             if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT or meta.get("key") != repr(key):
                 raise ValueError("another version's entry, or a digest collision")
-            with open_private(folder / "image.npy") as handle:
-                image = np.load(handle, allow_pickle=False)
-            regions = None
-            if meta["labelled"]:
-                with open_private(folder / "regions.npy") as handle:
-                    regions = np.load(handle, allow_pickle=False)
-            header_class = {"Nifti1Header": nib.Nifti1Header, "Nifti2Header": nib.Nifti2Header}[meta["header_class"]]
-            prepared = PreparedCase(
-                case=str(meta["case"]), image=image, regions=regions, affine=np.asarray(meta["affine"], np.float64),
-                header=header_class(binaryblock=base64.b64decode(meta["header"])),
-                original_shape=tuple(int(v) for v in meta["original_shape"]), ornt=np.asarray(meta["ornt"], np.float64),
-                crop=tuple((int(a), int(b)) for a, b in meta["crop"]), empty_label=bool(meta["empty_label"]),
-            )
+            LazyCase(meta, self._fetch)  # every field there and well-formed (nothing is read yet)
+            files_there = {"image.npy", *(("regions.npy",) if meta["labelled"] else ())}
+            if not all((folder / name).is_file() for name in files_there):
+                raise ValueError("an array is missing")
         except PermissionError as exc:  # not ours to trust, nor to delete
             logger.warning("case cache: ignoring %s (%s)", folder, exc)
             return None
@@ -783,26 +912,48 @@ class CaseCache:
             os.utime(folder)  # recently used: the size bound removes the least recently used entries first
         except OSError:
             pass
-        return prepared
+        return meta
 
-    def _write_disk(self, key: tuple[Any, ...], prepared: PreparedCase) -> None:
+    def _map_disk(self, key: tuple[Any, ...], lazy: LazyCase) -> PreparedCase | None:
         folder = self._disk_path(key)
         if folder is None:
-            return
-        meta = {
-            "format": CACHE_FORMAT, "key": repr(key), "case": prepared.case, "labelled": prepared.regions is not None,
-            "affine": np.asarray(prepared.affine, np.float64).tolist(),
-            "header_class": type(prepared.header).__name__,
-            "header": base64.b64encode(prepared.header.binaryblock).decode(),
-            "original_shape": list(prepared.original_shape), "ornt": np.asarray(prepared.ornt).tolist(),
-            "crop": [list(c) for c in prepared.crop], "empty_label": prepared.empty_label,
-        }
+            return None
+        try:
+            # Stored slice-major (Z first, see _write_disk): viewed back as (C, X, Y, Z) without a copy.
+            image = np.moveaxis(map_npy(folder / "image.npy"), 0, -1)
+            regions = np.moveaxis(map_npy(folder / "regions.npy"), 0, -1) if lazy.labelled else None
+            if tuple(image.shape) != lazy.shape or image.dtype != np.float32:
+                raise ValueError(f"image {image.shape} {image.dtype}, expected {lazy.shape} float32")
+            if regions is not None and (regions.shape[1:] != image.shape[1:] or regions.dtype != np.uint8):
+                raise ValueError(f"regions {regions.shape} {regions.dtype} do not fit image {image.shape}")
+        except FileNotFoundError:  # purged since this process read its metadata
+            return None
+        except PermissionError as exc:
+            logger.warning("case cache: ignoring %s (%s)", folder, exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 - torn or foreign: removed, then decoded again
+            logger.warning("case cache: rebuilding %s (%s)", folder, exc)
+            _discard(folder)
+            return None
+        return PreparedCase(case=lazy.case, image=image, regions=regions, affine=lazy.affine, header=lazy.header,
+                            original_shape=lazy.original_shape, ornt=lazy.ornt, crop=lazy.crop,
+                            empty_label=lazy.empty_label)
+
+    def _write_disk(self, key: tuple[Any, ...], prepared: PreparedCase) -> bool:
+        """Write the entry; ``False`` when there is no cache folder or it cannot be written."""
+        folder = self._disk_path(key)
+        if folder is None:
+            return False
+        meta = {"format": CACHE_FORMAT, "key": repr(key), **prepared.info()}
         try:
             # Written in a private temporary folder, then renamed into place: readers never see half an entry.
             tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
             files = {"image.npy": prepared.image, **({"regions.npy": prepared.regions} if prepared.regions is not None else {})}
             for name, array in files.items():
-                replace_private(tmp / name, lambda handle, a=array: np.save(handle, a, allow_pickle=False))
+                # Slice-major (Z, C, X, Y): an axial slice, what a 2D model samples and infers on, is one
+                # contiguous block, so a mapped read of one slice reads that slice, not the whole case.
+                major = np.ascontiguousarray(np.moveaxis(array, -1, 0))
+                replace_private(tmp / name, lambda handle, a=major: np.save(handle, a, allow_pickle=False))
             replace_private(tmp / "meta.json", json.dumps(meta).encode())
             try:
                 os.replace(tmp, folder)
@@ -816,6 +967,8 @@ class CaseCache:
                 purge_cache(folder.parent, keep_bytes=self.max_disk_bytes, spare_recent_s=RECENT_USE_S)
         except OSError as exc:  # a full or read-only disk only costs speed
             logger.warning("case cache: cannot write %s (%s); continuing without it", folder, exc)
+            return False
+        return (folder / "meta.json").is_file()
 
     @staticmethod
     def _key(data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str, crop: bool) -> tuple[Any, ...]:
@@ -972,6 +1125,11 @@ def load_site(
 ) -> SiteData:
     """Load every case of a data folder (or the listed ones), validated and preprocessed.
 
+    Through a ``cache`` the cases are :class:`LazyCase` objects: each is decoded and validated
+    once (or found in the cache), and its arrays are read only when used, so the memory a site
+    takes does not grow with its number of cases. With ``cache=None`` every case is decoded and
+    held (:class:`PreparedCase`).
+
     Args:
         data_dir: the data folder.
         spec: its layout; found with :func:`resolve_spec` when ``None``.
@@ -979,7 +1137,7 @@ def load_site(
         on_error: ``"skip"`` drops bad cases with one summary warning; ``"raise"`` stops
             at the first bad case.
         crop_foreground: crop each case to its nonzero box.
-        cache: where preprocessed cases are kept between calls; ``None`` disables caching.
+        cache: where preprocessed cases come from (:class:`CaseCache`); ``None``: decode and hold every case.
 
     Returns:
         The :class:`SiteData`.
@@ -1003,7 +1161,7 @@ def load_site(
             if cache is None:
                 cases.append(load_case(data_dir, spec, case, crop_foreground=crop_foreground))
             else:
-                cases.append(cache.get_or_load(data_dir, spec, case, crop_foreground))
+                cases.append(cache.lazy(data_dir, spec, case, crop_foreground))
         except CaseError as exc:
             if on_error == "raise":
                 raise

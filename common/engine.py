@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
+from monai.transforms import Compose
 from monai.inferers import sliding_window_inference
 from torch import nn
 
@@ -65,22 +66,27 @@ def autocast(device: torch.device) -> Any:
     return nullcontext()
 
 
+def _read_case(item: dict[str, PreparedCase]) -> dict[str, np.ndarray]:
+    case = item["case"].load()
+    return {"image": case.image, "label": case.regions}
+
+
 def _training_loader(cases: Sequence[PreparedCase], spatial_dims: int, config: TrainConfig) -> DataLoader:
     if spatial_dims == 2:  # small crops are padded so that every pooling level of a default-depth U-Net keeps a voxel
-        sample_size = tuple(max(MIN_TRAINING_SIDE, *(c.image.shape[axis] for c in cases)) for axis in (1, 2))
+        sample_size = tuple(max(MIN_TRAINING_SIDE, *(c.shape[axis] for c in cases)) for axis in (1, 2))
     else:
         sample_size = config.patch_size
     transform = training_transforms(spatial_dims, tuple(sample_size), config.pos_ratio, config.augment)
     if config.seed is not None:
         transform.set_random_state(seed=config.seed)
-    # Each case appears samples_per_case times; each appearance draws a fresh slice/patch.
-    items = [{"image": c.image, "label": c.regions} for c in cases if c.regions is not None
-             for _ in range(config.samples_per_case)]
+    # Each case appears samples_per_case times; each appearance draws a fresh slice/patch. The arrays are
+    # read when a sample is drawn (a LazyCase reads only then), so memory holds the batch's cases, not the site.
+    items = [{"case": c} for c in cases if c.labelled for _ in range(config.samples_per_case)]
     generator = torch.Generator()
     if config.seed is not None:
         generator.manual_seed(config.seed)
     return DataLoader(
-        Dataset(items, transform=transform), batch_size=config.batch_size, shuffle=True,
+        Dataset(items, transform=Compose([_read_case, transform])), batch_size=config.batch_size, shuffle=True,
         num_workers=config.num_workers, generator=generator, drop_last=len(items) > config.batch_size,
     )
 
@@ -114,7 +120,7 @@ def train(
     Raises:
         ValueError: when no case has a label.
     """
-    labelled = [c for c in cases if c.regions is not None]
+    labelled = [c for c in cases if c.labelled]
     if not labelled:
         raise ValueError("no labelled training case to train on.")
     loader = _training_loader(labelled, spatial_dims, config)
@@ -237,8 +243,9 @@ def evaluate(
     """
     per_case = []
     regions = list(spec.regions)
-    labelled = [c for c in cases if c.regions is not None]
+    labelled = [c for c in cases if c.labelled]
     for i, case in enumerate(labelled, 1):
+        case = case.load()  # one case's arrays at a time
         start = time.perf_counter()
         probs = predict_probabilities(model, case.image, spatial_dims, device, patch_size=patch_size)
         seconds = time.perf_counter() - start

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 import tomllib
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,35 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def presets() -> list[str]:
+    """Names of the run-config presets that ship with FedLesion (``simulations/presets/<name>.toml``)."""
+    return sorted(p.name.removesuffix(".toml") for p in files("fedlesion.simulations").joinpath("presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def read_preset(name_or_path: str) -> dict[str, Any]:
+    """A TOML file of run-config values, or a shipped preset by name (``--run-config smoke``).
+
+    Raises:
+        ValueError: naming the file, when it is neither, or not TOML.
+    """
+    path = Path(name_or_path)
+    try:
+        if path.is_file():
+            return tomllib.loads(path.read_text(encoding="utf-8"))
+        if name_or_path.removesuffix(".toml") in presets():
+            return tomllib.loads(files("fedlesion.simulations").joinpath("presets", f"{name_or_path.removesuffix('.toml')}.toml")
+                                 .read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"run config {name_or_path}: cannot be read as TOML ({exc}).") from None
+    raise ValueError(f"run config '{name_or_path}': neither a TOML file nor a shipped preset {presets()}.")
+
+
 def _run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Run-config values from ``--run-config FILE`` then ``--set KEY=VALUE`` (later wins)."""
     overrides: dict[str, Any] = {}
     if args.run_config:
-        overrides.update(tomllib.loads(Path(args.run_config).read_text()))
+        overrides.update(read_preset(args.run_config))
     for item in args.set or []:
         key, _, value = item.partition("=")
         overrides[key] = _parse_value(value)
@@ -256,7 +281,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model_args = {name: parse_model_args(args.model_args) for name in models} if args.model_args else None
     run_bench(args.data, args.out, models, manifest=args.manifest, cases=args.cases, repeats=args.repeats,
               checkpoints=checkpoints, model_args=model_args, sections=args.sections.split(","),
-              scale_sites=[int(n) for n in args.scale_sites.split(",")],
+              scale_sites=[int(n) for n in args.scale_sites.split(",") if n],
+              site_sizes=[int(n) for n in args.site_sizes.split(",") if n], site_shape=parse_shape(args.site_shape),
               devices=args.devices.split(",") if args.devices != "auto" else None)
     print((Path(args.out) / "bench.md").read_text())
     print(f"bench.json, bench.md -> {args.out}")
@@ -318,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "data-root the sites are synthetic and generated on first use.")
     simulate.add_argument("--sites", type=int, default=3, help="number of sites / virtual SuperNodes (default 3)")
     simulate.add_argument("--rounds", type=int, default=None, help="federated rounds (default: num-server-rounds)")
-    simulate.add_argument("--run-config", help="a TOML preset of run-config values (see simulations/presets/)")
+    simulate.add_argument("--run-config", help="a TOML file of run-config values, or a shipped preset by name: "
+                          "smoke, brats2021-fets1, ... (simulations/presets/)")
     simulate.add_argument("--set", action="append", metavar="KEY=VALUE",
                           help="override one run-config value, e.g. --set local-epochs=2 (repeatable)")
     simulate.add_argument("--out", default=declared["output-dir"],
@@ -418,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--folds", type=int, default=0,
                        help="K-fold cross-validation: each fold holds out 1/K of every site's cases (default: off)")
     repro.add_argument("--seeds", help="comma-separated seeds: one run per seed on the same held-out cases")
-    repro.add_argument("--run-config", help="a TOML preset (see simulations/presets/)")
+    repro.add_argument("--run-config", help="a TOML file, or a shipped preset by name (simulations/presets/)")
     repro.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one run-config value (repeatable)")
     repro.add_argument("--out", required=True, help="output folder")
     repro.set_defaults(func=cmd_reproduce)
@@ -478,7 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "= samples/s, ours and MONAI's CacheDataset + DataLoader recipe; federation = a "
                                        "simulation of the main job: orchestration overhead and upload bytes, float32 and "
                                        "float16 transport; scale = simulations of --scale-sites sites (FeTS partitioning_2 "
-                                       "proportions): peak memory and seconds per round. Warm-up, median of --repeats, CPU "
+                                       "proportions): peak memory and seconds per round, and one site of --site-sizes cases "
+                                       "served by a SuperNode's ClientApp processes (one per message): peak memory, seconds "
+                                       "per message, cases read. Warm-up, median of --repeats, CPU "
                                        "and CUDA when present. Writes bench.json and bench.md.")
     bench.add_argument("--data", required=True, help="data folder")
     bench.add_argument("--manifest", help="its manifest (default: found in the folder)")
@@ -491,7 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated: inference, training, federation, scale (default inference,training)")
     bench.add_argument("--devices", default="auto",
                        help="comma-separated devices for inference and training, e.g. cuda (default auto: cpu, and cuda when present)")
-    bench.add_argument("--scale-sites", default="8,16,33", help="site counts for the scale section (default 8,16,33)")
+    bench.add_argument("--scale-sites", default="8,16,33", help="site counts for the scale section (default 8,16,33; "
+                       "empty: none)")
+    bench.add_argument("--site-sizes", default="10,100,500",
+                       help="scale section: cases at one site, each measured as the ClientApp process of a SuperNode "
+                            "(default 10,100,500; empty: none)")
+    bench.add_argument("--site-shape", default="240,240,155", help="scale section: the site's case size (default BraTS's)")
     bench.add_argument("--out", default="outputs/bench", help="output folder")
     bench.set_defaults(func=cmd_bench)
 

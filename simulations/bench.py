@@ -179,9 +179,11 @@ def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest
               cases: int = 2, repeats: int = 3, checkpoints: dict[str, str] | None = None,
               model_args: dict[str, dict] | None = None, sections: Sequence[str] = ("inference", "training"),
               scale_sites: Sequence[int] = (8, 16, 33), federation_config: dict[str, Any] | None = None,
-              devices: Sequence[str] | None = None) -> dict[str, Any]:
+              devices: Sequence[str] | None = None, site_sizes: Sequence[int] = (10, 100, 500),
+              site_shape: tuple[int, int, int] = (240, 240, 155)) -> dict[str, Any]:
     """Run the chosen ``sections`` (inference and training for ``models``, on the CPU and on CUDA
-    when present, or ``devices``; federation overhead and scale in simulation); write bench.json / bench.md."""
+    when present, or ``devices``; federation overhead and scale in simulation: sites, and one site's
+    ClientApp process at ``site_sizes`` cases); write bench.json / bench.md."""
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise ValueError(f"unknown bench section(s) {unknown}; choose from {list(SECTIONS)}.")
@@ -228,8 +230,15 @@ def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest
     if "scale" in sections:
         from .bench_federation import bench_scale
 
-        print(f"scale: simulating {', '.join(map(str, scale_sites))} sites ...", flush=True)
-        result["scale"] = bench_scale(out, scale_sites)
+        from .bench_site import bench_site_sizes
+
+        if scale_sites:
+            print(f"scale: simulating {', '.join(map(str, scale_sites))} sites ...", flush=True)
+            result["scale"] = bench_scale(out, scale_sites)
+            (out / "bench.json").write_text(json.dumps(result, indent=2))
+        if site_sizes:
+            result["site_scale"] = bench_site_sizes(out, site_sizes, site_shape,
+                                                    progress=lambda line: print(line, flush=True))
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     (out / "bench.md").write_text(bench_markdown(result))
     return result
@@ -266,6 +275,13 @@ def bench_markdown(result: dict[str, Any]) -> str:
         for row in result["scale"].values():
             lines.append(f"| {row['sites']} | {row['total_cases']} | {row['peak_rss_gib']:.2f} | {row['seconds_per_round']:.1f} | "
                          f"{row['seconds_per_round_per_case']:.2f} |")
+    if "site_scale" in result:
+        lines += ["", "| cases at the site | peak RSS per ClientApp process (GiB) | s / train message | cases opened "
+                  "per train message | s / evaluated case | first train message (s, preprocessing its new cases) |",
+                  "|---|---|---|---|---|---|"]
+        for row in result["site_scale"].values():
+            lines.append(f"| {row['cases']} | {row['peak_rss_gib']:.2f} | {row['train_message_s']:.1f} | "
+                         f"{row['train_message_cases_opened']} | {row['evaluate_s_per_case']:.1f} | {row['first_train_message_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -439,7 +439,9 @@ def test_disk_cache_folder_others_could_write_is_not_used(tmp_path: Path) -> Non
     os.chmod(entry / "image.npy", 0o600)
     np.save(entry / "image.npy", np.array([Planted()], dtype=object), allow_pickle=True)  # an object array: a pickle
     before = DECODE_STATS.files
-    load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=folder))
+    [case] = load_site(tmp_path / "data", BRATS, cache=CaseCache(1 << 30, disk_dir=folder)).cases
+    assert DECODE_STATS.files == before  # the entry's metadata is fine: its arrays are read only when used ...
+    assert case.image.dtype == np.float32  # ... and then the planted one is refused, and the case decoded again
     assert not (tmp_path / "planted-ran").exists() and DECODE_STATS.files - before == 5, "refused, decoded again"
     # The refused entry was replaced by a clean one, which is read (no decoding) ...
     before = DECODE_STATS.files

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -153,7 +154,7 @@ def test_a_volume_smaller_than_the_pooling_needs_is_padded_and_cropped_back(mode
 
 def test_training_on_small_crops_pads_them(tiny_sites: Path) -> None:
     cases = load_site(tiny_sites / "site-2").cases
-    small = [PreparedCase(**{**c.__dict__, "image": c.image[:, :9, :11], "regions": c.regions[:, :9, :11]}) for c in cases]
+    small = [replace(c.load(), image=c.image[:, :9, :11], regions=c.regions[:, :9, :11]) for c in cases]
     torch.manual_seed(0)
     model = build_model("unet2d", 4, 3, base_channels=4)  # depth 4 needs 16 x 16
     stats = train(model, small, 2, TrainConfig(epochs=1, batch_size=4, samples_per_case=2, seed=0), torch.device("cpu"))
