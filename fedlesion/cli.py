@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "served by a SuperNode's ClientApp processes (one per message): peak memory, seconds "
                                        "per message, cases read. Warm-up, median of --repeats, CPU "
                                        "and CUDA when present. Writes bench.json and bench.md.")
-    bench.add_argument("--data", required=True, help="data folder")
+    bench.add_argument("--data", help="data folder (the inference and training sections)")
     bench.add_argument("--manifest", help="its manifest (default: found in the folder)")
     bench.add_argument("--models", default="unet2d,unet2d-lite", help="comma-separated models (default unet2d,unet2d-lite)")
     bench.add_argument("--checkpoint", action="append", metavar="MODEL=PATH", help="trained weights for a model (repeatable)")

@@ -175,7 +175,7 @@ def bench_inference(
 SECTIONS = ("inference", "training", "federation", "scale")
 
 
-def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest: str | None = None,
+def run_bench(data: str | Path | None, out: str | Path, models: Sequence[str], manifest: str | None = None,
               cases: int = 2, repeats: int = 3, checkpoints: dict[str, str] | None = None,
               model_args: dict[str, dict] | None = None, sections: Sequence[str] = ("inference", "training"),
               scale_sites: Sequence[int] = (8, 16, 33), federation_config: dict[str, Any] | None = None,
@@ -187,8 +187,13 @@ def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise ValueError(f"unknown bench section(s) {unknown}; choose from {list(SECTIONS)}.")
-    spec = resolve_spec(data, manifest)
-    ids = discover_cases(data, spec)[:cases]
+    if {"inference", "training"} & set(sections):
+        if not data:
+            raise ValueError("bench: the inference and training sections time cases of --data; give a data folder.")
+        spec = resolve_spec(data, manifest)
+        ids = discover_cases(data, spec)[:cases]
+    else:  # federation and scale make their own synthetic sites
+        ids = []
     if devices:
         chosen = [torch.device(d) for d in devices]
         for d in chosen:
@@ -199,7 +204,7 @@ def run_bench(data: str | Path, out: str | Path, models: Sequence[str], manifest
     result: dict[str, Any] = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                                           "cpu_threads": torch.get_num_threads(),
                                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-                              "versions": _versions(), "settings": {"data": str(data), "cases": ids, "repeats": repeats,
+                              "versions": _versions(), "settings": {"data": str(data) if data else None, "cases": ids, "repeats": repeats,
                                                                     "sections": list(sections)}}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
