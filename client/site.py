@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,6 @@ from fedlesion.common.data import (
     DatasetSpec,
     PreparedCase,
     conform_spec,
-    default_cache_dir,
     discover_cases,
     load_site,
     resolve_spec,
@@ -172,12 +172,17 @@ _CACHES: dict[str, CaseCache] = {}
 
 
 def _cache(node_config: Mapping[str, Any]) -> CaseCache:
-    """The preprocessed-case cache: in memory, and on disk at ``cache-dir`` (node config),
-    ``$FEDLESION_CACHE_DIR`` or ``~/.cache/fedlesion/cases``, because a SuperNode may start
-    a fresh ClientApp process for every round."""
-    folder = str(node_config.get("cache-dir", "")) or str(default_cache_dir())
+    """Where the site's preprocessed cases come from (:class:`~fedlesion.common.data.CaseCache`).
+
+    On disk only when the hospital chose a folder, ``cache-dir`` in the node config or
+    ``$FEDLESION_CACHE_DIR``: it holds patient-derived arrays outside the data folder, so it is
+    opt-in. With it, each message's ClientApp process (a SuperNode starts one per message) maps
+    the cases it samples from there, decoding nothing; without it, each process decodes the
+    site's cases once and keeps at most ``$FEDLESION_CACHE_GIB`` of them in memory.
+    """
+    folder = str(node_config.get("cache-dir", "")) or os.environ.get("FEDLESION_CACHE_DIR", "")
     if folder not in _CACHES:
-        _CACHES[folder] = CaseCache(CACHE.max_bytes, disk_dir=folder)
+        _CACHES[folder] = CaseCache(CACHE.max_bytes, disk_dir=folder or None)
     return _CACHES[folder]
 
 

@@ -37,6 +37,7 @@ from typing import Any, Callable, Literal
 import nibabel as nib
 import numpy as np
 from monai.transforms import NormalizeIntensity
+from monai.transforms.utils import generate_spatial_bounding_box
 
 from .files import open_private, private_folder, replace_private
 
@@ -754,16 +755,12 @@ _ZSCORE = NormalizeIntensity(nonzero=True, channel_wise=True)
 
 
 def foreground_box(image: np.ndarray, margin: int = 0) -> tuple[tuple[int, int], ...]:
-    """``(start, stop)`` per spatial axis of the nonzero voxels of ``(C, ...)``, widened by ``margin``."""
-    nonzero = np.any(image != 0, axis=0)
-    if not nonzero.any():
-        return tuple((0, s) for s in nonzero.shape)
-    box = []
-    for axis in range(nonzero.ndim):
-        other = tuple(a for a in range(nonzero.ndim) if a != axis)
-        hits = np.flatnonzero(nonzero.any(axis=other))
-        box.append((max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, nonzero.shape[axis])))
-    return tuple(box)
+    """``(start, stop)`` per spatial axis of the nonzero voxels of ``(C, ...)``, widened by ``margin``
+    (MONAI's ``generate_spatial_bounding_box``); the whole volume when nothing is nonzero."""
+    if not np.any(image):
+        return tuple((0, s) for s in image.shape[1:])
+    start, stop = generate_spatial_bounding_box(image, select_fn=lambda x: x != 0, margin=margin, allow_smaller=True)
+    return tuple((int(a), int(b)) for a, b in zip(start, stop))
 
 
 def map_npy(path: str | os.PathLike[str]) -> np.ndarray:

@@ -109,7 +109,8 @@ def fets(kind: str, case_ids: Sequence[str] | None = None) -> Split:
         present = set(case_ids)
         missing = sorted(c for cases in sites.values() for c in cases if c not in present)
         if missing:
-            notes.append(f"{len(missing)} subject(s) of the partition are not in the data folder: {missing}")
+            notes.append(f"{len(missing)} subject(s) of the partition are not in the data folder"
+                         + (f": {missing}" if len(missing) <= 10 else f", e.g. {missing[:5]}"))
         sites = {s: [c for c in cases if c in present] for s, cases in sites.items()}
         sites = {s: cases for s, cases in sites.items() if cases}
         if not sites:

@@ -29,6 +29,8 @@ from typing import Any, Iterator, TextIO
 from urllib.error import URLError
 from urllib.request import urlopen
 
+import tomli_w
+
 from fedlesion.client.site import synthetic_root
 from fedlesion import CHECKOUT
 from fedlesion.common.config import APP_CONFIG, app_pyproject, declared_run_config, parse_shape, with_defaults
@@ -59,17 +61,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def toml_value(value: Any) -> str:
-    """A scalar as a TOML literal (run-config values are str, int, float or bool)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
 def write_run_config(values: Mapping[str, Any], path: Path) -> Path:
-    path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in values.items()))
+    """Run-config values as the TOML file ``flwr run --run-config`` reads (``tomli_w``, as Flower writes its own)."""
+    path.write_text(tomli_w.dumps(dict(values)))
     return path
 
 

@@ -544,3 +544,18 @@ def cache_entries_of(folder: Path) -> list[Path]:
     from fedlesion.common.data import cache_entries
 
     return cache_entries(folder)
+
+
+def test_foreground_box_is_the_nonzero_voxels_widened_and_clipped() -> None:
+    from fedlesion.common.data import foreground_box
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        image = np.zeros((2, 9, 7, 5), np.float32)
+        for _ in range(rng.integers(0, 4)):
+            image[tuple(rng.integers(0, s) for s in image.shape)] = rng.normal()
+        margin = int(rng.integers(0, 4))
+        hits = np.nonzero(np.any(image != 0, axis=0))
+        expected = (tuple((0, s) for s in image.shape[1:]) if not hits[0].size else
+                    tuple((max(int(h.min()) - margin, 0), min(int(h.max()) + 1 + margin, s)) for h, s in zip(hits, image.shape[1:])))
+        assert foreground_box(image, margin) == expected
