@@ -11,7 +11,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from functools import cache
-from importlib.resources import as_file, files
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +21,32 @@ from .model import resolved_model_args
 APP_CONFIG = "[tool.flwr.app.config] in the app's pyproject.toml"  # where the run config is declared, for messages
 
 
-def app_pyproject() -> Path:
-    """The app's ``pyproject.toml``: the repository's in a checkout or a FAB (whose ``pyproject.toml``
-    ``flwr build`` writes from it), the copy an installed wheel carries (``fedlesion/app.toml``)."""
+def app_pyproject_text() -> tuple[str, str]:
+    """``(where, text)`` of the app's ``pyproject.toml``: the repository's in a checkout or a FAB (whose
+    ``pyproject.toml`` ``flwr build`` writes from it), the copy an installed wheel carries
+    (``fedlesion/app.toml``, read through ``importlib.resources``)."""
     from fedlesion import CHECKOUT
 
     if CHECKOUT is not None:
-        return CHECKOUT / "pyproject.toml"
-    with as_file(files("fedlesion").joinpath("app.toml")) as path:
-        return Path(path)
+        path = CHECKOUT / "pyproject.toml"
+        return str(path), _read(path)
+    return "fedlesion/app.toml (installed)", files("fedlesion").joinpath("app.toml").read_text(encoding="utf-8")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc}); the app's pyproject.toml declares every run-config key "
+                         "and its default.") from exc
 
 
 @cache
-def _declared(path: Path) -> dict[str, Any]:
+def _declared(where: str, text: str) -> dict[str, Any]:
     try:
-        return dict(tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the [tool.flwr.app.config] table ({exc}); the app's pyproject.toml "
+        return dict(tomllib.loads(text)["tool"]["flwr"]["app"]["config"])
+    except (KeyError, TypeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{where}: cannot read the [tool.flwr.app.config] table ({exc}); the app's pyproject.toml "
                          "declares every run-config key and its default.") from exc
 
 
@@ -46,7 +55,7 @@ def declared_run_config(app_dir: Path | None = None) -> dict[str, Any]:
 
     Args:
         app_dir: a Flower app folder holding ``pyproject.toml``; ``None``: this app's own
-            (:func:`app_pyproject`).
+            (:func:`app_pyproject_text`).
 
     Returns:
         A fresh ``{key: default}`` dict (kebab-case keys, TOML-typed values).
@@ -54,8 +63,10 @@ def declared_run_config(app_dir: Path | None = None) -> dict[str, Any]:
     Raises:
         ValueError: when the file or its table cannot be read.
     """
-    path = app_pyproject() if app_dir is None else Path(app_dir) / "pyproject.toml"
-    return dict(_declared(path.resolve()))
+    if app_dir is None:
+        return dict(_declared(*app_pyproject_text()))
+    path = Path(app_dir) / "pyproject.toml"
+    return dict(_declared(str(path), _read(path)))
 
 
 # Allowed values of the run config's numeric keys, declared once beside the defaults' file: (lowest,

@@ -832,6 +832,16 @@ class CaseCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (a DataLoader worker, a spawned process) reads the same folder, with memory of its own.
+        state = self.__dict__.copy()
+        state.update(_items=OrderedDict(), _bytes=0, _lock=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def lazy(self, data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str, crop_foreground: bool) -> LazyCase:
         """The case, validated and preprocessed (decoded now only if no entry holds it), without its arrays.
 
@@ -905,10 +915,6 @@ class CaseCache:
             logger.debug("case cache: rebuilding %s (%s)", folder, exc)
             _discard(folder)
             return None
-        try:
-            os.utime(folder)  # recently used: the size bound removes the least recently used entries first
-        except OSError:
-            pass
         return meta
 
     def _map_disk(self, key: tuple[Any, ...], lazy: LazyCase) -> PreparedCase | None:
@@ -932,6 +938,10 @@ class CaseCache:
             logger.warning("case cache: rebuilding %s (%s)", folder, exc)
             _discard(folder)
             return None
+        try:
+            os.utime(folder)  # used: the size bound removes the least recently used entries first
+        except OSError:
+            pass
         return PreparedCase(case=lazy.case, image=image, regions=regions, affine=lazy.affine, header=lazy.header,
                             original_shape=lazy.original_shape, ornt=lazy.ornt, crop=lazy.crop,
                             empty_label=lazy.empty_label)
@@ -942,6 +952,7 @@ class CaseCache:
         if folder is None:
             return False
         meta = {"format": CACHE_FORMAT, "key": repr(key), **prepared.info()}
+        tmp: Path | None = None
         try:
             # Written in a private temporary folder, then renamed into place: readers never see half an entry.
             tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -954,17 +965,20 @@ class CaseCache:
             replace_private(tmp / "meta.json", json.dumps(meta).encode())
             try:
                 os.replace(tmp, folder)
-            except OSError:  # an entry is there already (another process's, or one a read just found bad)
-                _discard(folder)
-                try:
-                    os.replace(tmp, folder)
-                except OSError:
-                    shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:  # an entry is there already: another process's (kept when sound), or a bad one
+                if self._read_info(key) is None and not folder.exists():  # it was bad, and _read_info removed it
+                    try:
+                        os.replace(tmp, folder)
+                    except OSError:
+                        pass
             if self.max_disk_bytes:
                 purge_cache(folder.parent, keep_bytes=self.max_disk_bytes, spare_recent_s=RECENT_USE_S)
         except OSError as exc:  # a full or read-only disk only costs speed
             logger.warning("case cache: cannot write %s (%s); continuing without it", folder, exc)
             return False
+        finally:
+            if tmp is not None and tmp.exists():  # not renamed into place: nothing half-written stays behind
+                shutil.rmtree(tmp, ignore_errors=True)
         return (folder / "meta.json").is_file()
 
     @staticmethod
@@ -991,6 +1005,7 @@ _ENTRY = re.compile(r"^[0-9a-f]{32}$")  # an entry folder's name (see CaseCache.
 _PARTIAL = re.compile(r"^\.[0-9a-f]{32}\.[a-z0-9_]{8}$")  # a writer's temporary folder (tempfile.mkdtemp)
 _OLD_PICKLE = re.compile(r"^[0-9a-f]{32}\.pkl$|^tmp[a-z0-9_]{8}\.tmp$")  # entries before 2026-11-27 (pickles)
 _ENTRY_FILES = {"image.npy", "regions.npy", "meta.json"}
+_WRITING = re.compile(r"^\.(image\.npy|regions\.npy|meta\.json)\.[a-z0-9_]{8}\.tmp$")  # replace_private's file, mid-write
 CACHE_TAG = "CACHEDIR.TAG"  # marks a FedLesion case cache (https://bford.info/cachedir/)
 CACHE_TAG_TEXT = "Signature: 8a477f597d28d172789f06886806bc55\n# FedLesion preprocessed-case cache\n"
 RECENT_USE_S = 600.0  # the size bound never removes an entry used this recently (a site's round in progress)
@@ -1031,7 +1046,9 @@ def _entry_size(path: Path) -> int | None:
         if not (_ENTRY.match(path.name) or _PARTIAL.match(path.name)) or not path.is_dir():
             return None
         files = list(path.iterdir())
-        if any(f.name not in _ENTRY_FILES or f.is_symlink() or not f.is_file() for f in files):
+        partial = bool(_PARTIAL.match(path.name))  # a writer killed mid-write leaves its temporary file here
+        if any((f.name not in _ENTRY_FILES and not (partial and _WRITING.match(f.name))) or f.is_symlink() or not f.is_file()
+               for f in files):
             return None  # something else lives here: never ours to count or delete
         return sum(f.stat().st_size for f in files)
     except OSError:
@@ -1171,6 +1188,13 @@ def load_site(
         logger.warning(
             "%s: skipped %d of %d case(s):\n  %s", data_dir, len(skipped), len(ids), "\n  ".join(skipped.values())
         )
+    total = sum(c.nbytes for c in cases)
+    if cache is not None and cache.disk_dir is None and total > cache.max_bytes:
+        logger.warning("%s: its %d case(s) take %.1f GiB preprocessed, more than the %.1f GiB this process may hold "
+                       "(FEDLESION_CACHE_GIB) with no case-cache folder: a case dropped from memory is decoded again "
+                       "each time it is sampled. Give a case-cache folder (a SuperNode's cache-dir, "
+                       "$FEDLESION_CACHE_DIR) to decode each case once.", data_dir, len(cases), total / 2**30,
+                       cache.max_bytes / 2**30)
     return SiteData(spec=spec, cases=cases, skipped=skipped)
 
 

@@ -17,20 +17,30 @@ A split is written as JSON: ``{"kind", "sites": {site: [case IDs]}, "notes": [..
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-PARTITIONS = Path(__file__).resolve().parent / "partitions"
-FETS_FILES = {"fets1": "partitioning_1.csv", "fets2": "partitioning_2.csv", "fets-small": "small_split.csv"}
+FETS_FILES = {"fets1": "partitioning_1.json", "fets2": "partitioning_2.json", "fets-small": "small_split.json"}
 KINDS = ("institution", "fets1", "fets2", "fets-small", "iid", "dirichlet-count", "dirichlet-volume")
 _INSTITUTION = re.compile(r"^(?:Brats\d{2}|Synth)_([A-Za-z0-9]+)_")  # Brats18_CBICA_AAB_1, Synth_S00_000
+
+
+def partition_rows(kind: str) -> list[dict[str, str]]:
+    """The rows (``Partition_ID``, ``Subject_ID``) of a shipped FeTS 2022 partition table.
+
+    The tables ship as JSON, not as FeTS's CSV: Flower's FAB carries ``.json`` files and no
+    ``.csv``, and a simulated ClientApp runs from the FAB. Read through ``importlib.resources``,
+    as from an installed wheel.
+    """
+    data = json.loads(files(__package__).joinpath("partitions", FETS_FILES[kind]).read_text(encoding="utf-8"))
+    return [dict(zip(data["columns"], row)) for row in data["rows"]]
 
 
 @dataclass
@@ -100,10 +110,9 @@ def fets(kind: str, case_ids: Sequence[str] | None = None) -> Split:
     if kind not in FETS_FILES:
         raise ValueError(f"unknown FeTS partition '{kind}'; choose one of {sorted(FETS_FILES)}.")
     sites: dict[str, list[str]] = {}
-    with open(PARTITIONS / FETS_FILES[kind], newline="") as handle:
-        for row in csv.DictReader(handle):
-            number = row["Subject_ID"].rsplit("_", 1)[-1]
-            sites.setdefault(f"site-{int(row['Partition_ID']):02d}", []).append(f"BraTS2021_{number}")
+    for row in partition_rows(kind):
+        number = row["Subject_ID"].rsplit("_", 1)[-1]
+        sites.setdefault(f"site-{int(row['Partition_ID']):02d}", []).append(f"BraTS2021_{number}")
     notes = ["FeTS2022_NNNNN read as BraTS2021_NNNNN: an inferred mapping, not an official table."]
     if case_ids is not None:
         present = set(case_ids)

@@ -25,6 +25,11 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+CACHE_DIR_HELP = ("a case-cache folder: each case is preprocessed once into it and read back memory-mapped "
+                  "(patient-derived arrays: opt-in for real data; default $FEDLESION_CACHE_DIR, else synthetic sites "
+                  "only, in <output-dir>/cache)")
+
+
 def presets() -> list[str]:
     """Names of the run-config presets that ship with FedLesion (``simulations/presets/<name>.toml``)."""
     return sorted(p.name.removesuffix(".toml") for p in files("fedlesion.simulations").joinpath("presets").iterdir()
@@ -89,7 +94,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         started.append(True)
 
     try:
-        run_dir = run_federation(overrides, num_sites=args.sites, timeout_s=args.timeout, on_start=adopt_orphans)
+        run_dir = run_federation(overrides, num_sites=args.sites, timeout_s=args.timeout, on_start=adopt_orphans,
+                                 cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     except KeyboardInterrupt:
         last = folder / "last.pt"
         print(f"\nfedlesion simulate: interrupted; the simulation and its processes are stopped. "
@@ -199,12 +205,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         reproduce_repeated(args.data, args.split, args.out, folds=args.folds,
                            seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else (),
                            test_data=args.test_data, test_include=args.test_include or (), run_config=overrides,
-                           manifest=args.manifest, configs=configs, num_sites=args.sites)
+                           manifest=args.manifest, configs=configs, num_sites=args.sites, cache_dir=args.cache_dir)
     else:
         if not args.test_data:
             raise ValueError("reproduce needs --test-data (with --test-include when it is --data), or --folds.")
         reproduce(args.data, args.split, args.test_data, args.out, run_config=overrides, manifest=args.manifest,
-                  test_include=args.test_include or (), configs=configs, num_sites=args.sites)
+                  test_include=args.test_include or (), configs=configs, num_sites=args.sites, cache_dir=args.cache_dir)
     print((Path(args.out) / "results.md").read_text())
     if args.folds or args.seeds:
         print(f"results.json, results.md, curves.png, reproduce.json -> {args.out} (each fold or seed in its sub-folder)")
@@ -351,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--out", default=declared["output-dir"],
                           help="output folder; the run folder is made inside (default %(default)s)")
     simulate.add_argument("--timeout", type=float, default=3600.0, help="stop the run after this many seconds")
+    simulate.add_argument("--cache-dir", help=CACHE_DIR_HELP)
     simulate.set_defaults(func=cmd_simulate)
 
     train = sub.add_parser("train", help="centralized (pooled) training, the baseline federation is compared with",
@@ -448,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--run-config", help="a TOML file, or a shipped preset by name (simulations/presets/)")
     repro.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one run-config value (repeatable)")
     repro.add_argument("--out", required=True, help="output folder")
+    repro.add_argument("--cache-dir", help=CACHE_DIR_HELP)
     repro.set_defaults(func=cmd_reproduce)
 
     certs = sub.add_parser("certs", help="coordinator: create the federation's CA and the SuperLink's TLS pair",
@@ -471,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="show or empty the preprocessed-case cache",
                            description="The on-disk case cache holds preprocessed scans (patient-derived) so that "
                                        "rounds decode no NIfTI twice: a folder per case, .npy arrays and JSON. Without "
-                                       "--dir: $FEDLESION_CACHE_DIR, else ~/.cache/fedlesion/cases (a SuperNode's "
-                                       "node config may name another with cache-dir). It is bounded by "
+                                       "--dir: $FEDLESION_CACHE_DIR, else ~/.cache/fedlesion/cases (where SuperNodes "
+                                       "cached before the cache became opt-in; now a SuperNode caches only in the "
+                                       "cache-dir its node config names). It is bounded by "
                                        "FEDLESION_CACHE_DISK_GIB (default 100), least recently used cases first.")
     cache.add_argument("--dir", help="the cache folder (default: as above)")
     cache.add_argument("--purge", action="store_true", help="remove every cached case (only cache entries are touched)")

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import statistics
@@ -34,7 +33,7 @@ from fedlesion.common.data import DatasetSpec, case_paths, load_case
 from fedlesion.common.engine import TrainConfig, train
 from fedlesion.common.losses import build_loss
 from fedlesion.common.model import build_model, model_spatial_dims
-from fedlesion.common.splits import FETS_FILES, PARTITIONS
+from fedlesion.common.splits import partition_rows
 
 
 
@@ -217,8 +216,7 @@ def bench_federation(out: Path, run_config: Mapping[str, Any], num_sites: int = 
 
 def fets2_sizes(num_sites: int, total_cases: int) -> list[int]:
     """Site sizes for ``num_sites`` sites in the proportions of FeTS ``partitioning_2``'s largest sites, at least 1 each."""
-    with open(PARTITIONS / FETS_FILES["fets2"]) as handle:
-        counts = Counter(row["Partition_ID"] for row in csv.DictReader(handle))
+    counts = Counter(row["Partition_ID"] for row in partition_rows("fets2"))
     largest = sorted(counts.values(), reverse=True)[:num_sites]
     if len(largest) < num_sites:
         raise ValueError(f"partitioning_2 has {len(largest)} sites, fewer than {num_sites}.")

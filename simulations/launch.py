@@ -33,7 +33,7 @@ import tomli_w
 
 from fedlesion.client.site import synthetic_root
 from fedlesion import CHECKOUT
-from fedlesion.common.config import APP_CONFIG, app_pyproject, declared_run_config, parse_shape, with_defaults
+from fedlesion.common.config import APP_CONFIG, app_pyproject_text, declared_run_config, parse_shape, with_defaults
 from fedlesion.common.splits import KINDS as SPLIT_KINDS
 from fedlesion.server.app import check_run
 
@@ -50,7 +50,7 @@ def app_folder(workdir: Path) -> Path:
         return CHECKOUT
     folder = workdir / "app"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_bytes(app_pyproject().read_bytes())
+    (folder / "pyproject.toml").write_text(app_pyproject_text()[1], encoding="utf-8")
     return folder
 STARTUP_TIMEOUT_S = 90.0
 
@@ -262,8 +262,9 @@ def run_federation(
         num_cpus_per_site: CPU cores Ray reserves per virtual SuperNode.
         ray_cpus: CPUs Ray believes it has (default: the machine's). ``num_sites`` here lets
             every site train at once, as separate hospitals would, however many cores there are.
-        cache_dir: the sites' preprocessed-case cache (default ``$FEDLESION_CACHE_DIR``, else
-            ``<output-dir>/cache``: patient-derived arrays stay beside the run, not in ``~/.cache``).
+        cache_dir: the sites' case-cache folder (default ``$FEDLESION_CACHE_DIR``; else, for synthetic
+            sites only, ``<output-dir>/cache``: real data is cached on disk only where the user says, and
+            otherwise held in each simulation worker's memory).
         on_start: called once every check has passed, just before the SuperLink starts.
 
     Returns:
@@ -301,9 +302,11 @@ def run_federation(
         on_start()
     with tempfile.TemporaryDirectory(prefix="fedlesion-") as tmp:
         work = Path(workdir or tmp)
-        # Preprocessed scans stay beside the run's outputs (not in ~/.cache) unless the user chose a cache folder.
-        cache = {"FEDLESION_CACHE_DIR": str(cache_dir or os.environ.get("FEDLESION_CACHE_DIR")
-                                            or Path(values["output-dir"]) / "cache")}
+        # A case-cache folder holds patient-derived arrays: for real data only where the user chose one
+        # (cache_dir, $FEDLESION_CACHE_DIR); synthetic sites are cached beside the run's outputs.
+        folder = cache_dir or os.environ.get("FEDLESION_CACHE_DIR") or (
+            None if checked["data-root"] else Path(values["output-dir"]) / "cache")
+        cache = {"FEDLESION_CACHE_DIR": str(folder)} if folder else {}
         app_dir = app_dir or app_folder(work)
         with local_superlink(work, app_dir, cache) as (connection, env):
             command = [

@@ -99,7 +99,8 @@ def reproduce(
         configs: which of :data:`ALL_CONFIGS` to run.
         num_sites: sites for the iid and Dirichlet split kinds.
         report: where progress lines go.
-        cache_dir: the federated runs' preprocessed-case cache (default ``<out>/cache``; folds and seeds share one).
+        cache_dir: the federated runs' case-cache folder (opt-in: it holds patient-derived arrays; default none,
+            each simulation worker decodes the cases once and holds them in memory).
 
     Returns:
         The ``results.json`` content.
@@ -194,7 +195,7 @@ def reproduce(
         }
         start = time.perf_counter()
         run_dir = run_federation(federated_config, num_sites=len(the_split.sites), output=_Prefixed(report, strategy),
-                                 cache_dir=Path(cache_dir) if cache_dir else out / "cache")
+                                 cache_dir=Path(cache_dir) if cache_dir else None)
         timings[strategy] = time.perf_counter() - start
         history = read_history(run_dir)
         key = f"dice-{first_region.lower()}"
@@ -371,6 +372,7 @@ def reproduce_repeated(
     configs: Sequence[str] = DEFAULT_CONFIGS,
     num_sites: int = 3,
     report: Callable[[str], None] = print,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """:func:`reproduce` once per cross-validation fold (``folds``: held-out cases from ``data``
     itself, stratified by site, see :func:`fold_test_cases`) or once per seed (``seeds``: the same
@@ -410,7 +412,7 @@ def reproduce_repeated(
         report(f"=== {name} ({len(repeats)} in all): held-out {len(include)} case(s)" if folds else f"=== {name}")
         per_repeat.append(reproduce(data, split, test_folder, out / name, run_config=config, manifest=manifest,
                                     test_include=include, configs=configs, num_sites=num_sites, report=report,
-                                    cache_dir=out / "cache"))
+                                    cache_dir=cache_dir))
     regions = list(spec.regions)
     results = aggregate_repeats(per_repeat, regions)
     kind = f"{folds}-fold cross-validation (held-out cases stratified by site)" if folds else f"seeds {list(seeds)}"

@@ -80,7 +80,7 @@ def test_every_import_goes_through_the_fedlesion_namespace() -> None:
 
 def test_the_hospital_and_server_sides_never_name_the_simulations() -> None:
     """The issue's own check: no import of the simulation harness in client/ or server/."""
-    result = subprocess.run(["git", "grep", "-nE", r"^\s*(from|import) (fedlesion\.)?simulations", "client", "server"],
+    result = subprocess.run(["git", "grep", "-nE", r"^\s*(from|import) (fedlesion\.)?simulations|^\s*from fedlesion import .*\bsimulations\b", "client", "server"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1 and not result.stdout, result.stdout
 
@@ -124,3 +124,25 @@ def test_the_source_scan_sees_a_forbidden_import(tmp_path: Path) -> None:
     source.write_text("def f():\n    from fedlesion.simulations.synthetic import write_site\n    from ..common import data\n"
                       "    import server.app\n    from fedlesion import cli\n")
     assert {"simulations", "<outside the package>", "<bare server>", "cli"} <= _imported_names(source)
+
+
+def test_the_fab_carries_every_file_the_app_reads(tmp_path: Path) -> None:
+    """A simulated ClientApp and every deployed process run the FAB's code: the package data they read
+    (FeTS partitions, shipped manifests, presets) must be in it, and a split from the FAB must work."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(REPO))) as fab:
+        names = set(fab.namelist())
+        fab.extractall(tmp_path / "fab")
+    package_data = {str(p.relative_to(REPO)) for folder in ("common/partitions", "common/manifests", "simulations/presets")
+                    for p in (REPO / folder).iterdir() if p.suffix in (".json", ".toml")}
+    assert package_data and package_data <= names, sorted(package_data - names)
+    assert {"fedlesion/__init__.py", "client/app.py", "server/app.py"} <= names
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import fedlesion.common.splits as s; "
+            "assert s.__file__.startswith(sys.argv[1]), s.__file__; "
+            "print(sorted(s.make_split('fets1', ['BraTS2021_01341', 'BraTS2021_00000'], 0, 0.5, 0).sites))")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fab")], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0 and "site-01" in result.stdout, result.stderr[-2000:]

@@ -19,3 +19,35 @@ def test_a_folder_holding_a_finished_run_is_refused_before_anything_starts(tmp_p
         run_federation({"output-dir": str(tmp_path / "out"), "run-name": "taken"}, num_sites=2,
                        output=io.StringIO(), timeout_s=60)
     assert not (tmp_path / "out" / "synthetic").exists(), "refused before writing anything"
+
+
+@pytest.mark.parametrize("real_data, chosen, expected", [
+    (True, None, None),  # real scans: no case-cache folder unless the user names one
+    (True, "mine", "mine"),
+    (False, None, "out/cache"),  # synthetic sites: cached beside the run
+])
+def test_a_simulation_caches_real_scans_on_disk_only_where_told(tmp_path: Path, tiny_sites: Path,
+                                                                monkeypatch: pytest.MonkeyPatch, real_data: bool,
+                                                                chosen: str | None, expected: str | None) -> None:
+    import contextlib
+
+    import fedlesion.simulations.launch as launch
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    @contextlib.contextmanager
+    def superlink(workdir, app_dir, extra_env):  # noqa: ANN001, ANN202 - stands in for the SuperLink
+        seen.update(extra_env)
+        raise Started
+        yield
+
+    monkeypatch.delenv("FEDLESION_CACHE_DIR", raising=False)
+    monkeypatch.setattr(launch, "local_superlink", superlink)
+    values = {"output-dir": str(tmp_path / "out"), "num-server-rounds": 1, "synth-shape": "32,32,16",
+              **({"data-root": str(tiny_sites), "split": "folders"} if real_data else {})}
+    with pytest.raises(Started):
+        run_federation(values, num_sites=3, output=io.StringIO(), cache_dir=tmp_path / chosen if chosen else None)
+    assert seen.get("FEDLESION_CACHE_DIR") == (str(tmp_path / expected) if expected else None)

@@ -119,3 +119,30 @@ def test_a_clientapp_process_opens_only_the_cases_it_samples(site: Path, tmp_pat
     assert first["decoded_files"] == 50  # the site's 10 cases, preprocessed once
     second = run_message(site, tmp_path / "cache", "train", config)
     assert second["decoded_files"] == 0 and 1 <= second["cases_opened"] <= 2, second
+
+
+def test_lazy_cases_cross_into_a_spawned_dataloader_worker(site: Path, tmp_path: Path) -> None:
+    """A DataLoader worker started by spawn (macOS, and Linux from Python 3.14) receives pickled cases; they
+    unpickle with the same arrays (with no disk cache, with memory of their own), and a worker trains on them."""
+    import pickle
+
+    for disk in (None, tmp_path / "cache"):
+        cases = load_site(site, BRATS, case_ids=["Synth_S00_002"], cache=CaseCache(1 << 30, disk_dir=disk)).cases
+        copy = pickle.loads(pickle.dumps(cases[0]))
+        np.testing.assert_array_equal(copy.image, cases[0].image)
+    model = build_model("unet2d", 4, 3, base_channels=4, depth=2)
+    stats = train(model, cases, 2, TrainConfig(epochs=1, steps=1, batch_size=2, samples_per_case=2, seed=0, num_workers=1),
+                  torch.device("cpu"))
+    assert np.isfinite(stats["train-loss"])
+
+
+def test_an_interrupted_write_leaves_nothing_the_purge_cannot_remove(site: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "cache"
+    load_site(site, BRATS, case_ids=["Synth_S00_003"], cache=CaseCache(0, disk_dir=folder))
+    [entry] = data.cache_entries(folder)
+    partial = folder / f".{entry.name}.abcd1234"  # a writer killed mid-np.save: its folder and temporary file
+    partial.mkdir(mode=0o700)
+    (partial / ".image.npy.x1y2z3w4.tmp").write_bytes(b"\x93NUMPY half")
+    assert partial in data.cache_entries(folder)
+    removed, _ = purge_cache(folder)
+    assert removed == 2 and not partial.exists() and not entry.exists()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -87,3 +88,17 @@ def test_split_command_writes_json_and_prints_sizes(tiny_sites: Path, tmp_path: 
     split = Split.load(out)
     assert sorted(c for cases in split.sites.values() for c in cases) == sorted(p.name for p in (tiny_sites / "site-2").glob("Synth*"))
     assert json.loads(out.read_text())["kind"] == "iid"
+
+
+@pytest.mark.parametrize("name", ["partitioning_1", "partitioning_2", "small_split", "validation"])
+def test_shipped_partition_tables_are_the_fets_csvs_row_for_row(name: str) -> None:
+    import csv
+
+    folder = Path(os.environ.get("FEDLESION_FETS_PARTITIONS") or REPO.parent / "shared" / "data" / "fets-partitions")
+    source = folder / f"{name}.csv"
+    if not source.is_file():
+        pytest.skip(f"FeTS partition CSVs not found at {folder}: set FEDLESION_FETS_PARTITIONS to compare")
+    with open(source, newline="") as handle:
+        rows = list(csv.reader(handle))
+    shipped = json.loads((REPO / "common" / "partitions" / f"{name}.json").read_text())
+    assert [shipped["columns"], *shipped["rows"]] == rows

@@ -99,7 +99,7 @@ def test_the_wheel_installs_one_package_and_nothing_generic(installed: tuple[Pat
     assert found["generic"] == [], "nothing generic lands in site-packages"
     site_packages = Path(found["file"]).parent.parent
     assert not any((site_packages / name).exists() for name in GENERIC)
-    assert (site_packages / "fedlesion" / "common" / "partitions" / "partitioning_1.csv").is_file()
+    assert (site_packages / "fedlesion" / "common" / "partitions" / "partitioning_1.json").is_file()
     assert (site_packages / "fedlesion" / "app.toml").read_text() == (REPO / "pyproject.toml").read_text()
 
 
