@@ -126,6 +126,10 @@ def reproduce(
     test_ids = select_cases(discover_cases(test_data, test_spec), include=test_include)
     if not test_ids:
         raise ValueError(f"no held-out case found in {test_data} (include {list(test_include)}).")
+    # Each held-out case's site, when the held-out cases are cases of the split's sites (folds, or held out
+    # from --data): per-site scores then say what each configuration gives each site's own scans.
+    test_sites = {s: [c for c in cases if c in test_ids] for s, cases in the_split.sites.items()}
+    test_sites = {s: c for s, c in test_sites.items() if c} if Path(test_data).resolve() == Path(data).resolve() else {}
     if Path(test_data).resolve() == Path(data).resolve():
         # The held-out cases must not train anything: drop them from every site.
         the_split = Split(the_split.kind, {s: [c for c in cases if c not in test_ids] for s, cases in the_split.sites.items()},
@@ -207,7 +211,8 @@ def reproduce(
                              "train_cases": int(max(trained)) if trained else 0}
 
     for name, path in checkpoints.items():
-        evaluation = evaluate_checkpoint(path, test_data, manifest=manifest, include=test_ids, report=lambda _: None, postprocess=values)
+        evaluation = evaluate_checkpoint(path, test_data, manifest=manifest, include=test_ids, report=lambda _: None,
+                                         postprocess=values, sites=test_sites or None)
         if name not in FEDERATED:  # what the pooled or local-only run really trained on
             trained_config = load_checkpoint(path).run_config  # checkpoints before 2026-11-27 listed the cases
             results[name] = {"train_cases": int(trained_config.get("train-case-count", len(trained_config.get("train_cases", []))))}
@@ -222,6 +227,10 @@ def reproduce(
             "wall_seconds": timings[name],
             "curve": curves[name],
         }
+        if test_sites:  # per site: case count and summary only (no case IDs)
+            results[name]["sites"] = {site: {"num_cases": block["num_cases"], "summary": block["summary"]}
+                                      for site, block in evaluation["sites"].items()}
+            results[name]["worst_site"] = evaluation["worst_site"]
         results[name].setdefault("bytes_sent_per_client_per_round", None)
         report(f"{name}: test {first_region} Dice {evaluation['summary'][first_region]['dice_mean']:.3f}")
     order = ["central", *FEDERATED]
@@ -293,7 +302,51 @@ def results_markdown(results: Mapping[str, Any], regions: Sequence[str], split: 
     local = [row["summary"][regions[0]]["dice_mean"] for name, row in results.items() if name.startswith("local-")]
     if local:
         lines += ["", f"Mean of local-only {regions[0]} Dice: {np.mean(local):.3f}."]
+    lines += per_site_markdown(results, regions)
     return "\n".join(lines) + "\n"
+
+
+def per_site_table(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """site -> configuration -> that configuration's scores on the site's held-out cases (``summary``,
+    ``num_cases``). A site alone (``local-<site>``) is scored on its own site only, as ``local``."""
+    table: dict[str, dict[str, Any]] = {}
+    for name, row in results.items():
+        for site, block in (row.get("sites") or {}).items():
+            if name.startswith("local-"):
+                if name != f"local-{site}":
+                    continue
+                name_here = "local"
+            else:
+                name_here = name
+            table.setdefault(site, {})[name_here] = block
+    return table
+
+
+def per_site_markdown(results: Mapping[str, Any], regions: Sequence[str]) -> list[str]:
+    """Per site: each configuration's Dice per region on that site's held-out cases (mean ± std over
+    its cases, or over folds or seeds), the site's own model as ``local``; then the worst site."""
+    table = per_site_table(results)
+    if not table:
+        return []
+    configs = [c for c in [*[n for n in results if not n.startswith("local-")], "local"]
+               if any(c in by_config for by_config in table.values())]
+    head = ["site", "held-out cases", *configs]
+    lines = ["", f"Per site, {'/'.join(regions)} Dice on the site's own held-out cases (`local`: the site's own "
+             "model; the others: the one model every site gets):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for site in sorted(table):
+        cells = [site, str(next(iter(table[site].values()))["num_cases"])]
+        for config in configs:
+            block = table[site].get(config)
+            cells.append(" / ".join(f"{block['summary'][r]['dice_mean']:.3f} ± {block['summary'][r]['dice_std']:.3f}"
+                                    for r in regions) if block else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    worst = {name: row["worst_site"] for name, row in results.items()
+             if row.get("worst_site") and not name.startswith("local-")}
+    if worst:
+        lines += ["", "Worst site (lowest " + regions[0] + " Dice): " + "; ".join(
+            f"{name} {w['site']} {w['dice_mean']:.3f}" for name, w in worst.items()) + "."]
+    return lines
 
 
 def fold_test_cases(split: Split, folds: int, seed: int) -> list[list[str]]:
@@ -355,6 +408,18 @@ def aggregate_repeats(per_repeat: Sequence[Mapping[str, Any]], regions: Sequence
             "curve": [(x, float(np.mean(ys))) for x, ys in sorted(curve_by_x.items()) if len(ys) == len(rows)],
             "bytes_sent_per_client_per_round": float(np.mean(sent)) if sent else None,
         }
+        sites = [s for s in (rows[0].get("sites") or {}) if all(s in (row.get("sites") or {}) for row in rows)]
+        if sites:  # each site's mean over its held-out cases, then mean ± std of that over the repeats
+            results[name]["sites"] = {site: {
+                "num_cases": int(sum(row["sites"][site]["num_cases"] for row in rows)),
+                "summary": {region: {key: value for metric in METRICS for key, value in (
+                    (f"{metric}_mean", float(np.mean([row["sites"][site]["summary"][region][f"{metric}_mean"] for row in rows]))),
+                    (f"{metric}_std", spread([row["sites"][site]["summary"][region][f"{metric}_mean"] for row in rows])))}
+                    for region in regions}} for site in sites}
+            scored = results[name]["sites"]
+            worst = min(scored, key=lambda s: scored[s]["summary"][regions[0]]["dice_mean"])
+            results[name]["worst_site"] = {"site": worst, "region": regions[0],
+                                           "dice_mean": scored[worst]["summary"][regions[0]]["dice_mean"]}
     return results
 
 

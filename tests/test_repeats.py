@@ -12,6 +12,8 @@ from fedlesion.simulations.reproduce import (
     aggregate_repeats,
     fold_test_cases,
     mean_dice,
+    per_site_markdown,
+    per_site_table,
     reproduce,
     results_markdown,
 )
@@ -105,3 +107,30 @@ def test_repeats_already_done_are_read_not_rerun(tmp_path, monkeypatch) -> None:
     assert results["central"]["summary"]["WT"]["dice_mean"] == pytest.approx((0.9 + 0.6) / 2)
     with pytest.raises(ValueError, match="already holds"):
         module.reproduce_repeated(data, "institution", tmp_path / "cv", folds=2, configs=["central"])
+
+
+def _sites(dice_by_site: dict[str, float], cases: int = 2) -> dict:
+    return {site: {"num_cases": cases, "summary": _run({"WT": d}, [], 0)["summary"]} for site, d in dice_by_site.items()}
+
+
+def test_per_site_scores_aggregate_over_repeats_and_a_site_alone_counts_only_at_home() -> None:
+    repeats = []
+    for a, b in ((0.9, 0.5), (0.7, 0.3)):
+        fed = _run({"WT": 0.6}, [], 8)
+        fed["sites"] = _sites({"A": a, "B": b})
+        alone_a = _run({"WT": 0.4}, [], 4)
+        alone_a["sites"] = _sites({"A": 0.8, "B": 0.1})  # A's own model on B's cases: not B's number
+        alone_b = _run({"WT": 0.4}, [], 4)
+        alone_b["sites"] = _sites({"A": 0.2, "B": 0.6})
+        repeats.append({"fedavg": fed, "local-A": alone_a, "local-B": alone_b})
+    results = aggregate_repeats(repeats, ["WT"])
+    a = results["fedavg"]["sites"]["A"]
+    assert a["num_cases"] == 4 and a["summary"]["WT"]["dice_mean"] == pytest.approx(0.8)
+    assert a["summary"]["WT"]["dice_std"] == pytest.approx(np.std([0.9, 0.7], ddof=1))
+    assert results["fedavg"]["worst_site"] == {"site": "B", "region": "WT", "dice_mean": pytest.approx(0.4)}
+    table = per_site_table(results)
+    assert table["A"]["local"]["summary"]["WT"]["dice_mean"] == pytest.approx(0.8)
+    assert table["B"]["local"]["summary"]["WT"]["dice_mean"] == pytest.approx(0.6)
+    lines = "\n".join(per_site_markdown(results, ["WT"]))
+    assert "| A | 4 | 0.800 ± 0.141 | 0.800 ± 0.000 |" in lines and "| B | 4 | 0.400 ± 0.141 | 0.600 ± 0.000 |" in lines
+    assert "fedavg B 0.400" in lines

@@ -77,3 +77,16 @@ def test_reproduce_over_folds_with_fedbn(tmp_path: Path) -> None:
     folds = [json.loads((out / f / "results.json").read_text())["fedbn"]["summary"]["WT"]["dice_mean"] for f in facts["repeats"]]
     assert row["summary"]["WT"]["dice_mean"] == pytest.approx(sum(folds) / 2)
     assert "2-fold cross-validation" in (out / "results.md").read_text()
+    # Per site: every configuration scored on each site's own held-out cases; a site alone on its own only.
+    sites = sorted(json.loads((out / "fold-0" / "split.json").read_text())["sites"])
+    for name in ("central", "fedbn"):
+        assert sorted(results[name]["sites"]) == sites
+        for site in sites:
+            block = results[name]["sites"][site]
+            assert set(block) == {"num_cases", "summary"}, "a count and scores, no case IDs"
+            assert block["num_cases"] == sum(1 for c in held[0] | held[1] if c.startswith(f"Synth_{site}_"))
+            per_fold = [json.loads((out / f / "results.json").read_text())[name]["sites"][site]["summary"]["WT"]["dice_mean"]
+                        for f in facts["repeats"]]
+            assert block["summary"]["WT"]["dice_mean"] == pytest.approx(sum(per_fold) / 2)
+    table = (out / "results.md").read_text()
+    assert "Per site" in table and all(f"| {site} |" in table for site in sites)
