@@ -77,8 +77,11 @@ def _training_loader(cases: Sequence[PreparedCase], spatial_dims: int, config: T
     else:
         sample_size = config.patch_size
     transform = training_transforms(spatial_dims, tuple(sample_size), config.pos_ratio, config.augment)
+    # Reading the case is the pipeline's first, non-random step: in the same Compose (not a Compose around it),
+    # so each random transform draws the same seeds from the run's seed as without it.
+    pipeline = Compose([_read_case, *transform.transforms])
     if config.seed is not None:
-        transform.set_random_state(seed=config.seed)
+        pipeline.set_random_state(seed=config.seed)
     # Each case appears samples_per_case times; each appearance draws a fresh slice/patch. The arrays are
     # read when a sample is drawn (a LazyCase reads only then), so memory holds the batch's cases, not the site.
     items = [{"case": c} for c in cases if c.labelled for _ in range(config.samples_per_case)]
@@ -86,7 +89,7 @@ def _training_loader(cases: Sequence[PreparedCase], spatial_dims: int, config: T
     if config.seed is not None:
         generator.manual_seed(config.seed)
     return DataLoader(
-        Dataset(items, transform=Compose([_read_case, transform])), batch_size=config.batch_size, shuffle=True,
+        Dataset(items, transform=pipeline), batch_size=config.batch_size, shuffle=True,
         num_workers=config.num_workers, generator=generator, drop_last=len(items) > config.batch_size,
     )
 
