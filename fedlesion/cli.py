@@ -199,21 +199,23 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     overrides = _run_config_overrides(args)
     configs = args.configs.split(",") if args.configs else list(DEFAULT_CONFIGS)
-    if args.folds or args.seeds:
-        if args.folds and (args.test_data or args.test_include):
-            raise ValueError("--folds holds out cases of --data itself; leave out --test-data and --test-include.")
+    if args.folds or args.seeds or args.leave_one_out:
+        if (args.folds or args.leave_one_out) and (args.test_data or args.test_include):
+            raise ValueError("--folds and --leave-one-out hold out cases of --data itself; leave out --test-data and "
+                             "--test-include.")
         reproduce_repeated(args.data, args.split, args.out, folds=args.folds,
                            seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else (),
                            test_data=args.test_data, test_include=args.test_include or (), run_config=overrides,
-                           manifest=args.manifest, configs=configs, num_sites=args.sites, cache_dir=args.cache_dir)
+                           manifest=args.manifest, configs=configs, num_sites=args.sites, cache_dir=args.cache_dir,
+                           leave_one_out=args.leave_one_out)
     else:
         if not args.test_data:
             raise ValueError("reproduce needs --test-data (with --test-include when it is --data), or --folds.")
         reproduce(args.data, args.split, args.test_data, args.out, run_config=overrides, manifest=args.manifest,
                   test_include=args.test_include or (), configs=configs, num_sites=args.sites, cache_dir=args.cache_dir)
     print((Path(args.out) / "results.md").read_text())
-    if args.folds or args.seeds:
-        print(f"results.json, results.md, curves.png, reproduce.json -> {args.out} (each fold or seed in its sub-folder)")
+    if args.folds or args.seeds or args.leave_one_out:
+        print(f"results.json, results.md, curves.png, reproduce.json -> {args.out} (each repeat in its sub-folder)")
     else:
         print(f"results.json, results.md, curves.png, overlay.png, reproduce.json -> {args.out}")
     return 0
@@ -456,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one run-config value (repeatable)")
     repro.add_argument("--out", required=True, help="output folder")
     repro.add_argument("--cache-dir", help=CACHE_DIR_HELP)
+    repro.add_argument("--leave-one-out", action="store_true",
+                       help="each site of the split in turn is held out (all its cases) and every configuration trains "
+                            "on the others: generalisation to a hospital that did not take part (out-<site>/)")
     repro.set_defaults(func=cmd_reproduce)
 
     certs = sub.add_parser("certs", help="coordinator: create the federation's CA and the SuperLink's TLS pair",

@@ -349,6 +349,26 @@ def per_site_markdown(results: Mapping[str, Any], regions: Sequence[str]) -> lis
     return lines
 
 
+def left_out_markdown(left_out: Mapping[str, Any] | None, regions: Sequence[str]) -> list[str]:
+    """Per site left out: each configuration's Dice per region on that site's cases (mean ± std over them),
+    trained without the site: what a hospital that joins later would get."""
+    if not left_out:
+        return []
+    configs = list(dict.fromkeys(c for row in left_out.values() for c in row))
+    head = ["site left out", "its cases", *configs]
+    lines = ["", f"Each site left out in turn: {'/'.join(regions)} Dice on all its cases, every configuration trained "
+             "on the other sites only:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in left_out.items():
+        first = next(iter(row.values()))
+        cells = [name, str(first["num_cases"])]
+        for config in configs:
+            block = row.get(config)
+            cells.append(" / ".join(f"{block['summary'][r]['dice_mean']:.3f} ± {block['summary'][r]['dice_std']:.3f}"
+                                    for r in regions) if block else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def fold_test_cases(split: Split, folds: int, seed: int) -> list[list[str]]:
     """Held-out cases of each of ``folds`` cross-validation folds, stratified by site: each site's
     cases are shuffled (``seed``) and dealt to the folds in turn, so every case is held out once
@@ -438,57 +458,82 @@ def reproduce_repeated(
     num_sites: int = 3,
     report: Callable[[str], None] = print,
     cache_dir: str | Path | None = None,
+    leave_one_out: bool = False,
 ) -> dict[str, Any]:
     """:func:`reproduce` once per cross-validation fold (``folds``: held-out cases from ``data``
     itself, stratified by site, see :func:`fold_test_cases`) or once per seed (``seeds``: the same
     held-out cases, ``test_data`` and ``test_include``, another ``seed``), each in ``out/fold-K``
-    or ``out/seed-S``; then ``results.json`` / ``results.md`` / ``curves.png`` at the top with mean
+    or ``out/seed-S``, or once per site with ``leave_one_out`` (``out/out-<site>``: the site's cases are
+    held out, all of them, and every configuration trains on the other sites: how the models do at a
+    hospital that did not take part); then ``results.json`` / ``results.md`` / ``curves.png`` at the top with mean
     ± standard deviation over the repeats. A repeat whose ``results.json`` exists (an interrupted
     call) is read, not rerun; one cut short mid-way is refused by :func:`reproduce` (remove its folder).
 
     Raises:
         ValueError: when neither or both of ``folds`` and ``seeds`` are given, or ``out`` already holds a run.
     """
-    if bool(folds) == bool(seeds):
-        raise ValueError("give either folds (cross-validation) or seeds (repeated runs), not both or neither.")
+    if sum(map(bool, (folds, seeds, leave_one_out))) != 1:
+        raise ValueError("give one of folds (cross-validation), seeds (repeated runs) or leave_one_out (each site "
+                         "held out in turn).")
     out = Path(out).resolve()
     if (out / "results.json").exists():
         raise ValueError(f"{out} already holds a reproduce run (results.json); choose another --out.")
     values = with_defaults(dict(run_config or {}))
     spec = resolve_spec(data, manifest)
-    repeats: list[tuple[str, dict[str, Any], str | Path, list[str]]] = []
+    repeats: list[tuple[str, dict[str, Any], str | Path, list[str], str]] = []
     if folds:
         ids = discover_cases(data, spec)
         the_split = _make_split(split, data, spec, ids, values, num_sites)
         for k, held in enumerate(fold_test_cases(the_split, folds, values["seed"])):
-            repeats.append((f"fold-{k}", dict(run_config or {}), data, held))
+            repeats.append((f"fold-{k}", dict(run_config or {}), data, held, split))
+    elif leave_one_out:
+        the_split = _make_split(split, data, spec, discover_cases(data, spec), values, num_sites)
+        if len(the_split.sites) < 3:
+            raise ValueError(f"leaving one site out needs at least 3 sites (2 left to federate); split '{split}' has "
+                             f"{len(the_split.sites)}.")
+        out.mkdir(parents=True, exist_ok=True)
+        for site, cases in sorted(the_split.sites.items()):
+            rest = Split(the_split.kind, {s: c for s, c in the_split.sites.items() if s != site},
+                         [*the_split.notes, f"site {site} left out: its {len(cases)} case(s) are the held-out ones"])
+            rest_path = rest.save(out / f"out-{site}.split.json")
+            repeats.append((f"out-{site}", dict(run_config or {}), data, sorted(cases), str(rest_path)))
     else:
         if test_data is None:
             raise ValueError("repeated seeds need --test-data (and --test-include when it is --data).")
         for seed in seeds:
-            repeats.append((f"seed-{seed}", {**(run_config or {}), "seed": int(seed)}, test_data, list(test_include)))
+            repeats.append((f"seed-{seed}", {**(run_config or {}), "seed": int(seed)}, test_data, list(test_include), split))
     per_repeat = []
-    for name, config, test_folder, include in repeats:
+    for name, config, test_folder, include, repeat_split in repeats:
         done = out / name / "results.json"
         if done.exists():  # a repeat finished by an earlier, interrupted call: kept, not rerun
             report(f"=== {name}: already done, reading {done}")
             per_repeat.append(json.loads(done.read_text()))
             continue
-        report(f"=== {name} ({len(repeats)} in all): held-out {len(include)} case(s)" if folds else f"=== {name}")
-        per_repeat.append(reproduce(data, split, test_folder, out / name, run_config=config, manifest=manifest,
+        report(f"=== {name} ({len(repeats)} in all): held-out {len(include)} case(s)" if folds or leave_one_out
+               else f"=== {name}")
+        per_repeat.append(reproduce(data, repeat_split, test_folder, out / name, run_config=config, manifest=manifest,
                                     test_include=include, configs=configs, num_sites=num_sites, report=report,
                                     cache_dir=cache_dir))
     regions = list(spec.regions)
     results = aggregate_repeats(per_repeat, regions)
-    kind = f"{folds}-fold cross-validation (held-out cases stratified by site)" if folds else f"seeds {list(seeds)}"
+    kind = (f"{folds}-fold cross-validation (held-out cases stratified by site)" if folds
+            else "each site left out in turn (all its cases held out, the others train)" if leave_one_out
+            else f"seeds {list(seeds)}")
     caption = (f"Split `{split}`, {kind}: mean ± sample standard deviation over the {len(repeats)} repeats of each "
                f"configuration's mean over held-out cases; per-repeat tables in {', '.join(n for n, *_ in repeats)}.")
+    left_out = None
+    if leave_one_out:  # per site left out (left_out.json beside results.json, whose keys stay configurations)
+        left_out = {name.removeprefix("out-"): {config: {"num_cases": len(include), "summary": row[config]["summary"]}
+                                                for config in row if config in results}
+                    for (name, _, _, include, _), row in zip(repeats, per_repeat)}
+        (out / "left_out.json").write_text(json.dumps(left_out, indent=2))
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(results_markdown(results, regions, caption=caption))
+    (out / "results.md").write_text(results_markdown(results, regions, caption=caption)
+                                    + "".join(line + "\n" for line in left_out_markdown(left_out, regions)))
     plot_curves({name: row["curve"] for name, row in results.items()}, regions[0], out / "curves.png")
     (out / "reproduce.json").write_text(json.dumps({
         "command": sys.argv, "data": str(data), "split": split, "repeats": [n for n, *_ in repeats],
-        "test_cases": {n: include for n, _, _, include in repeats}, "configs": list(configs), "run_config": values,
+        "test_cases": {n: include for n, _, _, include, _ in repeats}, "configs": list(configs), "run_config": values,
         "versions": _versions()}, indent=2, default=str))
     return results
 

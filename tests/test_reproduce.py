@@ -90,3 +90,29 @@ def test_reproduce_over_folds_with_fedbn(tmp_path: Path) -> None:
             assert block["summary"]["WT"]["dice_mean"] == pytest.approx(sum(per_fold) / 2)
     table = (out / "results.md").read_text()
     assert "Per site" in table and all(f"| {site} |" in table for site in sites)
+
+
+def test_reproduce_leaves_each_site_out_in_turn(tmp_path: Path) -> None:
+    """Generalisation to a hospital that did not take part: each site's cases held out, the others federate."""
+    from fedlesion.simulations.synthetic import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, sites=3, cases_per_site=3, shape=(32, 32, 16), seed=0, flat=True)
+    out = tmp_path / "loio"
+    assert main(["reproduce", "--data", str(data), "--split", "institution", "--leave-one-out", "--configs", "fedavg",
+                 "--out", str(out), *SMOKE]) == 0
+    cases = {site: sorted(p.name for p in data.glob(f"Synth_{site}_*")) for site in ("S00", "S01", "S02")}
+    assert all(len(c) >= 2 for c in cases.values()), cases
+    left_out = json.loads((out / "left_out.json").read_text())
+    assert sorted(left_out) == sorted(cases)
+    facts = json.loads((out / "reproduce.json").read_text())
+    for site, site_cases in cases.items():
+        assert facts["test_cases"][f"out-{site}"] == site_cases and left_out[site]["fedavg"]["num_cases"] == len(site_cases)
+        trained_on = json.loads((out / f"out-{site}" / "split.json").read_text())["sites"]
+        assert site not in trained_on and not set(site_cases) & {c for cs in trained_on.values() for c in cs}
+        per_run = json.loads((out / f"out-{site}" / "results.json").read_text())["fedavg"]
+        assert left_out[site]["fedavg"]["summary"] == per_run["summary"]
+        assert per_run["train_cases"] == sum(len(c) for s, c in cases.items() if s != site)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"fedavg"} and results["fedavg"]["repeats"] == 3
+    assert "Each site left out in turn" in (out / "results.md").read_text()
