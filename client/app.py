@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import zlib
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
+from fedlesion.common.checkpoint import Checkpoint, save_checkpoint
 from fedlesion.common.config import model_from, train_config_from, with_defaults
 from fedlesion.common.engine import evaluate as evaluate_cases
 from fedlesion.common.engine import train as train_cases
+from fedlesion.common.files import private_folder
 from fedlesion.common.metrics import flat_means
 from fedlesion.common.model import batchnorm_keys, build_model, model_spatial_dims
 from fedlesion.common.postprocess import PostProcessing
@@ -183,6 +188,65 @@ def train(msg: Message, context: Context) -> Message:
         **site.counts(),
     })
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+FINETUNE = "train.finetune"  # message type: fine-tune the final model at the site, keep it there, send scores only
+PERSONAL_DIR_ENV = "FEDLESION_PERSONAL_DIR"
+
+
+def personal_folder(node_config: Mapping[str, Any]) -> Path | None:
+    """Where this site keeps its fine-tuned models: node config ``personal-dir``, else ``$FEDLESION_PERSONAL_DIR``
+    (a 0700 folder this user owns); None when neither is set (the model is scored, not kept)."""
+    folder = str(node_config.get("personal-dir", "")) or os.environ.get(PERSONAL_DIR_ENV, "")
+    if not folder:
+        return None
+    return private_folder(Path(folder))
+
+
+@app.train("finetune")
+@site_errors_stay_local
+def finetune(msg: Message, context: Context) -> Message:
+    """After the last round: score the final global model on this site's validation cases, fine-tune it
+    for ``finetune-epochs`` on the site's training cases, score that personal model, and keep it at the
+    site (:func:`personal_folder`). The reply holds the two sets of scores and counts: never the model."""
+    values = with_defaults(context.run_config)
+    round_config = msg.content["config"]
+    site = sites.load(context.node_config, values, sites.expected_spec(round_config, context.node_config, values))
+    epochs = int(round_config.get("finetune-epochs", values["finetune-epochs"]))
+    if not 1 <= epochs <= 10_000:
+        raise ValueError(f"finetune-epochs {epochs} is not in [1, 10000]")
+    model, spatial_dims = _model(context, site, msg.content["arrays"])
+    regions = list(site.spec.regions)
+    config = train_config_from(values, epochs=epochs,
+                               learning_rate=float(round_config.get("learning-rate", values["finetune-learning-rate"])),
+                               seed=values["seed"] * 100_003 + 999_983 + zlib.crc32(site.name.encode()) % 997)
+    score = functools.partial(evaluate_cases, spec=site.spec, spatial_dims=spatial_dims, device=site.device,
+                              patch_size=config.patch_size, postprocessing=PostProcessing.from_run_config(values))
+    _, before = score(model, site.val) if site.val else (None, None)
+    stats = train_cases(model, site.train, spatial_dims, config, site.device)
+    _, after = score(model, site.val) if site.val else (None, None)
+    folder = personal_folder(context.node_config)
+    if folder is not None:
+        name, args = model_from(values)
+        label = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in site.name)[:SITE_NAME_MAX] or "site"
+        path = save_checkpoint(Checkpoint(model=name, model_args=args, spec=site.spec,
+                                          state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                          round=int(round_config.get("server-round", 0)), run_config=values,
+                                          metrics={"finetune-epochs": epochs, "train-loss": stats["train-loss"]}),
+                               folder / f"{label}-run{context.run_id}.pt")
+        logger.info("site %s: fine-tuned model (%d epoch(s)) kept at %s", site.name, epochs, path)
+    else:
+        logger.warning("site %s: no personal-dir (node config) or $%s: the fine-tuned model is scored, not kept",
+                       site.name, PERSONAL_DIR_ENV)
+    metrics = {"num-examples": len(site.val), "finetune-epochs": float(epochs), "train-loss": stats["train-loss"],
+               "personal-kept": float(folder is not None), **site.counts()}
+    if after is not None:
+        metrics.update(flat_means(after, regions))  # the personal model: the keys an evaluation reply has
+        metrics.update({f"global-{k}": v for k, v in flat_means(before, regions).items()})
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if "site-name" in context.node_config or "partition-id" in context.node_config:
+        content[SITE_RECORD] = ConfigRecord({"name": site.name[:SITE_NAME_MAX]})
     return Message(content=content, reply_to=msg)
 
 

@@ -83,6 +83,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "server-beta-2": (0, 0.999999, True), "server-tau": (0, INF, False), "server-momentum": (0, 0.999999, True),
     "trim-beta": (0, 0.499999, True), "num-malicious-nodes": (0, INF, True), "server-eval-every": (1, INF, True),
     "local-epochs": (1, INF, True), "local-steps": (0, INF, True), "batch-size": (1, INF, True),
+    "finetune-epochs": (0, 10_000, True), "finetune-learning-rate": (0, INF, False),
     "learning-rate": (0, INF, False), "samples-per-case": (1, INF, True), "pos-ratio": (0, 1, True),
     "lambda-dice": (0, INF, True), "lambda-focal": (0, INF, True), "focal-gamma": (0, INF, True),
     "focal-alpha": (0, 1, True), "val-fraction": (0, 0.999999, True), "seed": (0, INF, True),

@@ -13,26 +13,26 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedlesion.common.api import select_cases
 from fedlesion.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedlesion.common.config import dataset_spec, model_from, train_config_from, with_defaults
-from fedlesion.common.files import private_folder
+from fedlesion.common.files import private_folder, replace_private
 from fedlesion.common.data import DatasetSpec, conform_spec, discover_cases, load_site, resolve_spec
 from fedlesion.common.engine import evaluate, select_device
 from fedlesion.common.metrics import flat_means
 from fedlesion.common.model import batchnorm_keys, build_model, model_spatial_dims, resolved_model_args
 from fedlesion.common.postprocess import PostProcessing
 
-from .strategy import build_strategy, format_table
+from .strategy import WEIGHT_KEY, build_strategy, format_table, site_name
 
 app = ServerApp()
 
@@ -222,6 +222,52 @@ def check_run(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], DatasetSpe
     return values, spec, resume, run_folder(values)
 
 
+FINETUNE = "train.finetune"  # the message type of the ClientApp's fine-tuning handler
+
+
+def finetune_sites(grid: Grid, strategy: Any, arrays: ArrayRecord, values: Mapping[str, Any], out_dir: Path,
+                   timeout: float) -> list[dict[str, Any]]:
+    """After the last round, ask every connected site to fine-tune the final model on its own cases and keep
+    it there (the personal model never travels); record each site's scores of the global and the personal
+    model on its validation cases in ``finetune.json`` and the log. Replies are screened as evaluations."""
+    config = ConfigRecord({**strategy.round_config, "server-round": values["num-server-rounds"],
+                           "finetune-epochs": values["finetune-epochs"],
+                           "learning-rate": values["finetune-learning-rate"]})
+    messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type=FINETUNE)
+                for node in sorted(grid.get_node_ids())]
+    log(INFO, "fine-tuning: %d site(s), %d local epoch(s) each", len(messages), values["finetune-epochs"])
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    screen = next(layer for layer in strategy.layers() if hasattr(layer, "metrics_problem"))
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    sites: list[dict[str, Any]] = []
+    for reply in replies:
+        node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if reply.has_error():
+            sites.append({"node-id": node, "error": reply.error.reason})
+        elif (reason := screen.metrics_problem(reply, True)) is not None:
+            sites.append({"node-id": node, "rejected": reason})
+        else:
+            sites.append({"node-id": node, "site": site_name(reply, node),
+                          "metrics": dict(next(iter(reply.content.metric_records.values())))})
+    sites.sort(key=lambda s: (s.get("site", ""), s["node-id"]))
+    answered = {s["node-id"] for s in sites}
+    sites += [{"node-id": m.metadata.dst_node_id, "error": "no reply within round-timeout"}
+              for m in messages if m.metadata.dst_node_id not in answered]
+    replace_private(out_dir / "finetune.json", json.dumps({"epochs": values["finetune-epochs"], "sites": sites},
+                                                           indent=2).encode())
+    regions = [k.removeprefix("dice-") for k in sorted(next((s["metrics"] for s in sites if "metrics" in s), {}))
+               if k.startswith("dice-")]
+    for s in sites:
+        if "metrics" in s:
+            m = s["metrics"]
+            log(INFO, "fine-tuned %s (%d validation case(s)): Dice global -> personal %s", s["site"], int(m[WEIGHT_KEY]),
+                " ".join(f"{r.upper()} {m.get(f'global-dice-{r}', float('nan')):.3f} -> {m[f'dice-{r}']:.3f}"
+                         for r in regions))
+        else:
+            log(WARNING, "fine-tuning at node %d: %s", s["node-id"], s.get("error") or s.get("rejected"))
+    return sites
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Build (or resume) the global model, run the strategy, and write metrics and checkpoints.
@@ -274,4 +320,6 @@ def main(grid: Grid, context: Context) -> None:
         strategy.record.audit({"round": num_rounds, "stopped": message})
         raise RuntimeError(message)
     save(final, num_rounds, strategy.history[-1] if strategy.history else {}, "final", strategy.checkpoint_state())
+    if values["finetune-epochs"] > 0:
+        finetune_sites(grid, strategy, final, values, out_dir, timeout)
     log(INFO, "Per-round metrics (%s):\n%s", out_dir / "metrics.jsonl", format_table(strategy.history))

@@ -504,9 +504,10 @@ class UpdateScreening(StrategyWrapper):
             values = np.asarray(value, np.float64)
             if not np.isfinite(values).all():
                 return f"metric '{key}' is not finite"
-            if evaluation and key.startswith(("dice-", "iou-")) and not ((values >= 0) & (values <= 1)).all():
+            if evaluation and key.startswith(("dice-", "iou-", "global-dice-", "global-iou-")) and not (
+                    (values >= 0) & (values <= 1)).all():
                 return f"metric '{key}' is outside [0, 1]"
-            if evaluation and key.startswith("hd95-") and not (values >= 0).all():
+            if evaluation and key.startswith(("hd95-", "global-hd95-")) and not (values >= 0).all():
                 return f"metric '{key}' is negative"
         return None
 
