@@ -234,7 +234,7 @@ def finetune(msg: Message, context: Context) -> Message:
                                           state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
                                           round=int(round_config.get("server-round", 0)), run_config=values,
                                           metrics={"finetune-epochs": epochs, "train-loss": stats["train-loss"]}),
-                               folder / f"{label}-run{context.run_id}.pt")
+                               folder / f"{label}-node{context.node_id}-run{context.run_id}.pt")
         logger.info("site %s: fine-tuned model (%d epoch(s)) kept at %s", site.name, epochs, path)
     else:
         logger.warning("site %s: no personal-dir (node config) or $%s: the fine-tuned model is scored, not kept",

@@ -205,7 +205,7 @@ def load(node_config: Mapping[str, Any], run_config: Mapping[str, Any], expected
     seed, val_fraction, crop = values["seed"], values["val-fraction"], values["crop-foreground"]
     if expected is None:
         expected = expected_spec({}, node_config, values)
-    key = (str(path.resolve()), manifest, source.case_ids, seed, val_fraction, json.dumps(expected.to_json()), crop)
+    key = (name, str(path.resolve()), manifest, source.case_ids, seed, val_fraction, json.dumps(expected.to_json()), crop)
     if key in _SITES:
         return _SITES[key]
     spec = conform_spec(dataset_spec(manifest) if manifest else resolve_spec(path), expected, f"site {name} ({path})")

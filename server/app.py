@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -223,6 +224,7 @@ def check_run(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], DatasetSpe
 
 
 FINETUNE = "train.finetune"  # the message type of the ClientApp's fine-tuning handler
+_METRIC_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")  # what a site's metric may be called in finetune.json
 
 
 def finetune_sites(grid: Grid, strategy: Any, arrays: ArrayRecord, values: Mapping[str, Any], out_dir: Path,
@@ -236,33 +238,40 @@ def finetune_sites(grid: Grid, strategy: Any, arrays: ArrayRecord, values: Mappi
     messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type=FINETUNE)
                 for node in sorted(grid.get_node_ids())]
     log(INFO, "fine-tuning: %d site(s), %d local epoch(s) each", len(messages), values["finetune-epochs"])
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    # N epochs and two evaluations: the time of about N/local-epochs + 1 rounds.
+    replies = list(grid.send_and_receive(messages, timeout=timeout * (values["finetune-epochs"] / values["local-epochs"] + 1)))
     screen = next(layer for layer in strategy.layers() if hasattr(layer, "metrics_problem"))
     sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     sites: list[dict[str, Any]] = []
+    seen: set[int] = set()
     for reply in replies:
-        node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        node = sent.get(reply.metadata.reply_to_message_id)
+        if node is None or node in seen:  # a reply to nothing this asked, or a second one: not a site's answer
+            log(WARNING, "fine-tuning: ignored a reply that answers no instruction sent (or answers one twice)")
+            continue
+        seen.add(node)
         if reply.has_error():
-            sites.append({"node-id": node, "error": reply.error.reason})
+            sites.append({"node-id": node, "error": str(reply.error.reason)[:200]})
         elif (reason := screen.metrics_problem(reply, True)) is not None:
             sites.append({"node-id": node, "rejected": reason})
         else:
+            metrics = dict(next(iter(reply.content.metric_records.values())))
             sites.append({"node-id": node, "site": site_name(reply, node),
-                          "metrics": dict(next(iter(reply.content.metric_records.values())))})
+                          "metrics": {k: v for k, v in metrics.items() if _METRIC_NAME.match(k)}})
     sites.sort(key=lambda s: (s.get("site", ""), s["node-id"]))
     answered = {s["node-id"] for s in sites}
     sites += [{"node-id": m.metadata.dst_node_id, "error": "no reply within round-timeout"}
               for m in messages if m.metadata.dst_node_id not in answered]
     replace_private(out_dir / "finetune.json", json.dumps({"epochs": values["finetune-epochs"], "sites": sites},
                                                            indent=2).encode())
-    regions = [k.removeprefix("dice-") for k in sorted(next((s["metrics"] for s in sites if "metrics" in s), {}))
-               if k.startswith("dice-")]
     for s in sites:
         if "metrics" in s:
             m = s["metrics"]
-            log(INFO, "fine-tuned %s (%d validation case(s)): Dice global -> personal %s", s["site"], int(m[WEIGHT_KEY]),
-                " ".join(f"{r.upper()} {m.get(f'global-dice-{r}', float('nan')):.3f} -> {m[f'dice-{r}']:.3f}"
-                         for r in regions))
+            regions = sorted(k.removeprefix("dice-") for k in m if k.startswith("dice-"))
+            log(INFO, "fine-tuned %s (%d validation case(s)): %s", s["site"], int(m.get(WEIGHT_KEY, 0)),
+                "Dice global -> personal " + " ".join(
+                    f"{r.upper()} {m.get(f'global-dice-{r}', float('nan')):.3f} -> {m[f'dice-{r}']:.3f}" for r in regions)
+                if regions else "no validation case to score")
         else:
             log(WARNING, "fine-tuning at node %d: %s", s["node-id"], s.get("error") or s.get("rejected"))
     return sites
@@ -320,6 +329,9 @@ def main(grid: Grid, context: Context) -> None:
         strategy.record.audit({"round": num_rounds, "stopped": message})
         raise RuntimeError(message)
     save(final, num_rounds, strategy.history[-1] if strategy.history else {}, "final", strategy.checkpoint_state())
-    if values["finetune-epochs"] > 0:
-        finetune_sites(grid, strategy, final, values, out_dir, timeout)
+    if values["finetune-epochs"] > 0:  # the run's result (final.pt) is written: a failure here only costs the extra
+        try:
+            finetune_sites(grid, strategy, final, values, out_dir, timeout)
+        except Exception as exc:  # noqa: BLE001
+            log(WARNING, "fine-tuning failed (%s: %s); the federated run itself is complete", type(exc).__name__, exc)
     log(INFO, "Per-round metrics (%s):\n%s", out_dir / "metrics.jsonl", format_table(strategy.history))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -227,9 +228,9 @@ def reproduce(
             "wall_seconds": timings[name],
             "curve": curves[name],
         }
-        if test_sites:  # per site: case count and summary only (no case IDs)
+        if test_sites:  # per site: case count and summary only (no case IDs); a site none of whose cases scored is left out
             results[name]["sites"] = {site: {"num_cases": block["num_cases"], "summary": block["summary"]}
-                                      for site, block in evaluation["sites"].items()}
+                                      for site, block in evaluation["sites"].items() if block["num_cases"]}
             results[name]["worst_site"] = evaluation["worst_site"]
         results[name].setdefault("bytes_sent_per_client_per_round", None)
         report(f"{name}: test {first_region} Dice {evaluation['summary'][first_region]['dice_mean']:.3f}")
@@ -355,10 +356,14 @@ def left_out_markdown(left_out: Mapping[str, Any] | None, regions: Sequence[str]
     if not left_out:
         return []
     configs = list(dict.fromkeys(c for row in left_out.values() for c in row))
+    if not configs:
+        return []
     head = ["site left out", "its cases", *configs]
     lines = ["", f"Each site left out in turn: {'/'.join(regions)} Dice on all its cases, every configuration trained "
              "on the other sites only:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in left_out.items():
+        if not row:
+            continue
         first = next(iter(row.values()))
         cells = [name, str(first["num_cases"])]
         for config in configs:
@@ -393,7 +398,8 @@ def fold_test_cases(split: Split, folds: int, seed: int) -> list[list[str]]:
     return [sorted(h) for h in held]
 
 
-def aggregate_repeats(per_repeat: Sequence[Mapping[str, Any]], regions: Sequence[str]) -> dict[str, Any]:
+def aggregate_repeats(per_repeat: Sequence[Mapping[str, Any]], regions: Sequence[str],
+                      cases_add_up: bool = True) -> dict[str, Any]:
     """Mean ± sample standard deviation over folds or seeds of each configuration's mean metrics
     (``summary`` keeps the single-run keys: ``dice_mean`` is the mean over repeats, ``dice_std``
     the spread over repeats). Configurations missing from a repeat are left out."""
@@ -428,14 +434,17 @@ def aggregate_repeats(per_repeat: Sequence[Mapping[str, Any]], regions: Sequence
             "curve": [(x, float(np.mean(ys))) for x, ys in sorted(curve_by_x.items()) if len(ys) == len(rows)],
             "bytes_sent_per_client_per_round": float(np.mean(sent)) if sent else None,
         }
-        sites = [s for s in (rows[0].get("sites") or {}) if all(s in (row.get("sites") or {}) for row in rows)]
-        if sites:  # each site's mean over its held-out cases, then mean ± std of that over the repeats
+        sites = sorted({s for row in rows for s in (row.get("sites") or {})})
+        if sites:  # each site's mean over its held-out cases, then mean ± std of that over the repeats that scored it
+            blocks = {site: [row["sites"][site] for row in rows if site in (row.get("sites") or {})] for site in sites}
             results[name]["sites"] = {site: {
-                "num_cases": int(sum(row["sites"][site]["num_cases"] for row in rows)),
+                # folds hold out other cases each time (they add up); seeds hold out the same ones
+                "num_cases": int(sum(b["num_cases"] for b in these) if cases_add_up else max(b["num_cases"] for b in these)),
+                "repeats": len(these),
                 "summary": {region: {key: value for metric in METRICS for key, value in (
-                    (f"{metric}_mean", float(np.mean([row["sites"][site]["summary"][region][f"{metric}_mean"] for row in rows]))),
-                    (f"{metric}_std", spread([row["sites"][site]["summary"][region][f"{metric}_mean"] for row in rows])))}
-                    for region in regions}} for site in sites}
+                    (f"{metric}_mean", float(np.mean([b["summary"][region][f"{metric}_mean"] for b in these]))),
+                    (f"{metric}_std", spread([b["summary"][region][f"{metric}_mean"] for b in these])))}
+                    for region in regions}} for site, these in blocks.items()}
             scored = results[name]["sites"]
             worst = min(scored, key=lambda s: scored[s]["summary"][regions[0]]["dice_mean"])
             results[name]["worst_site"] = {"site": worst, "region": regions[0],
@@ -475,6 +484,9 @@ def reproduce_repeated(
     if sum(map(bool, (folds, seeds, leave_one_out))) != 1:
         raise ValueError("give one of folds (cross-validation), seeds (repeated runs) or leave_one_out (each site "
                          "held out in turn).")
+    if leave_one_out and "local" in configs:
+        raise ValueError("--leave-one-out scores models on a site that trained none of them: 'local' (each site "
+                         "alone) has no model for the site left out; choose other configurations.")
     out = Path(out).resolve()
     if (out / "results.json").exists():
         raise ValueError(f"{out} already holds a reproduce run (results.json); choose another --out.")
@@ -488,6 +500,10 @@ def reproduce_repeated(
             repeats.append((f"fold-{k}", dict(run_config or {}), data, held, split))
     elif leave_one_out:
         the_split = _make_split(split, data, spec, discover_cases(data, spec), values, num_sites)
+        unsafe = [s for s in the_split.sites if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", s)]
+        if unsafe:  # each name becomes a folder name below --out
+            raise ValueError(f"site name(s) {unsafe} of split '{split}' cannot name a folder: use letters, digits, "
+                             "'.', '_' and '-' only.")
         if len(the_split.sites) < 3:
             raise ValueError(f"leaving one site out needs at least 3 sites (2 left to federate); split '{split}' has "
                              f"{len(the_split.sites)}.")
@@ -515,7 +531,7 @@ def reproduce_repeated(
                                     test_include=include, configs=configs, num_sites=num_sites, report=report,
                                     cache_dir=cache_dir))
     regions = list(spec.regions)
-    results = aggregate_repeats(per_repeat, regions)
+    results = aggregate_repeats(per_repeat, regions, cases_add_up=not seeds)
     kind = (f"{folds}-fold cross-validation (held-out cases stratified by site)" if folds
             else "each site left out in turn (all its cases held out, the others train)" if leave_one_out
             else f"seeds {list(seeds)}")

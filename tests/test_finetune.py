@@ -62,11 +62,11 @@ def test_each_site_keeps_its_fine_tuned_model_and_sends_only_scores(tmp_path: Pa
         assert m["personal-kept"] == 1.0 and m["finetune-epochs"] == 2.0 and m["num-examples"] >= 1
         assert {"dice-wt", "global-dice-wt", "hd95-et", "global-hd95-et"} <= set(m)
         [kept] = (tmp_path / f"personal-{node}").glob("*.pt")
-        assert kept.name == f"hospital-{node}-run1.pt" and stat.S_IMODE(kept.stat().st_mode) == 0o600
+        assert kept.name == f"hospital-{node}-node{node}-run1.pt" and stat.S_IMODE(kept.stat().st_mode) == 0o600
         state = load_checkpoint(kept).state_dict
         sent = global_arrays.to_torch_state_dict()
         assert any(not torch.equal(state[k], sent[k]) for k in sent), "fine-tuned: not the global model"
-        assert "data-path" not in load_checkpoint(kept).run_config
+        assert str(tmp_path) not in repr(load_checkpoint(kept).run_config), "no local path in the kept checkpoint"
     recorded = (tmp_path / "run" / "finetune.json").read_text()
     assert "hospital-1" in recorded and "Synth_" not in recorded, "scores and site names, no case IDs"
 
@@ -76,4 +76,27 @@ def test_without_a_personal_folder_the_model_is_scored_not_kept(tmp_path: Path, 
     monkeypatch.delenv(client_app.PERSONAL_DIR_ENV, raising=False)
     sites, _, _ = _run(tmp_path, tiny_sites, personal=False)
     assert all(s["metrics"]["personal-kept"] == 0.0 and np.isfinite(s["metrics"]["dice-wt"]) for s in sites)
-    assert not list(tmp_path.glob("personal-*"))
+    assert not list(tmp_path.rglob("*.pt")), "nothing written anywhere"
+
+
+def test_a_site_without_validation_cases_fine_tunes_and_the_run_goes_on(tmp_path: Path, tiny_sites: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(RUN_CONFIG, "val-fraction", 0.0)  # as reproduce runs: every case trains
+    sites, grid, _ = _run(tmp_path, tiny_sites, personal=True)
+    assert [s["metrics"]["num-examples"] for s in sites] == [0, 0]
+    assert all("dice-wt" not in s["metrics"] and s["metrics"]["personal-kept"] == 1.0 for s in sites)
+
+
+def test_replies_to_nothing_asked_and_second_replies_are_ignored(tmp_path: Path, tiny_sites: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    real = SiteGrid.send_and_receive
+
+    def noisy(self, messages, timeout=None):  # noqa: ANN001, ANN202
+        replies = real(self, messages, timeout)
+        forged = Message(content=RecordDict(), reply_to=messages[0])
+        forged.metadata.__dict__["_reply_to_message_id"] = "never-sent"
+        return [*replies, replies[0], forged]
+
+    monkeypatch.setattr(SiteGrid, "send_and_receive", noisy)
+    sites, _, _ = _run(tmp_path, tiny_sites, personal=False)
+    assert sorted(s["node-id"] for s in sites) == [1, 2]

@@ -15,6 +15,7 @@ from fedlesion.simulations.reproduce import (
     per_site_markdown,
     per_site_table,
     reproduce,
+    reproduce_repeated,
     results_markdown,
 )
 from fedlesion.common.config import with_defaults
@@ -134,3 +135,19 @@ def test_per_site_scores_aggregate_over_repeats_and_a_site_alone_counts_only_at_
     lines = "\n".join(per_site_markdown(results, ["WT"]))
     assert "| A | 4 | 0.800 ± 0.141 | 0.800 ± 0.000 |" in lines and "| B | 4 | 0.400 ± 0.141 | 0.600 ± 0.000 |" in lines
     assert "fedavg B 0.400" in lines
+
+
+def test_a_site_missing_from_a_fold_is_still_reported_and_seeds_do_not_add_up_cases() -> None:
+    first, second = _run({"WT": 0.6}, [], 8), _run({"WT": 0.6}, [], 8)
+    first["sites"] = _sites({"A": 0.8, "C": 0.1}, cases=1)
+    second["sites"] = _sites({"A": 0.6}, cases=1)  # C had no held-out case in this fold
+    results = aggregate_repeats([{"fedavg": first}, {"fedavg": second}], ["WT"])
+    assert results["fedavg"]["sites"]["C"]["repeats"] == 1 and results["fedavg"]["worst_site"]["site"] == "C"
+    assert results["fedavg"]["sites"]["A"]["num_cases"] == 2
+    same = aggregate_repeats([{"fedavg": first}, {"fedavg": first}], ["WT"], cases_add_up=False)
+    assert same["fedavg"]["sites"]["A"]["num_cases"] == 1, "seeds hold out the same cases"
+
+
+def test_leaving_one_site_out_refuses_site_alone_models(tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match="local"):
+        reproduce_repeated(tmp_path, "institution", tmp_path / "out", leave_one_out=True, configs=("fedavg", "local"))

@@ -83,7 +83,7 @@ def test_reproduce_over_folds_with_fedbn(tmp_path: Path) -> None:
         assert sorted(results[name]["sites"]) == sites
         for site in sites:
             block = results[name]["sites"][site]
-            assert set(block) == {"num_cases", "summary"}, "a count and scores, no case IDs"
+            assert set(block) == {"num_cases", "repeats", "summary"}, "counts and scores, no case IDs"
             assert block["num_cases"] == sum(1 for c in held[0] | held[1] if c.startswith(f"Synth_{site}_"))
             per_fold = [json.loads((out / f / "results.json").read_text())[name]["sites"][site]["summary"]["WT"]["dice_mean"]
                         for f in facts["repeats"]]
@@ -108,7 +108,7 @@ def test_reproduce_leaves_each_site_out_in_turn(tmp_path: Path) -> None:
     facts = json.loads((out / "reproduce.json").read_text())
     for site, site_cases in cases.items():
         assert facts["test_cases"][f"out-{site}"] == site_cases and left_out[site]["fedavg"]["num_cases"] == len(site_cases)
-        trained_on = json.loads((out / f"out-{site}" / "split.json").read_text())["sites"]
+        trained_on = json.loads((out / f"out-{site}.split.json").read_text())["sites"]  # what reproduce was given
         assert site not in trained_on and not set(site_cases) & {c for cs in trained_on.values() for c in cs}
         per_run = json.loads((out / f"out-{site}" / "results.json").read_text())["fedavg"]
         assert left_out[site]["fedavg"]["summary"] == per_run["summary"]
