@@ -217,15 +217,12 @@ def finetune(msg: Message, context: Context) -> Message:
     if not 1 <= epochs <= 10_000:
         raise ValueError(f"finetune-epochs {epochs} is not in [1, 10000]")
     model, spatial_dims = _model(context, site, msg.content["arrays"])
-    regions = list(site.spec.regions)
     config = train_config_from(values, epochs=epochs,
                                learning_rate=float(round_config.get("learning-rate", values["finetune-learning-rate"])),
                                seed=values["seed"] * 100_003 + 999_983 + zlib.crc32(site.name.encode()) % 997)
-    score = functools.partial(evaluate_cases, spec=site.spec, spatial_dims=spatial_dims, device=site.device,
-                              patch_size=config.patch_size, postprocessing=PostProcessing.from_run_config(values))
-    _, before = score(model, site.val) if site.val else (None, None)
+    before = _scores(model, site, spatial_dims, values) if site.val else None
     stats = train_cases(model, site.train, spatial_dims, config, site.device)
-    _, after = score(model, site.val) if site.val else (None, None)
+    after = _scores(model, site, spatial_dims, values) if site.val else None
     folder = personal_folder(context.node_config)
     if folder is not None:
         name, args = model_from(values)
@@ -242,9 +239,23 @@ def finetune(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": len(site.val), "finetune-epochs": float(epochs), "train-loss": stats["train-loss"],
                "personal-kept": float(folder is not None), **site.counts()}
     if after is not None:
-        metrics.update(flat_means(after, regions))  # the personal model: the keys an evaluation reply has
-        metrics.update({f"global-{k}": v for k, v in flat_means(before, regions).items()})
-    content = RecordDict({"metrics": MetricRecord(metrics)})
+        metrics.update(after)  # the personal model: the keys an evaluation reply has
+        metrics.update({f"global-{k}": v for k, v in before.items()})
+    return _scores_reply(msg, context, site, metrics)
+
+
+def _scores(model, site: sites.Site, spatial_dims: int, run_config: Mapping[str, Any]) -> dict[str, float]:  # noqa: ANN001
+    """The model's per-region means on the site's validation cases, post-processed as the run says."""
+    _, summary = evaluate_cases(model, site.val, site.spec, spatial_dims, site.device,
+                                patch_size=train_config_from(run_config).patch_size,
+                                postprocessing=PostProcessing.from_run_config(run_config))
+    return flat_means(summary, list(site.spec.regions))
+
+
+def _scores_reply(msg: Message, context: Context, site: sites.Site, metrics: Mapping[str, float]) -> Message:
+    """A reply of scalar metrics, with the site's name for per-site scores: only a name the hospital chose
+    (node config ``site-name``; in simulation the site's own label), never one derived from its data folder's path."""
+    content = RecordDict({"metrics": MetricRecord(dict(metrics))})
     if "site-name" in context.node_config or "partition-id" in context.node_config:
         content[SITE_RECORD] = ConfigRecord({"name": site.name[:SITE_NAME_MAX]})
     return Message(content=content, reply_to=msg)
@@ -258,14 +269,5 @@ def evaluate(msg: Message, context: Context) -> Message:
                       sites.expected_spec(msg.content["config"] if "config" in msg.content else {},
                                           context.node_config, context.run_config))
     model, spatial_dims = _model(context, site, msg.content["arrays"])
-    regions = list(site.spec.regions)
-    patch_size = train_config_from(context.run_config).patch_size
-    _, summary = evaluate_cases(model, site.val, site.spec, spatial_dims, site.device, patch_size=patch_size,
-                                postprocessing=PostProcessing.from_run_config(context.run_config))
-    values = {"num-examples": len(site.val), **site.counts(), **flat_means(summary, regions)}
-    content = RecordDict({"metrics": MetricRecord(values)})
-    # The site's name lets the server report each site's scores: only a name the hospital chose (node config
-    # `site-name`; in simulation the site's own label), never one derived from its data folder's path.
-    if "site-name" in context.node_config or "partition-id" in context.node_config:
-        content[SITE_RECORD] = ConfigRecord({"name": site.name[:SITE_NAME_MAX]})
-    return Message(content=content, reply_to=msg)
+    metrics = {"num-examples": len(site.val), **site.counts(), **_scores(model, site, spatial_dims, context.run_config)}
+    return _scores_reply(msg, context, site, metrics)

@@ -21,6 +21,7 @@ from .model import resolved_model_args
 APP_CONFIG = "[tool.flwr.app.config] in the app's pyproject.toml"  # where the run config is declared, for messages
 
 
+@cache  # read once per process: every with_defaults() call asks for it
 def app_pyproject_text() -> tuple[str, str]:
     """``(where, text)`` of the app's ``pyproject.toml``: the repository's in a checkout or a FAB (whose
     ``pyproject.toml`` ``flwr build`` writes from it), the copy an installed wheel carries
@@ -33,6 +34,7 @@ def app_pyproject_text() -> tuple[str, str]:
     return "fedlesion/app.toml (installed)", files("fedlesion").joinpath("app.toml").read_text(encoding="utf-8")
 
 
+@cache
 def _read(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -65,7 +67,7 @@ def declared_run_config(app_dir: Path | None = None) -> dict[str, Any]:
     """
     if app_dir is None:
         return dict(_declared(*app_pyproject_text()))
-    path = Path(app_dir) / "pyproject.toml"
+    path = Path(app_dir).resolve() / "pyproject.toml"
     return dict(_declared(str(path), _read(path)))
 
 

@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cache, partial
 from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -341,6 +341,7 @@ def load_manifest(path: str | os.PathLike[str]) -> DatasetSpec:
     return spec
 
 
+@cache  # package data: listed once per process
 def shipped_manifests() -> list[str]:
     """Names of the manifests that ship with FedLesion (``common/manifests/<name>.json``)."""
     return sorted(p.name.removesuffix(".json") for p in files(__package__).joinpath("manifests").iterdir()
@@ -519,8 +520,6 @@ class PreparedCase:
             "header": base64.b64encode(self.header.binaryblock).decode(), "original_shape": list(self.original_shape),
             "ornt": np.asarray(self.ornt).tolist(), "crop": [list(c) for c in self.crop], "empty_label": self.empty_label,
         }
-
-
 
     def restore(self, volume: np.ndarray) -> np.ndarray:
         """Map a ``(X, Y, Z)`` array in the prepared frame back to the file's voxel grid."""
@@ -830,6 +829,7 @@ class CaseCache:
                 self.disk_dir = None
         self._items: OrderedDict[tuple[Any, ...], PreparedCase] = OrderedDict()
         self._bytes = 0
+        self._disk_used: int | None = None  # the folder's bytes as this process last counted them, plus its writes
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -849,13 +849,14 @@ class CaseCache:
             CaseError: (or another exception) for a case that cannot be used.
         """
         key = self._key(data_dir, spec, case, crop_foreground)
-        info = self._read_info(key)
-        if info is None:
-            prepared = load_case(data_dir, spec, case, crop_foreground=crop_foreground)
-            info = prepared.info()
-            if not self._write_disk(key, prepared):
-                self._remember(key, prepared)
-        return LazyCase(info, partial(self._fetch, (key, Path(data_dir), spec, crop_foreground)))
+        fetch = partial(self._fetch, (key, Path(data_dir), spec, crop_foreground))
+        cached = self._cached_case(key, fetch)
+        if cached is not None:
+            return cached
+        prepared = load_case(data_dir, spec, case, crop_foreground=crop_foreground)
+        if not self._write_disk(key, prepared):
+            self._remember(key, prepared)
+        return LazyCase(prepared.info(), fetch)
 
     def get_or_load(self, data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str, crop_foreground: bool) -> PreparedCase:
         """The case with its arrays (read once)."""
@@ -890,11 +891,11 @@ class CaseCache:
             return None
         return self.disk_dir / hashlib.sha256(f"{CACHE_FORMAT}|{key!r}".encode()).hexdigest()[:32]
 
-    def _read_info(self, key: tuple[Any, ...]) -> dict[str, Any] | None:
-        """The entry's metadata when a complete entry for ``key`` is on disk (or the case is in memory)."""
+    def _cached_case(self, key: tuple[Any, ...], fetch: Callable[[LazyCase], PreparedCase]) -> LazyCase | None:
+        """The case, without its arrays, when a complete entry for ``key`` is on disk (or the case is in memory)."""
         with self._lock:
             if key in self._items:
-                return self._items[key].info()
+                return LazyCase(self._items[key].info(), fetch)
         folder = self._disk_path(key)
         if folder is None or not (folder / "meta.json").is_file():
             return None
@@ -904,7 +905,7 @@ class CaseCache:
                 meta = json.loads(handle.read().decode())
             if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT or meta.get("key") != repr(key):
                 raise ValueError("another version's entry, or a digest collision")
-            LazyCase(meta, self._fetch)  # every field there and well-formed (nothing is read yet)
+            case = LazyCase(meta, fetch)  # every field there and well-formed (no array is read yet)
             files_there = {"image.npy", *(("regions.npy",) if meta["labelled"] else ())}
             if not all((folder / name).is_file() for name in files_there):
                 raise ValueError("an array is missing")
@@ -915,7 +916,7 @@ class CaseCache:
             logger.debug("case cache: rebuilding %s (%s)", folder, exc)
             _discard(folder)
             return None
-        return meta
+        return case
 
     def _map_disk(self, key: tuple[Any, ...], lazy: LazyCase) -> PreparedCase | None:
         folder = self._disk_path(key)
@@ -966,13 +967,13 @@ class CaseCache:
             try:
                 os.replace(tmp, folder)
             except OSError:  # an entry is there already: another process's (kept when sound), or a bad one
-                if self._read_info(key) is None and not folder.exists():  # it was bad, and _read_info removed it
+                if self._cached_case(key, self._fetch) is None and not folder.exists():  # it was bad, and is gone
                     try:
                         os.replace(tmp, folder)
                     except OSError:
                         pass
             if self.max_disk_bytes:
-                purge_cache(folder.parent, keep_bytes=self.max_disk_bytes, spare_recent_s=RECENT_USE_S)
+                self._bound_disk(folder)
         except OSError as exc:  # a full or read-only disk only costs speed
             logger.warning("case cache: cannot write %s (%s); continuing without it", folder, exc)
             return False
@@ -980,6 +981,18 @@ class CaseCache:
             if tmp is not None and tmp.exists():  # not renamed into place: nothing half-written stays behind
                 shutil.rmtree(tmp, ignore_errors=True)
         return (folder / "meta.json").is_file()
+
+    def _bound_disk(self, written: Path) -> None:
+        """Keep the folder under ``max_disk_bytes``. The folder is counted once, then each entry this process
+        writes is added; only when that count passes the bound is it listed again and purged (not after
+        every write: a site of 500 cases would list the folder 500 times while it preprocesses)."""
+        if self._disk_used is None:
+            self._disk_used = cache_size(written.parent)
+        else:
+            self._disk_used += _entry_size(written) or 0
+        if self._disk_used > self.max_disk_bytes:
+            purge_cache(written.parent, keep_bytes=self.max_disk_bytes, spare_recent_s=RECENT_USE_S)
+            self._disk_used = cache_size(written.parent)
 
     @staticmethod
     def _key(data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str, crop: bool) -> tuple[Any, ...]:
@@ -996,8 +1009,8 @@ class CaseCache:
 
 
 def default_cache_dir() -> Path:
-    """The on-disk case cache when a SuperNode's node config names none: ``$FEDLESION_CACHE_DIR``,
-    else ``~/.cache/fedlesion/cases``."""
+    """The folder ``fedlesion cache`` looks at without ``--dir``: ``$FEDLESION_CACHE_DIR``, else
+    ``~/.cache/fedlesion/cases`` (where SuperNodes cached before the cache became opt-in)."""
     return Path(os.environ.get("FEDLESION_CACHE_DIR") or Path.home() / ".cache" / "fedlesion" / "cases")
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
@@ -40,7 +41,7 @@ class Federation:
     control_port: int
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def app(self) -> Path:
         """The Flower app this federation's runs are built from (:func:`~fedlesion.simulations.launch.app_folder`)."""
         return app_folder(self.workdir)

@@ -31,8 +31,8 @@ from urllib.request import urlopen
 
 import tomli_w
 
-from fedlesion.client.site import synthetic_root
 from fedlesion import CHECKOUT
+from fedlesion.client.site import synthetic_root
 from fedlesion.common.config import APP_CONFIG, app_pyproject_text, declared_run_config, parse_shape, with_defaults
 from fedlesion.common.splits import KINDS as SPLIT_KINDS
 from fedlesion.server.app import check_run

@@ -323,6 +323,13 @@ def per_site_table(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return table
 
 
+def _dice_cell(block: Mapping[str, Any] | None, regions: Sequence[str]) -> str:
+    """``WT / TC / ET`` Dice as ``mean ± std`` of one scored block (``-`` for none)."""
+    if not block:
+        return "-"
+    return " / ".join(f"{block['summary'][r]['dice_mean']:.3f} ± {block['summary'][r]['dice_std']:.3f}" for r in regions)
+
+
 def per_site_markdown(results: Mapping[str, Any], regions: Sequence[str]) -> list[str]:
     """Per site: each configuration's Dice per region on that site's held-out cases (mean ± std over
     its cases, or over folds or seeds), the site's own model as ``local``; then the worst site."""
@@ -338,9 +345,7 @@ def per_site_markdown(results: Mapping[str, Any], regions: Sequence[str]) -> lis
     for site in sorted(table):
         cells = [site, str(next(iter(table[site].values()))["num_cases"])]
         for config in configs:
-            block = table[site].get(config)
-            cells.append(" / ".join(f"{block['summary'][r]['dice_mean']:.3f} ± {block['summary'][r]['dice_std']:.3f}"
-                                    for r in regions) if block else "-")
+            cells.append(_dice_cell(table[site].get(config), regions))
         lines.append("| " + " | ".join(cells) + " |")
     worst = {name: row["worst_site"] for name, row in results.items()
              if row.get("worst_site") and not name.startswith("local-")}
@@ -367,9 +372,7 @@ def left_out_markdown(left_out: Mapping[str, Any] | None, regions: Sequence[str]
         first = next(iter(row.values()))
         cells = [name, str(first["num_cases"])]
         for config in configs:
-            block = row.get(config)
-            cells.append(" / ".join(f"{block['summary'][r]['dice_mean']:.3f} ± {block['summary'][r]['dice_std']:.3f}"
-                                    for r in regions) if block else "-")
+            cells.append(_dice_cell(row.get(config), regions))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
