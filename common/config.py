@@ -34,7 +34,6 @@ def app_pyproject_text() -> tuple[str, str]:
     return "fedlesion/app.toml (installed)", files("fedlesion").joinpath("app.toml").read_text(encoding="utf-8")
 
 
-@cache
 def _read(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -67,7 +66,7 @@ def declared_run_config(app_dir: Path | None = None) -> dict[str, Any]:
     """
     if app_dir is None:
         return dict(_declared(*app_pyproject_text()))
-    path = Path(app_dir).resolve() / "pyproject.toml"
+    path = Path(app_dir) / "pyproject.toml"
     return dict(_declared(str(path), _read(path)))
 
 

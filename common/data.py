@@ -341,11 +341,15 @@ def load_manifest(path: str | os.PathLike[str]) -> DatasetSpec:
     return spec
 
 
-@cache  # package data: listed once per process
 def shipped_manifests() -> list[str]:
     """Names of the manifests that ship with FedLesion (``common/manifests/<name>.json``)."""
-    return sorted(p.name.removesuffix(".json") for p in files(__package__).joinpath("manifests").iterdir()
-                  if p.name.endswith(".json"))
+    return list(_shipped_manifests())
+
+
+@cache  # package data: listed once per process
+def _shipped_manifests() -> tuple[str, ...]:
+    return tuple(sorted(p.name.removesuffix(".json") for p in files(__package__).joinpath("manifests").iterdir()
+                        if p.name.endswith(".json")))
 
 
 def builtin_spec(name: str) -> DatasetSpec | None:
@@ -829,7 +833,6 @@ class CaseCache:
                 self.disk_dir = None
         self._items: OrderedDict[tuple[Any, ...], PreparedCase] = OrderedDict()
         self._bytes = 0
-        self._disk_used: int | None = None  # the folder's bytes as this process last counted them, plus its writes
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -967,13 +970,14 @@ class CaseCache:
             try:
                 os.replace(tmp, folder)
             except OSError:  # an entry is there already: another process's (kept when sound), or a bad one
+                # Only whether the entry is sound matters here: the returned case is dropped, its fetch never called.
                 if self._cached_case(key, self._fetch) is None and not folder.exists():  # it was bad, and is gone
                     try:
                         os.replace(tmp, folder)
                     except OSError:
                         pass
             if self.max_disk_bytes:
-                self._bound_disk(folder)
+                purge_cache(folder.parent, keep_bytes=self.max_disk_bytes, spare_recent_s=RECENT_USE_S)
         except OSError as exc:  # a full or read-only disk only costs speed
             logger.warning("case cache: cannot write %s (%s); continuing without it", folder, exc)
             return False
@@ -981,18 +985,6 @@ class CaseCache:
             if tmp is not None and tmp.exists():  # not renamed into place: nothing half-written stays behind
                 shutil.rmtree(tmp, ignore_errors=True)
         return (folder / "meta.json").is_file()
-
-    def _bound_disk(self, written: Path) -> None:
-        """Keep the folder under ``max_disk_bytes``. The folder is counted once, then each entry this process
-        writes is added; only when that count passes the bound is it listed again and purged (not after
-        every write: a site of 500 cases would list the folder 500 times while it preprocesses)."""
-        if self._disk_used is None:
-            self._disk_used = cache_size(written.parent)
-        else:
-            self._disk_used += _entry_size(written) or 0
-        if self._disk_used > self.max_disk_bytes:
-            purge_cache(written.parent, keep_bytes=self.max_disk_bytes, spare_recent_s=RECENT_USE_S)
-            self._disk_used = cache_size(written.parent)
 
     @staticmethod
     def _key(data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str, crop: bool) -> tuple[Any, ...]:
