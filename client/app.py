@@ -8,6 +8,7 @@ and the upload carries the clipped update.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -21,10 +22,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
-from fedlesion.common.checkpoint import Checkpoint, save_checkpoint
+from fedlesion.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedlesion.common.config import model_from, train_config_from, with_defaults
 from fedlesion.common.engine import evaluate as evaluate_cases
 from fedlesion.common.engine import train as train_cases
+from fedlesion.common.engine import unlabelled_weight
 from fedlesion.common.files import private_folder
 from fedlesion.common.metrics import flat_means
 from fedlesion.common.model import batchnorm_keys, build_model, model_spatial_dims
@@ -126,36 +128,78 @@ FEDBN_STATE = "fedbn-layers"  # context.state key: this site's own BatchNorm lay
 
 def _model(context: Context, site: sites.Site, arrays: ArrayRecord):  # noqa: ANN202 - torch module
     """The received global model; under ``fedbn`` with this site's own BatchNorm layers in place
-    of the global ones (from the second round this site trains on)."""
+    of the global ones (from the second round this site trains on: :func:`_own_batchnorm`).
+
+    Returns:
+        ``(model, spatial_dims, own)``: ``own`` is True when the site's own BatchNorm layers were loaded.
+    """
     name, args = model_from(context.run_config)
     model = build_model(name, len(site.spec.channels), len(site.spec.regions), **args)
     state = arrays.to_torch_state_dict()
-    if with_defaults(context.run_config)["fedbn"] and FEDBN_STATE in context.state:
-        own = context.state[FEDBN_STATE].to_torch_state_dict()
-        if set(own) != set(batchnorm_keys(model)):
-            raise ValueError("fedbn: this site's stored BatchNorm layers do not match the model's")
+    own = _own_batchnorm(context, site, model) if with_defaults(context.run_config)["fedbn"] else None
+    if own is not None:
         state.update(own)
     model.load_state_dict(state)
-    return model.to(site.device), model_spatial_dims(name)
+    return model.to(site.device), model_spatial_dims(name), own is not None
 
 
-def _own_layers(context: Context, server_round: int) -> float:
-    """Under ``fedbn``: 1.0 when this site trains with its own stored BatchNorm layers, 0.0 when it
-    starts from the global ones (its first round; or a SuperNode restart or a resumed run, since
-    Flower keeps ``context.state`` in the SuperNode's memory for one run only: warned)."""
+FEDBN_SUFFIX = ".fedbn.pt"  # <personal-dir>/<site>-node<id>-run<run>.fedbn.pt: the site's model after its last FedBN round
+
+
+def personal_path(context: Context, site: sites.Site, suffix: str = ".pt") -> Path | None:
+    """A file of this site's own models in :func:`personal_folder` (``<site>-node<id>-run<run><suffix>``),
+    or None when the node has no personal folder."""
+    folder = personal_folder(context.node_config)
+    if folder is None:
+        return None
+    return folder / f"{site_label(site.name)}-node{context.node_id}-run{context.run_id}{suffix}"
+
+
+def site_label(name: str) -> str:
+    """A site name as it starts the names of the site's own model files (letters, digits, ``._-``)."""
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)[:SITE_NAME_MAX] or "site"
+
+
+def _own_batchnorm(context: Context, site: sites.Site, model) -> dict | None:  # noqa: ANN001 - torch module
+    """This site's own BatchNorm layers under ``fedbn``: from ``context.state`` (the SuperNode keeps it in
+    memory for the run, across the ClientApp processes it starts), else from the site's disk
+    (:data:`FEDBN_SUFFIX` in its personal folder: a SuperNode restarted mid-run), else None (its first round).
+
+    Raises:
+        ValueError: when the stored layers are not this model's (another model, or a damaged file).
+    """
+    keys = set(batchnorm_keys(model))
     if FEDBN_STATE in context.state:
-        return 1.0
-    if server_round > 1:
-        logger.warning("fedbn: no BatchNorm layers of this site are stored (SuperNode restarted or run resumed); "
-                       "round %d starts from the global model's averaged ones", server_round)
-    return 0.0
+        own = context.state[FEDBN_STATE].to_torch_state_dict()
+        source = "in the SuperNode's memory"
+    else:
+        path = personal_path(context, site, FEDBN_SUFFIX)
+        if path is None or not path.is_file():
+            return None
+        stored = load_checkpoint(path)  # data only: a file that holds anything else is refused
+        if (stored.model, stored.model_args) != model_from(context.run_config):
+            raise ValueError(f"fedbn: {path} holds the layers of {stored.model} {stored.model_args}, not of this run's "
+                             f"model; move it away to start this site's BatchNorm layers from the global ones")
+        own = {key: value for key, value in stored.state_dict.items() if key in keys}
+        source = f"in {path}"
+    if set(own) != keys:
+        raise ValueError(f"fedbn: this site's stored BatchNorm layers ({source}) do not match the model's")
+    return own
 
 
-def _keep_batchnorm(context: Context, model) -> None:  # noqa: ANN001 - torch module
-    """Under ``fedbn``, store this site's trained BatchNorm layers for its next round."""
-    if with_defaults(context.run_config)["fedbn"]:
-        trained = model.state_dict()
-        context.state[FEDBN_STATE] = ArrayRecord({key: trained[key].detach().cpu() for key in batchnorm_keys(model)})
+def _keep_batchnorm(context: Context, site: sites.Site, model, server_round: int) -> None:  # noqa: ANN001
+    """Under ``fedbn``, store this site's trained BatchNorm layers for its next round: in ``context.state``,
+    and with the whole trained model on the site's disk when it has a personal folder (it never travels)."""
+    values = with_defaults(context.run_config)
+    if not values["fedbn"]:
+        return
+    trained = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    context.state[FEDBN_STATE] = ArrayRecord({key: trained[key] for key in batchnorm_keys(model)})
+    path = personal_path(context, site, FEDBN_SUFFIX)
+    if path is not None:
+        name, args = model_from(values)
+        save_checkpoint(Checkpoint(model=name, model_args=args, spec=site.spec, state_dict=trained,
+                                   round=server_round, run_config=values, metrics={"fedbn": 1.0}), path)
 
 
 @app.train()
@@ -165,7 +209,7 @@ def train(msg: Message, context: Context) -> Message:
     values = with_defaults(context.run_config)
     round_config = msg.content["config"]
     site = sites.load(context.node_config, values, sites.expected_spec(round_config, context.node_config, values))
-    model, spatial_dims = _model(context, site, msg.content["arrays"])
+    model, spatial_dims, own = _model(context, site, msg.content["arrays"])
     server_round = int(round_config.get("server-round", 0))
     # Only the FedProx server sends a proximal term; without one TrainConfig's default (none) applies.
     proximal = {"proximal_mu": float(round_config["proximal-mu"])} if "proximal-mu" in round_config else {}
@@ -176,21 +220,32 @@ def train(msg: Message, context: Context) -> Message:
         seed=values["seed"] * 100_003 + server_round * 1_009 + zlib.crc32(site.name.encode()) % 997,
         **proximal,
     )
-    own_layers = _own_layers(context, server_round) if values["fedbn"] else 0.0
-    stats = train_cases(model, site.train, spatial_dims, config, site.device)
-    _keep_batchnorm(context, model)
+    if values["fedbn"] and not own and server_round > 1:
+        logger.warning("fedbn: no BatchNorm layers of this site are stored (SuperNode restarted without a personal-dir, "
+                       "or run resumed); round %d starts from the global model's averaged ones", server_round)
+    unlabelled = site.unlabelled if values["semi-supervised"] else []
+    if unlabelled:  # FixMatch: lambda_u ramps up over the rounds
+        config = dataclasses.replace(config, unlabelled_weight=unlabelled_weight(
+            values["fixmatch-weight"], server_round, values["num-server-rounds"], values["fixmatch-rampup"]))
+    stats = train_cases(model, site.train, spatial_dims, config, site.device, unlabelled=unlabelled)
+    _keep_batchnorm(context, site, model, server_round)
+    fixmatch = "unlabelled-loss" in stats  # it ran: unlabelled cases and lambda_u > 0
     metrics = MetricRecord({
         "train-loss": stats["train-loss"],
         "train-seconds": stats["train-seconds"],
-        # FedAvg weights updates by this: cases, not batches or slices.
-        "num-examples": len(site.train),
-        **({"fedbn-own-layers": own_layers} if values["fedbn"] else {}),  # 1: trained with its own BatchNorm layers
+        # FedAvg weights updates by this: cases, not batches or slices (unlabelled ones too when they trained).
+        "num-examples": len(site.train) + (len(unlabelled) if fixmatch else 0),
+        # Under semi-supervised every site sends the same metric names (the server rejects a reply whose names
+        # differ from the round's), 0 where it had no unlabelled case to train on.
+        **({key: float(stats.get(key, 0.0)) for key in UNLABELLED_METRICS} if values["semi-supervised"] else {}),
+        **({"fedbn-own-layers": float(own)} if values["fedbn"] else {}),  # 1: trained with its own BatchNorm layers
         **site.counts(),
     })
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 
+UNLABELLED_METRICS = ("unlabelled-loss", "unlabelled-confident", "unlabelled-weight")  # FixMatch, per round
 FINETUNE = "train.finetune"  # message type: fine-tune the final model at the site, keep it there, send scores only
 PERSONAL_DIR_ENV = "FEDLESION_PERSONAL_DIR"
 
@@ -216,28 +271,26 @@ def finetune(msg: Message, context: Context) -> Message:
     epochs = int(round_config.get("finetune-epochs", values["finetune-epochs"]))
     if not 1 <= epochs <= 10_000:
         raise ValueError(f"finetune-epochs {epochs} is not in [1, 10000]")
-    model, spatial_dims = _model(context, site, msg.content["arrays"])
+    model, spatial_dims, _ = _model(context, site, msg.content["arrays"])
     config = train_config_from(values, epochs=epochs,
                                learning_rate=float(round_config.get("learning-rate", values["finetune-learning-rate"])),
                                seed=values["seed"] * 100_003 + 999_983 + zlib.crc32(site.name.encode()) % 997)
     before = _scores(model, site, spatial_dims, values) if site.val else None
     stats = train_cases(model, site.train, spatial_dims, config, site.device)
     after = _scores(model, site, spatial_dims, values) if site.val else None
-    folder = personal_folder(context.node_config)
-    if folder is not None:
+    path = personal_path(context, site)
+    if path is not None:
         name, args = model_from(values)
-        label = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in site.name)[:SITE_NAME_MAX] or "site"
-        path = save_checkpoint(Checkpoint(model=name, model_args=args, spec=site.spec,
-                                          state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                                          round=int(round_config.get("server-round", 0)), run_config=values,
-                                          metrics={"finetune-epochs": epochs, "train-loss": stats["train-loss"]}),
-                               folder / f"{label}-node{context.node_id}-run{context.run_id}.pt")
+        save_checkpoint(Checkpoint(model=name, model_args=args, spec=site.spec,
+                                   state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                   round=int(round_config.get("server-round", 0)), run_config=values,
+                                   metrics={"finetune-epochs": epochs, "train-loss": stats["train-loss"]}), path)
         logger.info("site %s: fine-tuned model (%d epoch(s)) kept at %s", site.name, epochs, path)
     else:
         logger.warning("site %s: no personal-dir (node config) or $%s: the fine-tuned model is scored, not kept",
                        site.name, PERSONAL_DIR_ENV)
     metrics = {"num-examples": len(site.val), "finetune-epochs": float(epochs), "train-loss": stats["train-loss"],
-               "personal-kept": float(folder is not None), **site.counts()}
+               "personal-kept": float(path is not None), **site.counts()}
     if after is not None:
         metrics.update(after)  # the personal model: the keys an evaluation reply has
         metrics.update({f"global-{k}": v for k, v in before.items()})
@@ -268,6 +321,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = sites.load(context.node_config, context.run_config,
                       sites.expected_spec(msg.content["config"] if "config" in msg.content else {},
                                           context.node_config, context.run_config))
-    model, spatial_dims = _model(context, site, msg.content["arrays"])
+    model, spatial_dims, _ = _model(context, site, msg.content["arrays"])
     metrics = {"num-examples": len(site.val), **site.counts(), **_scores(model, site, spatial_dims, context.run_config)}
     return _scores_reply(msg, context, site, metrics)

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,12 @@ from fedlesion.common.data import (
     LAYOUTS,
     CaseCache,
     DatasetSpec,
+    divide_cases,
     PreparedCase,
     conform_spec,
     discover_cases,
     load_site,
     resolve_spec,
-    split_train_val,
 )
 from fedlesion.common.engine import select_device
 from fedlesion.common.splits import Split, make_split, tumour_volumes
@@ -39,7 +39,8 @@ logger = logging.getLogger("flwr")
 
 @dataclass
 class Site:
-    """One site's usable cases, split into training and validation."""
+    """One site's usable cases: labelled ones split into training and validation, and unlabelled ones
+    (no label, or its label hidden by ``label-fraction``), which train only under ``semi-supervised``."""
 
     name: str
     data_path: Path
@@ -49,12 +50,15 @@ class Site:
     skipped: dict[str, str]
     empty_label_cases: int
     device: torch.device
+    unlabelled: list[PreparedCase] = field(default_factory=list)
 
     def counts(self) -> dict[str, float]:
         """Scalar facts every reply carries (no case IDs, no paths)."""
         return {
             "skipped-cases": float(len(self.skipped)),
             "empty-label-cases": float(self.empty_label_cases),
+            "labelled-cases": float(len(self.train)),
+            "unlabelled-cases": float(len(self.unlabelled)),
         }
 
 
@@ -203,28 +207,29 @@ def load(node_config: Mapping[str, Any], run_config: Mapping[str, Any], expected
     source = locate(node_config, values)
     name, path, manifest = source.name, source.path, source.manifest
     seed, val_fraction, crop = values["seed"], values["val-fraction"], values["crop-foreground"]
+    semi, label_fraction = values["semi-supervised"], values["label-fraction"]
     if expected is None:
         expected = expected_spec({}, node_config, values)
-    key = (name, str(path.resolve()), manifest, source.case_ids, seed, val_fraction, json.dumps(expected.to_json()), crop)
+    key = (name, str(path.resolve()), manifest, source.case_ids, seed, val_fraction, json.dumps(expected.to_json()), crop,
+           semi, label_fraction)
     if key in _SITES:
         return _SITES[key]
     spec = conform_spec(dataset_spec(manifest) if manifest else resolve_spec(path), expected, f"site {name} ({path})")
     data = load_site(path, spec, case_ids=None if source.case_ids is None else list(source.case_ids),
-                     crop_foreground=crop, cache=_cache(node_config))
+                     crop_foreground=crop, cache=_cache(node_config), unlabelled=semi)
     if not data.cases:
         raise ValueError(f"site {name}: no usable case in {path}; {len(data.skipped)} skipped (see the SuperNode log).")
-    by_id = {c.case: c for c in data.cases}
-    train_ids, val_ids = split_train_val(list(by_id), val_fraction, seed)
+    train, val, unlabelled = divide_cases(data.cases, val_fraction, label_fraction, seed, name)
     device = select_device(str(node_config.get("device", "auto")))
     site = Site(
-        name=name, data_path=path, spec=spec,
-        train=[by_id[c] for c in train_ids], val=[by_id[c] for c in val_ids],
+        name=name, data_path=path, spec=spec, train=train, val=val, unlabelled=unlabelled,
         skipped=data.skipped, empty_label_cases=data.empty_label_count, device=device,
     )
     logger.info(
-        "site %s: %d usable case(s) (%d train, %d validation), %d skipped, %d with empty label; device %s%s",
-        name, len(data.cases), len(site.train), len(site.val), len(data.skipped), site.empty_label_cases,
-        device, " with float16 mixed precision" if device.type == "cuda" else "",
+        "site %s: %d usable case(s) (%d train, %d validation, %d unlabelled%s), %d skipped, %d with empty label; "
+        "device %s%s", name, len(data.cases), len(site.train), len(site.val), len(site.unlabelled),
+        "" if semi or not site.unlabelled else ": not used, semi-supervised is off", len(data.skipped),
+        site.empty_label_cases, device, " with float16 mixed precision" if device.type == "cuda" else "",
     )
     _SITES[key] = site
     return site

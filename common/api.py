@@ -28,6 +28,8 @@ from .data import (
     case_paths,
     conform_spec,
     discover_cases,
+    label_seed,
+    labelled_subset,
     load_case,
     load_site,
     regions_from_labels,
@@ -42,6 +44,7 @@ from .engine import (
     score_case,
     select_device,
     train,
+    unlabelled_weight,
 )
 from .metrics import summarize
 from .splits import Split, make_split
@@ -75,6 +78,10 @@ def train_centralized(
     lr_schedule: str = "constant",
     epochs_per_round: int = 1,
     force: bool = False,
+    semi_supervised: bool = False,
+    hidden_labels: Sequence[str] = (),
+    fixmatch_rampup: float = 0.0,
+    label_fraction: float = 1.0,
 ) -> Checkpoint:
     """Pooled (centralized) training: the baseline federation is compared with.
 
@@ -98,6 +105,13 @@ def train_centralized(
             (stepped by torch's ``LambdaLR``).
         epochs_per_round: epochs that share one learning rate.
         force: replace an existing checkpoint at ``out``.
+        semi_supervised: train on unlabelled cases too (FixMatch, as the sites do with ``semi-supervised``):
+            cases without a label, and ``hidden_labels``; lambda_u is ``config.unlabelled_weight``, ramped up over
+            the first ``fixmatch_rampup`` of the "rounds" (:func:`fedlesion.common.engine.unlabelled_weight`).
+        hidden_labels: training cases whose labels are not used (``label-fraction`` experiments): unlabelled
+            cases under ``semi_supervised``, unused otherwise.
+        label_fraction: keep the labels of this share of the (other) training cases, as a site does with
+            ``label-fraction`` (:func:`fedlesion.common.data.labelled_subset`, seed ``label_seed(seed, "pooled")``).
 
     Returns:
         The final :class:`Checkpoint`.
@@ -110,25 +124,34 @@ def train_centralized(
     spec = resolve_spec(data, manifest)
     ids = select_cases(discover_cases(data, spec) if case_ids is None else list(case_ids), include, exclude)
     check_output(out, inputs=_input_files(data, spec, ids, manifest), force=force, what="--out")
-    site = load_site(data, spec, case_ids=ids, crop_foreground=crop_foreground)
-    by_id = {c.case: c for c in site.cases}
-    train_ids, val_ids = split_train_val(list(by_id), val_fraction, config.seed or 0)
-    if not train_ids:
-        raise ValueError(f"{data}: no usable training case (selected {len(ids)}, skipped {len(site.skipped)}).")
+    site = load_site(data, spec, case_ids=ids, crop_foreground=crop_foreground, unlabelled=semi_supervised)
+    by_id = {c.case: c for c in site.cases if c.labelled}
+    train_ids, val_ids = split_train_val(list(by_id), val_fraction, config.seed or 0) if by_id else ([], [])
+    hidden = set(hidden_labels)
+    kept = labelled_subset([c for c in train_ids if c not in hidden], label_fraction, label_seed(config.seed or 0, "pooled"))
+    hidden |= set(train_ids) - set(kept)
+    unlabelled = [by_id[c] for c in train_ids if c in hidden] + [c for c in site.cases if not c.labelled]
+    train_ids = [c for c in train_ids if c not in hidden]
+    unlabelled = unlabelled if semi_supervised else []
+    if not train_ids and not unlabelled:
+        raise ValueError(f"{data}: no usable training case (selected {len(ids)}, skipped {len(site.skipped)}"
+                         + (f", {len(hidden)} with hidden labels" if hidden else "") + ").")
     args = resolved_model_args(model, **(model_args or {}))
     torch.manual_seed(config.seed or 0)
     dev = select_device(device)
     network = build_model(model, len(spec.channels), len(spec.regions), **args).to(dev)
     spatial_dims = model_spatial_dims(model)
-    report(f"training {model} on {len(train_ids)} case(s) ({len(val_ids)} validation, {len(site.skipped)} skipped) "
-           f"on {dev}{' with float16 mixed precision' if dev.type == 'cuda' else ''}")
+    report(f"training {model} on {len(train_ids)} case(s) ({len(val_ids)} validation, {len(site.skipped)} skipped"
+           + (f", {len(unlabelled)} unlabelled through FixMatch" if unlabelled else "")
+           + f") on {dev}{' with float16 mixed precision' if dev.type == 'cuda' else ''}")
     checkpoint = Checkpoint(model=model, model_args=args, spec=spec, state_dict={},
                             run_config={"train-case-count": len(train_ids), "val-case-count": len(val_ids),
+                                        "unlabelled-case-count": len(unlabelled),
                                         **config.to_dict(), "crop_foreground": crop_foreground,
                                         **PostProcessing.from_run_config({}).to_run_config()})
     # Which cases trained stays at this site, beside the checkpoint (the checkpoint itself may be shared).
-    replace_private(cases_file(out), json.dumps({"data": str(data), "train": train_ids, "validation": val_ids},
-                                                indent=2).encode())
+    replace_private(cases_file(out), json.dumps({"data": str(data), "train": train_ids, "validation": val_ids,
+                                                 "unlabelled": [c.case for c in unlabelled]}, indent=2).encode())
     history: list[dict[str, Any]] = []
     start = time.perf_counter()
     rounds = max(1, config.epochs // epochs_per_round)
@@ -154,7 +177,11 @@ def train_centralized(
         save_checkpoint(checkpoint, out)
 
     # One optimiser and one schedule for the whole run: the pooled baseline is not restarted every epoch.
-    train(network, [by_id[c] for c in train_ids], spatial_dims, config, dev, progress=after_epoch, lr_factor=lr_factor)
+    def unlabelled_factor(epoch_index: int) -> float:
+        return unlabelled_weight(1.0, min(epoch_index // epochs_per_round + 1, rounds), rounds, fixmatch_rampup)
+
+    train(network, [by_id[c] for c in train_ids], spatial_dims, config, dev, progress=after_epoch, lr_factor=lr_factor,
+          unlabelled=unlabelled, unlabelled_factor=unlabelled_factor)
     return checkpoint
 
 

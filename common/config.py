@@ -85,6 +85,8 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "trim-beta": (0, 0.499999, True), "num-malicious-nodes": (0, INF, True), "server-eval-every": (1, INF, True),
     "local-epochs": (1, INF, True), "local-steps": (0, INF, True), "batch-size": (1, INF, True),
     "finetune-epochs": (0, 10_000, True), "finetune-learning-rate": (0, INF, False),
+    "label-fraction": (0, 1, True), "fixmatch-threshold": (0.5, 1, False), "fixmatch-weight": (0, INF, True),
+    "fixmatch-rampup": (0, 1, True),
     "learning-rate": (0, INF, False), "samples-per-case": (1, INF, True), "pos-ratio": (0, 1, True),
     "lambda-dice": (0, INF, True), "lambda-focal": (0, INF, True), "focal-gamma": (0, INF, True),
     "focal-alpha": (0, 1, True), "val-fraction": (0, 0.999999, True), "seed": (0, INF, True),
@@ -230,6 +232,9 @@ class TrainConfig:
     lambda_focal: float = _from_run_config("lambda-focal")
     focal_gamma: float = _from_run_config("focal-gamma")
     focal_alpha: float = _from_run_config("focal-alpha")
+    fixmatch_threshold: float = _from_run_config("fixmatch-threshold")  # tau: confident voxels only
+    # lambda_u: weight of the unlabelled (FixMatch) loss, the ramped value of this round (see unlabelled_weight)
+    unlabelled_weight: float = _from_run_config("fixmatch-weight")
     # FedProx: weight of ||w - w_global||^2 / 2, a per-round value only the FedProx server sends; 0 disables it,
     # so pooled and local-only baselines built from the run config get no proximal term.
     proximal_mu: float = 0.0
@@ -250,6 +255,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: learning_rate must be > 0, got {self.learning_rate}.")
         if self.proximal_mu < 0:
             raise ValueError(f"TrainConfig: proximal_mu must be >= 0, got {self.proximal_mu}.")
+        if not 0.5 < self.fixmatch_threshold <= 1.0:
+            raise ValueError(f"TrainConfig: fixmatch_threshold must be in (0.5, 1], got {self.fixmatch_threshold}.")
+        if self.unlabelled_weight < 0:
+            raise ValueError(f"TrainConfig: unlabelled_weight must be >= 0, got {self.unlabelled_weight}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,6 +14,7 @@ naming the file and the problem.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import glob
 import hashlib
 import json
@@ -26,7 +27,9 @@ import shutil
 import tempfile
 import threading
 import time
+import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cache, partial
@@ -107,6 +110,8 @@ class DatasetSpec:
         labels: every value the label file may hold, background (0) included.
         regions: region name -> label values it covers, e.g. ``{"WT": [1, 2, 4]}``.
             Regions must nest (or be disjoint) so that each maps back to one label.
+        unlabelled: case-ID globs of cases whose label file is not read (a manifest's ``"unlabelled"``):
+            unlabelled cases, used only by semi-supervised training.
 
     Raises:
         ValueError: for empty channels, undeclared region labels, or regions that do
@@ -118,6 +123,7 @@ class DatasetSpec:
     label: str | None
     labels: tuple[int, ...]
     regions: dict[str, tuple[int, ...]]
+    unlabelled: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.channels:
@@ -168,7 +174,12 @@ class DatasetSpec:
             "label": self.label,
             "labels": list(self.labels),
             "regions": {k: list(v) for k, v in self.regions.items()},
+            **({"unlabelled": list(self.unlabelled)} if self.unlabelled else {}),
         }
+
+    def marked_unlabelled(self, case: str) -> bool:
+        """Whether ``case`` matches one of :attr:`unlabelled`'s globs (its label file is not read)."""
+        return any(fnmatch.fnmatchcase(case, pattern) for pattern in self.unlabelled)
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str = "manifest") -> DatasetSpec:
@@ -203,12 +214,16 @@ class DatasetSpec:
             if not isinstance(values, list):
                 raise ValueError(f"{source}: 'regions.{region}' must be a list of label values, got {values!r}.")
         label = data.get("label")
+        unlabelled = data.get("unlabelled", [])
+        if not isinstance(unlabelled, list) or not all(isinstance(v, str) and v for v in unlabelled):
+            raise ValueError(f"{source}: 'unlabelled' must be a list of case-ID globs (strings), got {unlabelled!r}.")
         return cls(
             name=str(data.get("name", Path(source).stem)),
             channels={str(k): strings(v, f"channels.{k}") for k, v in mapping("channels").items()},
             label=None if label is None else strings(label, "label"),
             labels=tuple(whole(v, "labels") for v in data["labels"]),
             regions={str(k): tuple(whole(x, f"regions.{k}") for x in v) for k, v in regions.items()},
+            unlabelled=tuple(unlabelled),
         )
 
 
@@ -458,7 +473,7 @@ def case_paths(data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str) -
     for name, pattern in spec.channels.items():
         path, index = _split_pattern(pattern)
         out[name] = (Path(data_dir) / path.replace("{case}", case), index)
-    if spec.label:
+    if spec.label and not spec.marked_unlabelled(case):
         out["label"] = (Path(data_dir) / spec.label.replace("{case}", case), None)
     return out
 
@@ -845,8 +860,10 @@ class CaseCache:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def lazy(self, data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str, crop_foreground: bool) -> LazyCase:
-        """The case, validated and preprocessed (decoded now only if no entry holds it), without its arrays.
+    def lazy(self, data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str, crop_foreground: bool,
+             require_label: bool = True) -> LazyCase:
+        """The case, validated and preprocessed (decoded now only if no entry holds it), without its arrays
+        (``require_label``: as :func:`load_case`).
 
         Raises:
             CaseError: (or another exception) for a case that cannot be used.
@@ -856,7 +873,7 @@ class CaseCache:
         cached = self._cached_case(key, fetch)
         if cached is not None:
             return cached
-        prepared = load_case(data_dir, spec, case, crop_foreground=crop_foreground)
+        prepared = load_case(data_dir, spec, case, crop_foreground=crop_foreground, require_label=require_label)
         if not self._write_disk(key, prepared):
             self._remember(key, prepared)
         return LazyCase(prepared.info(), fetch)
@@ -1141,6 +1158,7 @@ def load_site(
     on_error: Literal["skip", "raise"] = "skip",
     crop_foreground: bool = False,
     cache: CaseCache | None = CACHE,
+    unlabelled: bool = False,
 ) -> SiteData:
     """Load every case of a data folder (or the listed ones), validated and preprocessed.
 
@@ -1157,6 +1175,9 @@ def load_site(
             at the first bad case.
         crop_foreground: crop each case to its nonzero box.
         cache: where preprocessed cases come from (:class:`CaseCache`); ``None``: decode and hold every case.
+        unlabelled: keep a case without a label (its label file missing, or marked in the manifest's
+            ``"unlabelled"``) as an unlabelled case, for semi-supervised training; False: skip it, saying why.
+            A layout without a label pattern (prediction data) gives unlabelled cases either way.
 
     Returns:
         The :class:`SiteData`.
@@ -1178,9 +1199,13 @@ def load_site(
     for case in ids:
         try:
             if cache is None:
-                cases.append(load_case(data_dir, spec, case, crop_foreground=crop_foreground))
+                loaded = load_case(data_dir, spec, case, crop_foreground=crop_foreground, require_label=not unlabelled)
             else:
-                cases.append(cache.lazy(data_dir, spec, case, crop_foreground))
+                loaded = cache.lazy(data_dir, spec, case, crop_foreground, require_label=not unlabelled)
+            if spec.label and not loaded.labelled and not unlabelled:
+                raise CaseError(case, data_dir, "has no label (its label file is missing, or the manifest marks it "
+                                                "unlabelled); unlabelled cases train only with semi-supervised = true")
+            cases.append(loaded)
         except CaseError as exc:
             if on_error == "raise":
                 raise
@@ -1201,6 +1226,41 @@ def load_site(
                        "$FEDLESION_CACHE_DIR) to decode each case once.", data_dir, len(cases), total / 2**30,
                        cache.max_bytes / 2**30)
     return SiteData(spec=spec, cases=cases, skipped=skipped)
+
+
+def labelled_subset(case_ids: list[str], fraction: float, seed: int) -> list[str]:
+    """The training cases that keep their labels under ``label-fraction`` (experiments with few labels):
+    ``round(n * fraction)`` of them, at least one while ``fraction > 0``, all at 1, none at 0; chosen by
+    ``seed`` from the sorted IDs, so a rerun hides the same ones.
+
+    Raises:
+        ValueError: when ``fraction`` is outside [0, 1].
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"label-fraction must be in [0, 1], got {fraction}.")
+    ids = sorted(case_ids)
+    keep = 0 if fraction == 0 or not ids else min(len(ids), max(1, round(len(ids) * fraction)))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return sorted(ids[i] for i in order[:keep])
+
+
+def label_seed(seed: int, site_name: str) -> int:
+    """The seed :func:`labelled_subset` draws a site's kept labels with: the run's seed and the site's name, so
+    the pooled baseline can keep exactly the labels each site keeps."""
+    return seed * 1_000_003 + zlib.crc32(site_name.encode())
+
+
+def divide_cases(cases: Sequence[PreparedCase], val_fraction: float, label_fraction: float, seed: int,
+                 site_name: str) -> tuple[list[PreparedCase], list[PreparedCase], list[PreparedCase]]:
+    """``(train, validation, unlabelled)`` of one site: labelled cases split into training and validation as
+    always (:func:`split_train_val`); then ``label-fraction`` keeps the labels of that share of the training
+    cases (:func:`labelled_subset` with :func:`label_seed`) and moves the others, with every case that has no
+    label, to the unlabelled ones."""
+    labelled = {c.case: c for c in cases if c.labelled}
+    train_ids, val_ids = split_train_val(list(labelled), val_fraction, seed) if labelled else ([], [])
+    kept = set(labelled_subset(train_ids, label_fraction, label_seed(seed, site_name)))
+    return ([labelled[c] for c in train_ids if c in kept], [labelled[c] for c in val_ids],
+            [labelled[c] for c in train_ids if c not in kept] + [c for c in cases if not c.labelled])
 
 
 def split_train_val(case_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

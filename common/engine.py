@@ -18,10 +18,10 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import DatasetSpec, PreparedCase, regions_from_labels
-from .losses import build_loss
+from .losses import UnlabelledLoss, build_loss
 from .metrics import region_metrics, summarize
 from .postprocess import PostProcessing, postprocess_labels
-from .transforms import training_transforms
+from .transforms import strong_transforms, training_transforms, unlabelled_transforms
 
 
 def learning_rate(base: float, schedule: str, server_round: int, num_rounds: int) -> float:
@@ -41,6 +41,16 @@ def learning_rate(base: float, schedule: str, server_round: int, num_rounds: int
         progress = (server_round - 1) / max(num_rounds - 1, 1)
         return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
     raise ValueError(f"lr-schedule '{schedule}' is unknown; choose 'constant' or 'cosine'.")
+
+
+def unlabelled_weight(base: float, server_round: int, num_rounds: int, rampup: float) -> float:
+    """FixMatch's lambda_u in ``server_round`` (1-based): ``base`` x exp(-5 (1 - t)^2), t = round / (rampup x
+    rounds) capped at 1 (the usual sigmoid-shaped ramp-up: early pseudo-labels come from a model that has
+    learnt little); ``base`` throughout when ``rampup`` is 0."""
+    if rampup <= 0:
+        return base
+    t = min(1.0, server_round / max(rampup * num_rounds, 1e-9))
+    return base * math.exp(-5.0 * (1.0 - t) ** 2)
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -71,11 +81,15 @@ def _read_case(item: dict[str, PreparedCase]) -> dict[str, np.ndarray]:
     return {"image": case.image, "label": case.regions}
 
 
-def _training_loader(cases: Sequence[PreparedCase], spatial_dims: int, config: TrainConfig) -> DataLoader:
+def _sample_size(cases: Sequence[PreparedCase], spatial_dims: int, config: TrainConfig) -> tuple[int, ...]:
     if spatial_dims == 2:  # small crops are padded so that every pooling level of a default-depth U-Net keeps a voxel
-        sample_size = tuple(max(MIN_TRAINING_SIDE, *(c.shape[axis] for c in cases)) for axis in (1, 2))
-    else:
-        sample_size = config.patch_size
+        return tuple(max(MIN_TRAINING_SIDE, *(c.shape[axis] for c in cases)) for axis in (1, 2))
+    return tuple(config.patch_size)
+
+
+def _training_loader(cases: Sequence[PreparedCase], spatial_dims: int, config: TrainConfig,
+                     sample_size: tuple[int, ...] | None = None) -> DataLoader:
+    sample_size = sample_size or _sample_size(cases, spatial_dims, config)
     transform = training_transforms(spatial_dims, tuple(sample_size), config.pos_ratio, config.augment)
     # Reading the case is the pipeline's first, non-random step: in the same Compose (not a Compose around it),
     # so each random transform draws the same seeds from the run's seed as without it.
@@ -94,6 +108,67 @@ def _training_loader(cases: Sequence[PreparedCase], spatial_dims: int, config: T
     )
 
 
+def _read_image(item: dict[str, PreparedCase]) -> dict[str, np.ndarray]:
+    """An unlabelled sample's source: the scans only (a hidden label is never read) and the brain to sample in."""
+    image = item["case"].image
+    return {"image": image, "brain": (image[:1] != 0).astype(np.uint8)}  # z-scored over the brain: 0 outside it
+
+
+def _unlabelled_loader(cases: Sequence[PreparedCase], spatial_dims: int, config: TrainConfig,
+                       sample_size: tuple[int, ...]) -> DataLoader:
+    pipeline = Compose([_read_image, *unlabelled_transforms(spatial_dims, sample_size).transforms])
+    generator = torch.Generator()
+    if config.seed is not None:  # its own streams: the labelled samples are drawn as without unlabelled cases
+        pipeline.set_random_state(seed=config.seed + 1)
+        generator.manual_seed(config.seed + 1)
+    items = [{"case": c} for c in cases for _ in range(config.samples_per_case)]
+    return DataLoader(Dataset(items, transform=pipeline), batch_size=config.batch_size, shuffle=True,
+                      num_workers=config.num_workers, generator=generator, drop_last=len(items) > config.batch_size)
+
+
+class FixMatch:
+    """FixMatch (Sohn et al., NeurIPS 2020) for segmentation, one unlabelled batch at a time.
+
+    The model, in eval mode and without gradients, labels the weak view: a voxel's pseudo-label is its
+    probability > 0.5 per region, counted where that probability is above ``threshold`` or below
+    ``1 - threshold``. :func:`fedlesion.common.transforms.strong_transforms` then moves the image, the
+    pseudo-label and the mask with one affine and changes the image's intensities, and
+    :class:`fedlesion.common.losses.UnlabelledLoss` scores the model on the strong view against the
+    pseudo-label on confident voxels only.
+    """
+
+    def __init__(self, spatial_dims: int, sample_size: tuple[int, ...], config: TrainConfig) -> None:
+        self.threshold = config.fixmatch_threshold
+        self.strong = strong_transforms(spatial_dims, sample_size)
+        if config.seed is not None:
+            self.strong.set_random_state(seed=config.seed + 2)
+        self.loss = UnlabelledLoss(config.lambda_dice, config.lambda_focal, config.focal_gamma, config.focal_alpha)
+
+    @torch.no_grad()
+    def pseudo_labels(self, model: nn.Module, weak: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pseudo, mask)`` of a weak batch, each ``(B, R, *spatial)`` float 0/1."""
+        was_training = model.training
+        model.eval()
+        with autocast(device):
+            probs = torch.sigmoid(model(weak).float())
+        model.train(was_training)
+        return (probs > 0.5).float(), ((probs > self.threshold) | (probs < 1.0 - self.threshold)).float()
+
+    def strong_views(self, weak: torch.Tensor, pseudo: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The strong view of each sample: ``(image, pseudo, mask)`` batches, moved together."""
+        views = [self.strong({"image": i, "pseudo": p, "mask": m}) for i, p, m in zip(weak.cpu(), pseudo.cpu(), mask.cpu())]
+        return tuple(torch.stack([torch.as_tensor(v[key]).as_subclass(torch.Tensor) for v in views]).to(weak.device)
+                     for key in ("image", "pseudo", "mask"))
+
+    def __call__(self, model: nn.Module, weak: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, float]:
+        """The unlabelled loss of one weak batch, and the share of its voxels that were confident."""
+        pseudo, mask = self.pseudo_labels(model, weak, device)
+        image, pseudo, mask = self.strong_views(weak, pseudo, mask)
+        with autocast(device):
+            logits = model(image)
+        return self.loss(logits.float(), pseudo, mask), float(mask.mean())
+
+
 def train(
     model: nn.Module,
     cases: Sequence[PreparedCase],
@@ -102,8 +177,11 @@ def train(
     device: torch.device,
     progress: Callable[[int, float], None] | None = None,
     lr_factor: Callable[[int], float] | None = None,
+    unlabelled: Sequence[PreparedCase] = (),
+    unlabelled_factor: Callable[[int], float] | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place on labelled cases, with one optimiser for all ``config.epochs`` epochs.
+    """Train ``model`` in place on labelled cases (and, FixMatch, on unlabelled ones), with one optimiser
+    for all ``config.epochs`` epochs.
 
     Args:
         model: the network, already on ``device``.
@@ -116,35 +194,64 @@ def train(
         lr_factor: the learning rate of epoch ``e`` (0-based) as a multiple of
             ``config.learning_rate``, stepped once per epoch by torch's ``LambdaLR``;
             ``None`` keeps the rate constant.
+        unlabelled: cases trained through :class:`FixMatch` (only their scans are read), each step one
+            unlabelled batch beside the labelled one, weighted by ``config.unlabelled_weight``; without
+            labelled cases an epoch is ``config.steps`` (or one pass over the unlabelled samples) of these alone.
+        unlabelled_factor: lambda_u of epoch ``e`` (0-based) as a multiple of ``config.unlabelled_weight``
+            (pooled training's ramp-up, :func:`unlabelled_weight`); ``None``: constant.
 
     Returns:
-        ``{"train-loss": mean loss of the last epoch, "train-samples": samples seen, "train-seconds": wall time}``.
+        ``{"train-loss": mean loss of the last epoch, "train-samples": samples seen, "train-seconds": wall time}``;
+        with unlabelled cases also ``unlabelled-loss`` and ``unlabelled-confident`` (the share of their voxels
+        whose pseudo-label counted), means over the last epoch.
 
     Raises:
-        ValueError: when no case has a label.
+        ValueError: when no case has a label and none is unlabelled (or lambda_u is 0).
     """
     labelled = [c for c in cases if c.labelled]
-    if not labelled:
+    semi = bool(unlabelled) and config.unlabelled_weight > 0
+    if not labelled and not semi:
         raise ValueError("no labelled training case to train on.")
-    loader = _training_loader(labelled, spatial_dims, config)
+    # Labelled and unlabelled samples batch at one size (with unlabelled ones it covers both).
+    sample_size = _sample_size([*labelled, *(unlabelled if semi else ())], spatial_dims, config)
+    loader = _training_loader(labelled, spatial_dims, config, sample_size) if labelled else None
+    fixmatch = FixMatch(spatial_dims, sample_size, config) if semi else None
+    unlabelled_batches = None
+    if semi:
+        unlabelled_loader = _unlabelled_loader(unlabelled, spatial_dims, config, sample_size)
+        unlabelled_batches = itertools.chain.from_iterable(itertools.repeat(unlabelled_loader))
     loss_fn = build_loss(config.lambda_dice, config.lambda_focal, config.focal_gamma, config.focal_alpha)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor) if lr_factor is not None else None
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else None
     start, seen, epoch_loss = time.perf_counter(), 0, float("nan")
+    unlabelled_stats: dict[str, float] = {}
     for epoch in range(1, config.epochs + 1):
         model.train()  # ``progress`` may have evaluated the model
-        total, batches = 0.0, 0
+        total, batches, u_total, u_confident = 0.0, 0, 0.0, 0.0
         # An epoch is one pass over the samples, or exactly config.steps batches (passing over them again as needed).
-        batches_of_epoch = (itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), config.steps)
-                            if config.steps > 0 else loader)
+        if loader is not None:
+            batches_of_epoch = (itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), config.steps)
+                                if config.steps > 0 else loader)
+        else:  # unlabelled cases alone
+            batches_of_epoch = itertools.repeat(None, config.steps if config.steps > 0 else len(unlabelled_loader))
+        weight = config.unlabelled_weight * (unlabelled_factor(epoch - 1) if unlabelled_factor is not None else 1.0)
         for batch in batches_of_epoch:
-            image = batch["image"].to(device, non_blocking=True).float()
-            label = batch["label"].to(device, non_blocking=True).float()
             optimizer.zero_grad(set_to_none=True)
-            with autocast(device):
-                loss = loss_fn(model(image), label)
+            loss = torch.zeros((), device=device)
+            if batch is not None:
+                image = batch["image"].to(device, non_blocking=True).float()
+                label = batch["label"].to(device, non_blocking=True).float()
+                with autocast(device):
+                    loss = loss_fn(model(image), label)
+                seen += image.shape[0]
+            if fixmatch is not None:
+                weak = next(unlabelled_batches)["image"].to(device, non_blocking=True).float()
+                u_loss, confident = fixmatch(model, weak, device)
+                loss = loss + weight * u_loss
+                u_total, u_confident = u_total + float(u_loss.detach()), u_confident + confident
+                seen += weak.shape[0]
             if anchor is not None:
                 proximal = sum((p.float() - a.float()).pow(2).sum() for p, a in zip(model.parameters(), anchor))
                 loss = loss + 0.5 * config.proximal_mu * proximal
@@ -157,13 +264,16 @@ def train(
             scaler.update()
             total += float(loss.detach())
             batches += 1
-            seen += image.shape[0]
         epoch_loss = total / max(batches, 1)
+        if fixmatch is not None:
+            unlabelled_stats = {"unlabelled-loss": u_total / max(batches, 1),
+                                "unlabelled-confident": u_confident / max(batches, 1), "unlabelled-weight": weight}
         if scheduler is not None:
             scheduler.step()
         if progress is not None:
             progress(epoch, epoch_loss)
-    return {"train-loss": epoch_loss, "train-samples": float(seen), "train-seconds": time.perf_counter() - start}
+    return {"train-loss": epoch_loss, "train-samples": float(seen), "train-seconds": time.perf_counter() - start,
+            **unlabelled_stats}
 
 
 class TrainingDiverged(RuntimeError):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from monai.losses import DiceFocalLoss
+import torch
+from monai.losses import DiceFocalLoss, FocalLoss, MaskedDiceLoss
+from torch import nn
 
 
 def build_loss(
@@ -41,3 +43,28 @@ def build_loss(
         smooth_nr=1e-5,
         smooth_dr=1e-5,
     )
+
+
+class UnlabelledLoss(nn.Module):
+    """FixMatch's unlabelled loss for segmentation: the same Dice + focal terms, between the strong
+    view's logits and the weak view's pseudo-label, counted only where ``mask`` is 1 (confident voxels).
+
+    Dice is MONAI's ``MaskedDiceLoss`` per region channel (each region has its own confident voxels),
+    pooled over the batch (one slice's empty pseudo-label does not dominate); focal is MONAI's
+    ``FocalLoss`` per voxel, averaged over the confident voxels. A voxel with mask 0 has no gradient.
+    """
+
+    def __init__(self, lambda_dice: float = 1.0, lambda_focal: float = 1.0, focal_gamma: float = 2.0,
+                 focal_alpha: float | None = 0.75) -> None:
+        super().__init__()
+        build_loss(lambda_dice, lambda_focal, focal_gamma, focal_alpha)  # the same checks as the supervised loss
+        self.lambda_dice, self.lambda_focal = lambda_dice, lambda_focal
+        self.dice = MaskedDiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.focal = FocalLoss(use_softmax=False, gamma=focal_gamma, alpha=focal_alpha, reduction="none")
+
+    def forward(self, logits: torch.Tensor, pseudo: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Args: ``(B, R, *spatial)`` logits, pseudo-labels (0/1) and confidence mask (0/1)."""
+        dice = torch.stack([self.dice(logits[:, r:r + 1], pseudo[:, r:r + 1], mask[:, r:r + 1])
+                            for r in range(logits.shape[1])]).mean()
+        focal = (self.focal(logits, pseudo) * mask).sum() / mask.sum().clamp_min(1.0)
+        return self.lambda_dice * dice + self.lambda_focal * focal

@@ -14,11 +14,15 @@ import numpy as np
 import torch
 from monai.transforms import (
     Compose,
+    DeleteItemsd,
     MapTransform,
     RandAdjustContrastd,
     RandAffined,
+    RandBiasFieldd,
     RandCropByPosNegLabeld,
     RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
     Randomizable,
     RandRotated,
     RandScaleIntensityd,
@@ -112,3 +116,62 @@ def training_transforms(
             RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.3),
         ]
     return Compose(steps)
+
+
+def unlabelled_transforms(spatial_dims: int, sample_size: tuple[int, ...]) -> Compose:
+    """Sampling plus FixMatch's weak view for one unlabelled sample: a slice (2D) or patch (3D) centred on
+    the brain (its nonzero voxels; there is no lesion mask to centre on), padded like the labelled
+    samples, flipped and slightly rotated.
+
+    Returns:
+        A MONAI ``Compose`` taking ``{"image": (C, X, Y, Z), "brain": (1, X, Y, Z)}`` and giving ``{"image"}``.
+
+    Raises:
+        ValueError: for ``spatial_dims`` not 2 or 3 or a ``sample_size`` of the wrong length.
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+    if len(sample_size) != spatial_dims:
+        raise ValueError(f"sample_size must have {spatial_dims} values, got {tuple(sample_size)}.")
+    keys = ("image", "brain")
+    size = (-1, -1, 1) if spatial_dims == 2 else tuple(sample_size)
+    steps: list[Any] = [RandCropByPosNegLabeld(keys=keys, label_key="brain", spatial_size=size, pos=1.0, neg=0.0,
+                                               num_samples=1, allow_smaller=True)]
+    if spatial_dims == 2:
+        steps.append(SqueezeDimd(keys=keys, dim=-1))
+    small = math.radians(10)
+    steps += [
+        DeleteItemsd(keys="brain"),
+        SpatialPadd(keys="image", spatial_size=tuple(sample_size)),
+        RandFlipd(keys="image", prob=0.5, spatial_axis=0),
+        RandFlipd(keys="image", prob=0.5, spatial_axis=1),
+        RandRotated(keys="image", range_x=small, range_y=0.0 if spatial_dims == 2 else small,
+                    range_z=0.0 if spatial_dims == 2 else small, prob=0.5, padding_mode="zeros"),
+    ]
+    return Compose(steps)
+
+
+STRONG_KEYS = ("image", "pseudo", "mask")  # the weak view, its pseudo-label, and where that label is confident
+
+
+def strong_transforms(spatial_dims: int, sample_size: tuple[int, ...]) -> Compose:
+    """FixMatch's strong view of a weak one: one random affine moves the image, its pseudo-label and its
+    confidence mask together (nearest-neighbour for the two masks, zeros outside: no loss there), then
+    intensity changes touch the image alone: contrast (gamma), bias field, noise, blur, scaling.
+
+    Returns:
+        A MONAI ``Compose`` taking and giving ``{"image", "pseudo", "mask"}`` of one sample ``(C, *spatial)``.
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+    large = math.radians(30)
+    return Compose([
+        RandAffined(keys=STRONG_KEYS, prob=0.8, rotate_range=large if spatial_dims == 2 else (large, large, large),
+                    translate_range=[0.1 * s for s in sample_size], scale_range=(0.2,) * spatial_dims,
+                    mode=("bilinear", "nearest", "nearest"), padding_mode="zeros"),
+        RandAdjustContrastd(keys="image", gamma=(0.6, 1.6), prob=0.5),
+        RandBiasFieldd(keys="image", coeff_range=(0.0, 0.2), prob=0.4),
+        RandGaussianNoised(keys="image", std=0.15, prob=0.5),
+        RandGaussianSmoothd(keys="image", sigma_x=(0.5, 1.2), sigma_y=(0.5, 1.2), sigma_z=(0.5, 1.2), prob=0.3),
+        RandScaleIntensityd(keys="image", factors=0.25, prob=0.5),
+    ])

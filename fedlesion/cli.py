@@ -117,7 +117,8 @@ def _train_config(args: argparse.Namespace) -> Any:
 
     return train_config_from({"batch-size": args.batch_size, "learning-rate": args.learning_rate,
                               "samples-per-case": args.samples_per_case, "pos-ratio": args.pos_ratio,
-                              "patch-size": args.patch_size, "local-steps": args.steps_per_epoch},
+                              "patch-size": args.patch_size, "local-steps": args.steps_per_epoch,
+                              "fixmatch-threshold": args.fixmatch_threshold, "fixmatch-weight": args.fixmatch_weight},
                              epochs=args.epochs, seed=args.seed)
 
 
@@ -129,6 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.data, args.out, model=args.model, model_args=parse_model_args(args.model_args), manifest=args.manifest,
         config=_train_config(args), val_fraction=args.val_fraction, include=args.include or (),
         exclude=args.exclude or (), crop_foreground=args.crop_foreground, device=args.device, force=args.force,
+        semi_supervised=args.semi_supervised, label_fraction=args.label_fraction,
     )
     print(f"checkpoint: {args.out}")
     return 0
@@ -195,29 +197,38 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from fedlesion.simulations.reproduce import DEFAULT_CONFIGS, reproduce, reproduce_repeated
+    from fedlesion.common.data import resolve_spec
+    from fedlesion.simulations.reproduce import DEFAULT_CONFIGS, reproduce, reproduce_repeated, semi_supervised_study
 
     overrides = _run_config_overrides(args)
     configs = args.configs.split(",") if args.configs else list(DEFAULT_CONFIGS)
-    if args.folds or args.seeds or args.leave_one_out:
-        if (args.folds or args.leave_one_out) and (args.test_data or args.test_include):
-            raise ValueError("--folds and --leave-one-out hold out cases of --data itself; leave out --test-data and "
-                             "--test-include.")
-        reproduce_repeated(args.data, args.split, args.out, folds=args.folds,
-                           seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else (),
-                           test_data=args.test_data, test_include=args.test_include or (), run_config=overrides,
-                           manifest=args.manifest, configs=configs, num_sites=args.sites, cache_dir=args.cache_dir,
-                           leave_one_out=args.leave_one_out)
+    repeated = bool(args.folds or args.seeds or args.leave_one_out)
+    if repeated and (args.folds or args.leave_one_out) and (args.test_data or args.test_include):
+        raise ValueError("--folds and --leave-one-out hold out cases of --data itself; leave out --test-data and "
+                         "--test-include.")
+    if not repeated and not args.test_data:
+        raise ValueError("reproduce needs --test-data (with --test-include when it is --data), or --folds.")
+
+    def run(run_config: dict[str, Any], out: Path) -> dict[str, Any]:
+        if repeated:
+            return reproduce_repeated(args.data, args.split, out, folds=args.folds,
+                                      seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else (),
+                                      test_data=args.test_data, test_include=args.test_include or (), run_config=run_config,
+                                      manifest=args.manifest, configs=configs, num_sites=args.sites,
+                                      cache_dir=args.cache_dir, leave_one_out=args.leave_one_out)
+        return reproduce(args.data, args.split, args.test_data, out, run_config=run_config, manifest=args.manifest,
+                         test_include=args.test_include or (), configs=configs, num_sites=args.sites,
+                         cache_dir=args.cache_dir)
+
+    if args.semi_supervised_study:
+        semi_supervised_study(run, args.out, overrides, list(resolve_spec(args.data, args.manifest).regions))
     else:
-        if not args.test_data:
-            raise ValueError("reproduce needs --test-data (with --test-include when it is --data), or --folds.")
-        reproduce(args.data, args.split, args.test_data, args.out, run_config=overrides, manifest=args.manifest,
-                  test_include=args.test_include or (), configs=configs, num_sites=args.sites, cache_dir=args.cache_dir)
+        run(overrides, Path(args.out))
     print((Path(args.out) / "results.md").read_text())
-    if args.folds or args.seeds or args.leave_one_out:
-        print(f"results.json, results.md, curves.png, reproduce.json -> {args.out} (each repeat in its sub-folder)")
-    else:
-        print(f"results.json, results.md, curves.png, overlay.png, reproduce.json -> {args.out}")
+    where = "each repeat in its sub-folder" if repeated else "the runs in runs/"
+    extra = "semi_supervised.json, " if args.semi_supervised_study else ""
+    print(f"results.json, results.md, {extra}curves.png, reproduce.json -> {args.out} ({where}"
+          + (", each variant in its own sub-folder)" if args.semi_supervised_study else ")"))
     return 0
 
 
@@ -387,6 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--crop-foreground", action=argparse.BooleanOptionalAction, default=declared["crop-foreground"],
                        help="crop volumes to their nonzero box (default %(default)s)")
     train.add_argument("--seed", type=int, default=declared["seed"], help="random seed (default %(default)s)")
+    train.add_argument("--semi-supervised", action=argparse.BooleanOptionalAction, default=declared["semi-supervised"],
+                       help="FixMatch: train on unlabelled cases too (scans without a label file, cases the manifest "
+                            "marks unlabelled, labels hidden by --label-fraction); otherwise they are skipped "
+                            "(default %(default)s)")
+    train.add_argument("--label-fraction", type=float, default=declared["label-fraction"],
+                       help="experiments: keep the labels of this share of the training cases (at least one), chosen "
+                            "by --seed; the others count as unlabelled (default %(default)s)")
+    train.add_argument("--fixmatch-threshold", type=float, default=declared["fixmatch-threshold"],
+                       help="tau: a voxel's pseudo-label counts where the probability is above tau or below 1 - tau "
+                            "(default %(default)s)")
+    train.add_argument("--fixmatch-weight", type=float, default=declared["fixmatch-weight"],
+                       help="lambda_u, the unlabelled loss's weight (constant over the epochs; default %(default)s)")
     train.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
     train.set_defaults(func=cmd_train)
 
@@ -438,7 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "chosen strategy (through flwr run), and at each site alone; score all on the "
                                        "same held-out cases; write results.json/.md, curves.png, overlay.png. With "
                                        "--folds or --seeds, once per fold or seed in sub-folders, and the top-level "
-                                       "files hold mean ± std over them.")
+                                       "files hold mean ± std over them. Held-out cases of the split's own sites are "
+                                       "also scored per site, and each site's own models on its own cases: "
+                                       "fedbn-personal (the global model with the site's BatchNorm layers) and, with "
+                                       "--set finetune-epochs=N, <strategy>-finetuned.")
     repro.add_argument("--data", required=True, help="training data folder")
     repro.add_argument("--manifest", help="manifest of --data and --test-data (default: found in the folder)")
     repro.add_argument("--split", required=True, help="split kind (institution, fets1, fets2, iid, dirichlet-count, "
@@ -461,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--leave-one-out", action="store_true",
                        help="each site of the split in turn is held out (all its cases) and every configuration trains "
                             "on the others: generalisation to a hospital that did not take part (out-<site>/)")
+    repro.add_argument("--semi-supervised-study", action="store_true",
+                       help="run every configuration three times: on the labels label-fraction keeps (-labelled), with "
+                            "FixMatch on the other cases (-fixmatch) and on every label (-full), in labelled/, "
+                            "fixmatch/, full/; the top-level table adds the share of the Dice gap FixMatch recovers "
+                            "(needs label-fraction < 1, e.g. --run-config reproduce-fixmatch)")
     repro.set_defaults(func=cmd_reproduce)
 
     certs = sub.add_parser("certs", help="coordinator: create the federation's CA and the SuperLink's TLS pair",

@@ -307,7 +307,7 @@ def run_federation(
         folder = cache_dir or os.environ.get("FEDLESION_CACHE_DIR") or (
             None if checked["data-root"] else Path(values["output-dir"]) / "cache")
         cache = {"FEDLESION_CACHE_DIR": str(folder)} if folder else {}
-        # Fine-tuned models (finetune-epochs > 0) stay "at the sites": in simulation, the run folder's personal/.
+        # What each site keeps of its own (fine-tuned models, FedBN layers) stays "at the sites": the run folder's personal/.
         cache["FEDLESION_PERSONAL_DIR"] = str(run_dir / "personal")
         app_dir = app_dir or app_folder(work)
         with local_superlink(work, app_dir, cache) as (connection, env):

@@ -29,15 +29,16 @@ import numpy as np
 import torch
 
 from fedlesion.common.api import evaluate_checkpoint, select_cases, train_centralized, write_overlay
-from fedlesion.common.checkpoint import load_checkpoint
+from fedlesion.common.checkpoint import load_checkpoint, save_checkpoint
 from fedlesion.common.config import model_from, parse_model_args, train_config_from, with_defaults
-from fedlesion.common.data import discover_cases, load_site, resolve_spec
+from fedlesion.common.data import CACHE, CaseCache, discover_cases, divide_cases, load_site, resolve_spec
 from fedlesion.common.engine import evaluate, predict_probabilities, predicted_regions, select_device
-from fedlesion.common.metrics import METRICS
-from fedlesion.common.model import build_model, model_spatial_dims
+from fedlesion.common.metrics import METRICS, summarize
+from fedlesion.common.model import batchnorm_keys, build_model, model_spatial_dims
 from fedlesion.common.postprocess import PostProcessing
 from fedlesion.common.splits import Split, make_split, tumour_volumes
 
+from fedlesion.client.app import FEDBN_SUFFIX, site_label
 from fedlesion.server.strategy import STRATEGIES
 
 from .launch import read_history, run_federation
@@ -150,6 +151,7 @@ def reproduce(
     results: dict[str, Any] = {}
     curves: dict[str, list[tuple[int, float]]] = {}
     checkpoints: dict[str, Path] = {}
+    personal: dict[str, tuple[str, dict[str, Path]]] = {}  # row -> (its federated run, site -> the site's own model)
     timings: dict[str, float] = {}
 
     def test_dice(model: torch.nn.Module) -> float:
@@ -160,6 +162,16 @@ def reproduce(
     pooled_runs = [("central", [c for cases in the_split.sites.values() for c in cases])] if "central" in configs else []
     if "local" in configs:
         pooled_runs += [(f"local-{site}", cases) for site, cases in the_split.sites.items()]
+    # label-fraction: the labels each site keeps in the federation are the labels the pooled and local-only runs
+    # keep; the others are hidden (FixMatch's unlabelled cases when on). Drawn as the site draws them, from the
+    # same usable cases (divide_cases; val-fraction is 0 in the federation here).
+    hidden: dict[str, list[str]] = {}
+    if values["label-fraction"] < 1.0:
+        site_cache = CaseCache(CACHE.max_bytes, disk_dir=cache_dir) if cache_dir else CACHE
+        for site, cases in the_split.sites.items():
+            usable = load_site(data, spec, case_ids=list(cases), crop_foreground=crop, cache=site_cache, unlabelled=True)
+            _, _, unlabelled = divide_cases(usable.cases, 0.0, values["label-fraction"], seed, site)
+            hidden[site] = sorted(c.case for c in unlabelled if c.labelled)
     for name, cases in pooled_runs:
         # The same budget as the federation: with fixed local steps, the pooled run takes as many optimiser
         # steps per round as all sites together, a site alone as many as it takes in the federation.
@@ -181,7 +193,9 @@ def reproduce(
         start = time.perf_counter()
         train_centralized(data, out / "runs" / f"{name}.pt", model=model_name, model_args=model_args, manifest=manifest,
                           config=config, case_ids=cases, crop_foreground=crop, report=report, on_epoch=on_epoch,
-                          lr_schedule=values["lr-schedule"], epochs_per_round=local_epochs)
+                          lr_schedule=values["lr-schedule"], epochs_per_round=local_epochs,
+                          semi_supervised=values["semi-supervised"], fixmatch_rampup=values["fixmatch-rampup"],
+                          hidden_labels=[c for site_cases in hidden.values() for c in site_cases if c in cases])
         timings[name] = time.perf_counter() - start
         curves[name], checkpoints[name] = curve, out / "runs" / f"{name}.pt"
 
@@ -207,16 +221,26 @@ def reproduce(
         curves[strategy] = [(r["round"], r["server"][key]) for r in history if key in r.get("server", {})]
         checkpoints[strategy] = run_dir / "final.pt"
         sent = [reply["metrics"]["update-bytes"] for r in history for reply in r.get("replies", []) if "update-bytes" in reply.get("metrics", {})]
-        trained = [r["train"]["num-examples"] for r in history if "num-examples" in r.get("train", {})]
+        # Labelled training cases of all sites (num-examples counts unlabelled ones too when they train).
+        trained = [r["train"].get("labelled-cases", r["train"].get("num-examples")) for r in history
+                   if "num-examples" in r.get("train", {})]
+        unlabelled = [r["train"].get("unlabelled-cases", 0) for r in history if "num-examples" in r.get("train", {})]
         results[strategy] = {"bytes_sent_per_client_per_round": float(np.mean(sent)) if sent else None,
-                             "train_cases": int(max(trained)) if trained else 0}
+                             "train_cases": int(max(trained)) if trained else 0,
+                             "unlabelled_cases": int(max(unlabelled)) if unlabelled and values["semi-supervised"] else 0}
+        if test_sites:  # each site's own model, scored on the site's own held-out cases below
+            if strategy == "fedbn":
+                personal[f"{strategy}-personal"] = (strategy, _fedbn_models(run_dir, test_sites, out / "runs" / f"{strategy}-personal"))
+            if values["finetune-epochs"]:
+                personal[f"{strategy}-finetuned"] = (strategy, _personal_files(run_dir / "personal", test_sites, ".pt"))
 
     for name, path in checkpoints.items():
         evaluation = evaluate_checkpoint(path, test_data, manifest=manifest, include=test_ids, report=lambda _: None,
                                          postprocess=values, sites=test_sites or None)
         if name not in FEDERATED:  # what the pooled or local-only run really trained on
             trained_config = load_checkpoint(path).run_config  # checkpoints before 2026-11-27 listed the cases
-            results[name] = {"train_cases": int(trained_config.get("train-case-count", len(trained_config.get("train_cases", []))))}
+            results[name] = {"train_cases": int(trained_config.get("train-case-count", len(trained_config.get("train_cases", [])))),
+                             "unlabelled_cases": int(trained_config.get("unlabelled-case-count", 0))}
             curves[name].append((rounds, evaluation["summary"][first_region]["dice_mean"]))
         results[name] = {
             **results.get(name, {}),
@@ -234,8 +258,20 @@ def reproduce(
             results[name]["worst_site"] = evaluation["worst_site"]
         results[name].setdefault("bytes_sent_per_client_per_round", None)
         report(f"{name}: test {first_region} Dice {evaluation['summary'][first_region]['dice_mean']:.3f}")
+    for name, (strategy, models) in personal.items():
+        results[name] = {**_score_personal(models, test_sites, test_data, manifest, values, regions=list(spec.regions)),
+                         "train_cases": results[strategy]["train_cases"], "rounds": rounds, "local_epochs": local_epochs,
+                         "total_local_epochs": rounds * local_epochs, "wall_seconds": timings[strategy], "curve": [],
+                         "bytes_sent_per_client_per_round": results[strategy]["bytes_sent_per_client_per_round"]}
+        report(f"{name}: test {first_region} Dice {results[name]['summary'][first_region]['dice_mean']:.3f} "
+               f"(each site's own model on its own held-out cases)")
     order = ["central", *FEDERATED]
-    results = dict(sorted(results.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
+
+    def rank(name: str) -> tuple[int, str]:  # a run's personal rows right after it
+        base = name.removesuffix("-personal").removesuffix("-finetuned")
+        return (order.index(base) if base in order else len(order), name)
+
+    results = dict(sorted(results.items(), key=lambda kv: rank(kv[0])))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results_markdown(results, list(spec.regions), the_split, test_ids))
     plot_curves(curves, first_region, out / "curves.png")
@@ -247,6 +283,67 @@ def reproduce(
         "run_config": values, "seed": seed, "versions": _versions(), "timings_s": timings,
     }, indent=2, default=str))
     return results
+
+
+def _personal_files(folder: Path, sites: Mapping[str, Sequence[str]], suffix: str) -> dict[str, Path]:
+    """site -> the one model file the site kept in ``folder`` (``<site>-node<id>-run<run><suffix>``, see
+    :func:`fedlesion.client.app.personal_path`). A site that kept none is left out.
+
+    Raises:
+        ValueError: when a site kept several (``folder`` holds more than one run).
+    """
+    found: dict[str, Path] = {}
+    for site in sites:
+        pattern = re.compile(rf"{re.escape(site_label(site))}-node\d+-run\d+{re.escape(suffix)}")
+        files = sorted(p for p in folder.glob("*") if pattern.fullmatch(p.name)) if folder.is_dir() else []
+        if len(files) > 1:
+            raise ValueError(f"{folder}: site {site} kept {len(files)} models ({[p.name for p in files]}); one run expected.")
+        if files:
+            found[site] = files[0]
+    return found
+
+
+def _fedbn_models(run_dir: Path, sites: Mapping[str, Sequence[str]], out: Path) -> dict[str, Path]:
+    """Under FedBN, each site's own model: the final global model with the site's own BatchNorm layers, as the
+    site itself runs it (the layers it kept after its last round, :data:`fedlesion.client.app.FEDBN_SUFFIX`);
+    written to ``out/<site>.pt``."""
+    final = load_checkpoint(run_dir / "final.pt")
+    keys = batchnorm_keys(final.build())
+    models = {}
+    for site, path in _personal_files(run_dir / "personal", sites, FEDBN_SUFFIX).items():
+        kept = load_checkpoint(path)
+        if (kept.model, kept.model_args) != (final.model, final.model_args):
+            raise ValueError(f"{path}: a {kept.model} {kept.model_args}, not the run's {final.model} {final.model_args}.")
+        own = kept.state_dict
+        missing = [k for k in keys if k not in own]
+        if missing:
+            raise ValueError(f"{path}: not the BatchNorm layers of {run_dir / 'final.pt'} (lacks {missing[0]}).")
+        models[site] = save_checkpoint(dataclasses.replace(final, state_dict={**final.state_dict, **{k: own[k] for k in keys}}),
+                                       out / f"{site_label(site)}.pt")
+    return models
+
+
+def _score_personal(models: Mapping[str, Path], sites: Mapping[str, Sequence[str]], test_data: str | Path,
+                    manifest: str | None, values: Mapping[str, Any], regions: Sequence[str]) -> dict[str, Any]:
+    """Each site's own model on the site's own held-out cases: ``summary`` over all of them, ``sites`` and
+    ``worst_site`` as for one shared model; a site without a model of its own is reported and left out.
+
+    Raises:
+        ValueError: when no site kept a model.
+    """
+    if not models:
+        raise ValueError(f"no site kept a model of its own (sites {sorted(sites)}).")
+    cases, blocks = [], {}
+    for site, path in models.items():
+        evaluation = evaluate_checkpoint(path, test_data, manifest=manifest, include=sites[site], report=lambda _: None,
+                                         postprocess=values, sites={site: sites[site]})
+        cases += evaluation["cases"]
+        blocks[site] = {"num_cases": evaluation["sites"][site]["num_cases"], "summary": evaluation["sites"][site]["summary"]}
+    worst = min(blocks, key=lambda s: blocks[s]["summary"][regions[0]]["dice_mean"])
+    return {"summary": summarize([{r: c[r] for r in regions} for c in cases], regions),
+            "seconds_per_case": float(np.mean([c["seconds"] for c in cases])), "sites": blocks,
+            "worst_site": {"site": worst, "region": regions[0], "dice_mean": blocks[worst]["summary"][regions[0]]["dice_mean"]},
+            "sites_without_own_model": sorted(set(sites) - set(models))}
 
 
 class _Prefixed:
@@ -298,8 +395,13 @@ def results_markdown(results: Mapping[str, Any], regions: Sequence[str], split: 
         lines.append("| " + " | ".join(cells) + " |")
     if "fedbn" in results:
         lines += ["", "fedbn: the global model, with the sites' BatchNorm layers averaged (what a new site starts from), "
-                      "on the held-out cases; each site itself runs its own BatchNorm layers, which this does not score. "
-                      "It uses unet2d with norm=batch, the other rows the declared model."]
+                      "on the held-out cases" + ("; fedbn-personal: each held-out case scored by its own site's model, the "
+                      "global model with that site's own BatchNorm layers" if "fedbn-personal" in results else "")
+                  + ". FedBN uses the declared model with norm=batch."]
+    finetuned = [name for name in results if name.endswith("-finetuned")]
+    if finetuned:
+        lines += ["", f"{', '.join(finetuned)}: each site fine-tunes the final model on its own training cases "
+                      "(finetune-epochs, after the last round); each held-out case scored by its own site's model."]
     local = [row["summary"][regions[0]]["dice_mean"] for name, row in results.items() if name.startswith("local-")]
     if local:
         lines += ["", f"Mean of local-only {regions[0]} Dice: {np.mean(local):.3f}."]
@@ -339,8 +441,9 @@ def per_site_markdown(results: Mapping[str, Any], regions: Sequence[str]) -> lis
     configs = [c for c in [*[n for n in results if not n.startswith("local-")], "local"]
                if any(c in by_config for by_config in table.values())]
     head = ["site", "held-out cases", *configs]
-    lines = ["", f"Per site, {'/'.join(regions)} Dice on the site's own held-out cases (`local`: the site's own "
-             "model; the others: the one model every site gets):", "",
+    lines = ["", f"Per site, {'/'.join(regions)} Dice on the site's own held-out cases (`local`: the site alone; "
+             "`-personal`, `-finetuned`: the site's own version of a federated model; the others: the one model every "
+             "site gets):", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for site in sorted(table):
         cells = [site, str(next(iter(table[site].values()))["num_cases"])]
@@ -555,6 +658,76 @@ def reproduce_repeated(
         "test_cases": {n: include for n, _, _, include, _ in repeats}, "configs": list(configs), "run_config": values,
         "versions": _versions()}, indent=2, default=str))
     return results
+
+
+# The semi-supervised study (``fedlesion reproduce --semi-supervised-study``): each configuration three times.
+SEMI_VARIANTS: dict[str, dict[str, Any]] = {
+    "labelled": {"semi-supervised": False},  # the labels label-fraction keeps, nothing else
+    "fixmatch": {"semi-supervised": True},  # the same labels, and every other case unlabelled through FixMatch
+    "full": {"semi-supervised": False, "label-fraction": 1.0},  # every label: the ceiling
+}
+
+
+def semi_supervised_study(run: Callable[[dict[str, Any], Path], Mapping[str, Any]], out: str | Path,
+                          run_config: Mapping[str, Any] | None, regions: Sequence[str],
+                          report: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every configuration on labelled cases only, with FixMatch on the others, and on all labels
+    (:data:`SEMI_VARIANTS`), each variant through ``run(run_config, folder)`` (a :func:`reproduce` or
+    :func:`reproduce_repeated` call) in ``out/<variant>``; then ``results.json`` (rows ``<configuration>-<variant>``),
+    ``results.md`` and ``semi_supervised.json`` at the top: per configuration, the share of the Dice gap between
+    labelled-only and all labels that FixMatch recovers (mean Dice over regions) and its per-region change.
+
+    Raises:
+        ValueError: when ``label-fraction`` is 1 (no label is hidden: the three variants would be one).
+    """
+    out = Path(out).resolve()
+    values = with_defaults(dict(run_config or {}))
+    if values["label-fraction"] >= 1.0:
+        raise ValueError("--semi-supervised-study compares training with few labels: set label-fraction below 1 "
+                         "(e.g. --set label-fraction=0.3, or the reproduce-fixmatch preset).")
+    if (out / "results.json").exists():
+        raise ValueError(f"{out} already holds a reproduce run (results.json); choose another --out.")
+    merged: dict[str, Any] = {}
+    for variant, overrides in SEMI_VARIANTS.items():
+        folder = out / variant
+        if (folder / "results.json").exists():  # a variant finished by an earlier, interrupted call: kept, not rerun
+            report(f"##### {variant}: already done, reading {folder / 'results.json'}")
+            result = json.loads((folder / "results.json").read_text())
+        else:
+            report(f"##### {variant}: {overrides}")
+            result = run({**(run_config or {}), **overrides}, folder)
+        merged.update({f"{name}-{variant}": row for name, row in result.items()})
+    study = semi_supervised_gains(merged, regions)
+    (out / "results.json").write_text(json.dumps(merged, indent=2))
+    (out / "semi_supervised.json").write_text(json.dumps(study, indent=2))
+    caption = (f"label-fraction {values['label-fraction']}: `-labelled` trains on the labels each site keeps, `-fixmatch` "
+               "on those and every other training case unlabelled (FixMatch), `-full` on every label; the variants' "
+               f"own tables are in {', '.join(SEMI_VARIANTS)}.")
+    lines = [f"| {name} | {'-' if row['recovered'] is None else format(row['recovered'], '.0%')} | " + " | ".join(f"{row['change'][r]:+.3f}" for r in regions)
+             + f" | {row['labelled']:.3f} / {row['fixmatch']:.3f} / {row['full']:.3f} |" for name, row in study.items()]
+    table = (["", "FixMatch against labelled-only: the share of the gap to all labels it recovers (mean Dice over regions), "
+              "and its Dice change per region:", "",
+              "| configuration | gap recovered | " + " | ".join(f"{r} change" for r in regions)
+              + " | mean Dice labelled / fixmatch / full |", "|" + "---|" * (3 + len(regions))] + lines) if lines else []
+    (out / "results.md").write_text(results_markdown(merged, regions, caption=caption) + "".join(f"{line}\n" for line in table))
+    return merged
+
+
+def semi_supervised_gains(results: Mapping[str, Any], regions: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per configuration with all three variants: mean Dice over regions of each (``labelled``, ``fixmatch``,
+    ``full``), ``recovered`` = (fixmatch - labelled) / (full - labelled) (None when all labels gain nothing),
+    and ``change``: FixMatch's Dice minus labelled-only's, per region."""
+    out = {}
+    for name in (n.removesuffix("-labelled") for n in results if n.endswith("-labelled")):
+        rows = {v: results.get(f"{name}-{v}") for v in SEMI_VARIANTS}
+        if any(row is None for row in rows.values()):
+            continue
+        means = {v: mean_dice(row["summary"]) for v, row in rows.items()}
+        gap = means["full"] - means["labelled"]
+        out[name] = {**means, "recovered": (means["fixmatch"] - means["labelled"]) / gap if gap > 0 else None,
+                     "change": {r: rows["fixmatch"]["summary"][r]["dice_mean"] - rows["labelled"]["summary"][r]["dice_mean"]
+                                for r in regions}}
+    return out
 
 
 def plot_curves(curves: Mapping[str, list[tuple[int, float]]], region: str, path: Path) -> None:

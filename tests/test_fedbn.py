@@ -71,7 +71,7 @@ def test_a_site_trains_its_own_batchnorm_layers_not_the_global_ones(tiny_sites: 
         elif next_global[key].is_floating_point():
             next_global[key] = next_global[key] + 0.01
     site = sites.load(context.node_config, context.run_config)
-    model, _ = client_app._model(context, site, ArrayRecord(next_global))
+    model, _, _ = client_app._model(context, site, ArrayRecord(next_global))
     state = model.state_dict()
     for key, value in state.items():
         expected = stored[key] if key in bn else next_global[key]
@@ -85,6 +85,41 @@ def test_a_site_trains_its_own_batchnorm_layers_not_the_global_ones(tiny_sites: 
         np.testing.assert_array_equal(restored[key].numpy(), second[key])
 
 
+def test_a_restarted_supernode_restores_the_sites_layers_from_its_disk(tiny_sites: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a personal folder, the site's BatchNorm layers outlive the SuperNode's memory: a new process with an
+    empty context.state (a restarted SuperNode) loads them from the site's disk; another run does not."""
+    monkeypatch.delenv(client_app.PERSONAL_DIR_ENV, raising=False)
+    node = {"data-path": str(tiny_sites / "site-1"), "site-name": "hospital x", "personal-dir": str(tmp_path / "own")}
+    first = _train(Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=RUN_CONFIG), _global(), 1)
+    [kept] = (tmp_path / "own").iterdir()
+    assert kept.name == "hospital_x-node7-run1.fedbn.pt" and kept.stat().st_mode & 0o777 == 0o600
+    bn = batchnorm_keys(build_model("unet2d", 4, 3, base_channels=4, depth=2, norm="batch"))
+    next_global = {k: v * 3 + 1 if v.is_floating_point() else v for k, v in _global().items()}
+
+    sites._SITES.clear()  # a new process: nothing of the first one in memory
+    fresh = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=RUN_CONFIG)
+    model, _, own = client_app._model(fresh, sites.load(fresh.node_config, fresh.run_config), ArrayRecord(next_global))
+    assert own
+    for key, value in model.state_dict().items():
+        expected = torch.as_tensor(first[key]) if key in bn else next_global[key]
+        torch.testing.assert_close(value.cpu(), expected, msg=f"{key}: {'own' if key in bn else 'global'} layer expected")
+    content = RecordDict({"arrays": ArrayRecord(next_global), "config": ConfigRecord({"server-round": 2})})
+    second = client_app.train(Message(content=content, dst_node_id=7, message_type="train"), fresh)
+    assert second.content["metrics"]["fedbn-own-layers"] == 1.0
+
+    other_run = Context(run_id=2, node_id=7, node_config=node, state=RecordDict(), run_config=RUN_CONFIG)
+    model, _, own = client_app._model(other_run, sites.load(node, RUN_CONFIG), ArrayRecord(next_global))
+    assert not own and all(torch.equal(model.state_dict()[k].cpu(), next_global[k]) for k in bn)
+
+    # Layers of another model on the disk are refused, naming the file, not loaded.
+    other = {**RUN_CONFIG, "model-args": "base_channels=8 depth=2 norm=batch"}
+    with pytest.raises(ValueError, match="hospital_x-node7-run1.fedbn.pt"):
+        client_app._model(Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=other),
+                          sites.load(node, other), ArrayRecord(build_model("unet2d", 4, 3, base_channels=8, depth=2,
+                                                                           norm="batch").state_dict()))
+
+
 def test_without_fedbn_the_global_batchnorm_layers_are_loaded(tiny_sites: Path) -> None:
     context = _context(tiny_sites / "site-1", {**RUN_CONFIG, "fedbn": False})
     _train(context, _global(), 1)
@@ -94,7 +129,7 @@ def test_without_fedbn_the_global_batchnorm_layers_are_loaded(tiny_sites: Path) 
     context.state[client_app.FEDBN_STATE] = ArrayRecord({k: v + 3 if v.is_floating_point() else v
                                                          for k, v in _global().items() if k in bn})
     glob = {key: value * 2 if value.is_floating_point() else value for key, value in _global().items()}
-    model, _ = client_app._model(context, sites.load(context.node_config, context.run_config), ArrayRecord(glob))
+    model, _, _ = client_app._model(context, sites.load(context.node_config, context.run_config), ArrayRecord(glob))
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value.cpu(), glob[key])
 

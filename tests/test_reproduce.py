@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
+from fedlesion.common.api import evaluate_checkpoint
 from fedlesion.common.checkpoint import load_checkpoint
+from fedlesion.common.data import divide_cases, load_site
+from fedlesion.common.model import batchnorm_keys
 from fedlesion.cli import main
 
 SMOKE = ["--set", "num-server-rounds=2", "--set", "model-args='base_channels=4 depth=2'", "--set", "samples-per-case=4",
@@ -55,7 +60,7 @@ def test_reproduce_over_folds_with_fedbn(tmp_path: Path) -> None:
     synthesize(data, sites=2, cases_per_site=4, shape=(32, 32, 16), seed=0, flat=True)
     out = tmp_path / "cv"
     code = main(["reproduce", "--data", str(data), "--split", "institution", "--folds", "2", "--configs",
-                 "central,fedbn,local", "--out", str(out), *SMOKE])
+                 "central,fedbn,local", "--out", str(out), *SMOKE, "--set", "finetune-epochs=1"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert {"central", "fedbn"} <= set(results) and any(name.startswith("local-") for name in results)
@@ -90,6 +95,28 @@ def test_reproduce_over_folds_with_fedbn(tmp_path: Path) -> None:
             assert block["summary"]["WT"]["dice_mean"] == pytest.approx(sum(per_fold) / 2)
     table = (out / "results.md").read_text()
     assert "Per site" in table and all(f"| {site} |" in table for site in sites)
+    # Each site's own models: FedBN's (the final global model with the site's own BatchNorm layers) and the
+    # fine-tuned one, each scored on its own site's held-out cases only.
+    for name in ("fedbn-personal", "fedbn-finetuned"):
+        assert sorted(results[name]["sites"]) == sites and f"| {name} |" in table
+        assert results[name]["repeats"] == 2
+        for site in sites:
+            assert results[name]["sites"][site]["num_cases"] == results["fedbn"]["sites"][site]["num_cases"]
+    bn = batchnorm_keys(load_checkpoint(out / "fold-0" / "runs" / "fedbn" / "final.pt").build())
+    final = load_checkpoint(out / "fold-0" / "runs" / "fedbn" / "final.pt").state_dict
+    fold0 = json.loads((out / "fold-0" / "results.json").read_text())
+    for site in sites:
+        [kept] = (out / "fold-0" / "runs" / "fedbn" / "personal").glob(f"{site}-node*-run*.fedbn.pt")
+        own = load_checkpoint(kept).state_dict
+        composed = load_checkpoint(out / "fold-0" / "runs" / "fedbn-personal" / f"{site}.pt").state_dict
+        assert all(torch.equal(composed[k], own[k]) for k in bn), "the site's own BatchNorm layers"
+        assert all(torch.equal(composed[k], final[k]) for k in final if k not in bn), "the global model's other layers"
+        assert any(not torch.equal(own[k], final[k]) for k in bn if k.endswith("running_mean"))
+        held_here = sorted(c for c in facts["test_cases"]["fold-0"] if c.startswith(f"Synth_{site}_"))
+        again = evaluate_checkpoint(out / "fold-0" / "runs" / "fedbn-personal" / f"{site}.pt", data, include=held_here,
+                                    report=lambda _: None)
+        assert fold0["fedbn-personal"]["sites"][site]["summary"]["WT"]["dice_mean"] == pytest.approx(
+            again["summary"]["WT"]["dice_mean"])
 
 
 def test_reproduce_leaves_each_site_out_in_turn(tmp_path: Path) -> None:
@@ -117,3 +144,50 @@ def test_reproduce_leaves_each_site_out_in_turn(tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"central"} and results["central"]["repeats"] == 3
     assert "Each site left out in turn" in (out / "results.md").read_text()
+
+
+def test_semi_supervised_study_synthetic(tmp_path: Path) -> None:
+    """The FixMatch experiment in seconds: FedAvg and pooled training on the labels each site keeps, with FixMatch on
+    the other cases, and on every label; the same labels kept by the federation and the pooled run."""
+    from fedlesion.simulations.synthetic import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, sites=2, cases_per_site=4, shape=(32, 32, 16), seed=0, flat=True)
+    out = tmp_path / "semi"
+    assert main(["reproduce", "--data", str(data), "--split", "institution", "--test-data", str(data), "--test-include",
+                 "*_003", "--configs", "central,fedavg", "--semi-supervised-study", "--out", str(out), *SMOKE,
+                 "--set", "label-fraction=0.4", "--set", "fixmatch-threshold=0.6"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {f"{c}-{v}" for c in ("central", "fedavg") for v in ("labelled", "fixmatch", "full")}
+    sizes = [len(cases) for cases in json.loads((out / "labelled" / "split.json").read_text())["sites"].values()]
+    kept = [max(1, round(0.4 * n)) for n in sizes]  # each site keeps round(0.4 n) labels, at least one
+    assert sum(kept) < sum(sizes)
+    for config in ("central", "fedavg"):
+        labelled, fixmatch, full = (results[f"{config}-{v}"] for v in ("labelled", "fixmatch", "full"))
+        assert labelled["train_cases"] == fixmatch["train_cases"] == sum(kept) and full["train_cases"] == sum(sizes), config
+        assert fixmatch["unlabelled_cases"] == sum(sizes) - sum(kept)
+        assert labelled["unlabelled_cases"] == full["unlabelled_cases"] == 0
+    fixmatch_run = [json.loads(line) for line in (out / "fixmatch" / "runs" / "fedavg" / "metrics.jsonl").read_text().splitlines()]
+    replies = [reply["metrics"] for reply in fixmatch_run[0]["replies"]]
+    assert sorted(m["unlabelled-cases"] for m in replies) == sorted(float(n - k) for n, k in zip(sizes, kept))
+    assert all(0.0 <= m["unlabelled-confident"] <= 1.0 for m in replies)
+    # The pooled runs keep exactly the labels the sites keep: those the site's own division draws (client.site.load
+    # calls divide_cases with the site's usable cases, the run's seed and the site's name), as many per site as
+    # each site's replies say it trained on.
+    split = json.loads((out / "labelled" / "split.json").read_text())["sites"]
+    site_train = {site: [c.case for c in divide_cases(load_site(data, case_ids=cases, cache=None).cases, 0.0, 0.4, 0, site)[0]]
+                  for site, cases in split.items()}
+    for variant in ("labelled", "fixmatch"):
+        pooled = json.loads((out / variant / "runs" / "central.pt.cases.json").read_text())["train"]
+        assert sorted(pooled) == sorted(c for cases in site_train.values() for c in cases), variant
+    assert sorted(m["labelled-cases"] for m in replies) == sorted(float(len(c)) for c in site_train.values())
+    assert load_checkpoint(out / "labelled" / "runs" / "central.pt").run_config["unlabelled-case-count"] == 0
+    gains = json.loads((out / "semi_supervised.json").read_text())
+    assert set(gains) == {"central", "fedavg"}
+    for config, row in gains.items():
+        assert set(row["change"]) == {"WT", "TC", "ET"}
+        assert row["change"]["ET"] == pytest.approx(results[f"{config}-fixmatch"]["summary"]["ET"]["dice_mean"]
+                                                    - results[f"{config}-labelled"]["summary"]["ET"]["dice_mean"])
+    assert gains["fedavg"]["labelled"] == pytest.approx(
+        sum(results["fedavg-labelled"]["summary"][r]["dice_mean"] for r in ("WT", "TC", "ET")) / 3)
+    assert "gap recovered" in (out / "results.md").read_text()

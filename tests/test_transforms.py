@@ -5,7 +5,7 @@ import pytest
 import torch
 from monai.transforms import Compose, RandAffined
 
-from fedlesion.common.transforms import training_transforms
+from fedlesion.common.transforms import strong_transforms, training_transforms
 
 
 def _lesion_volume(seed: int, shape: tuple[int, int, int] = (48, 48, 12)) -> dict[str, torch.Tensor]:
@@ -80,3 +80,57 @@ def test_lesion_aware_sampling_ratio() -> None:
 def test_bad_transform_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         training_transforms(**kwargs)
+
+
+def _strong_agreement(out: dict[str, torch.Tensor]) -> float:
+    """Dice, over confident voxels, between the voxels the strong view's image marks as lesion and its pseudo-label
+    (a robust midpoint: noise, bias field and contrast change the intensities, not which voxels are bright)."""
+    image, inside = torch.as_tensor(out["image"][0]), torch.as_tensor(out["mask"][0]) > 0.5
+    values = image[inside]
+    lo, hi = float(torch.quantile(values, 0.02)), float(torch.quantile(values, 0.995))
+    from_image = (image > (lo + hi) / 2) & inside
+    pseudo = (torch.as_tensor(out["pseudo"][0]) > 0.5) & inside
+    total = int(from_image.sum() + pseudo.sum())
+    return 1.0 if total == 0 else 2.0 * int((from_image & pseudo).sum()) / total
+
+
+def _weak_view(seed: int, spatial_dims: int) -> dict[str, torch.Tensor]:
+    data = _lesion_volume(seed)
+    if spatial_dims == 2:
+        data = {key: value[..., 6] for key, value in data.items()}
+    regions = data["label"].repeat(3, *[1] * spatial_dims)  # three region channels, as BraTS
+    return {"image": data["image"], "pseudo": regions, "mask": torch.ones_like(regions)}
+
+
+@pytest.mark.parametrize("spatial_dims, size", [(2, (48, 48)), (3, (48, 48, 12))])
+def test_the_strong_view_moves_the_pseudo_label_with_the_image(spatial_dims: int, size: tuple[int, ...]) -> None:
+    """FixMatch's strong view: intensity-defined lesions stay under the transformed pseudo-label, whatever the draw."""
+    transform = strong_transforms(spatial_dims, size)
+    transform.set_random_state(seed=0)
+    scores, moved = [], 0
+    for seed in range(40):
+        weak = _weak_view(seed, spatial_dims)
+        out = transform(weak)
+        assert set(torch.unique(torch.as_tensor(out["pseudo"])).tolist()) <= {0.0, 1.0}, "never interpolated"
+        assert set(torch.unique(torch.as_tensor(out["mask"])).tolist()) <= {0.0, 1.0}
+        moved += not torch.equal(torch.as_tensor(out["pseudo"]), weak["pseudo"])
+        if torch.as_tensor(out["pseudo"]).any():
+            scores.append(_strong_agreement(out))
+    assert moved >= 20, "the strong view moves the sample"
+    assert len(scores) >= 30 and min(scores) > 0.85 and float(np.mean(scores)) > 0.93
+
+
+def test_a_pseudo_label_moved_by_its_own_draw_would_misalign() -> None:
+    """Control for the property above: the same transforms, the image and the labels drawn independently."""
+    image_only, labels_only = strong_transforms(2, (48, 48)), strong_transforms(2, (48, 48))
+    image_only.set_random_state(seed=0)
+    labels_only.set_random_state(seed=1000)
+    scores = []
+    for seed in range(40):
+        weak = _weak_view(seed, 2)
+        image = image_only(dict(weak))["image"]
+        moved = labels_only(dict(weak))
+        out = {"image": image, "pseudo": moved["pseudo"], "mask": torch.ones_like(torch.as_tensor(moved["mask"]))}
+        if torch.as_tensor(out["pseudo"]).any():
+            scores.append(_strong_agreement(out))
+    assert float(np.mean(scores)) < 0.85

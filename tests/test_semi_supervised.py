@@ -1,0 +1,221 @@
+"""Semi-supervised training (FixMatch): unlabelled cases are data under ``semi-supervised``, and only there."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedlesion.client import app as client_app
+from fedlesion.client import site as sites
+from fedlesion.common.api import cases_file, train_centralized
+from fedlesion.common.checkpoint import load_checkpoint
+from fedlesion.common.config import TrainConfig
+from fedlesion.common.data import (
+    LAYOUTS,
+    CaseCache,
+    DatasetSpec,
+    divide_cases,
+    labelled_subset,
+    load_site,
+    split_train_val,
+)
+from fedlesion.common.engine import FixMatch, train, unlabelled_weight
+from fedlesion.common.losses import UnlabelledLoss
+from fedlesion.common.model import build_model
+from fedlesion.simulations.synthetic import write_site
+
+TINY = {"base_channels": 4, "depth": 2}
+RUN = {"model": "unet2d", "model-args": "base_channels=4 depth=2", "dataset": "brats2021", "seed": 0,
+       "val-fraction": 0.0, "samples-per-case": 4, "batch-size": 4, "local-epochs": 1, "local-steps": 2,
+       "num-server-rounds": 4}
+
+
+@pytest.fixture
+def site_dir(tmp_path: Path) -> Path:
+    write_site(tmp_path / "site", site=0, cases=5, shape=(32, 32, 16), seed=0)
+    return tmp_path / "site"
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+
+
+def test_an_unlabelled_case_loads_only_in_semi_supervised_mode(site_dir: Path, tmp_path: Path) -> None:
+    (site_dir / "Synth_S00_000" / "Synth_S00_000_seg.nii.gz").unlink()
+    plain = load_site(site_dir, cache=None)
+    assert [c.case for c in plain.cases] == [f"Synth_S00_00{i}" for i in range(1, 5)]
+    assert "Synth_S00_000_seg.nii.gz" in plain.skipped["Synth_S00_000"]
+    semi = load_site(site_dir, cache=None, unlabelled=True)
+    assert len(semi.cases) == 5 and not semi.skipped
+    assert [c.case for c in semi.cases if not c.labelled] == ["Synth_S00_000"]
+    # Through a disk cache too: an entry written unlabelled (a semi-supervised run) does not let the case in later.
+    cache = CaseCache(2**30, disk_dir=tmp_path / "cache")
+    assert len(load_site(site_dir, cache=cache, unlabelled=True).cases) == 5
+    later = load_site(site_dir, cache=CaseCache(2**30, disk_dir=tmp_path / "cache"))
+    assert "Synth_S00_000" in later.skipped and "semi-supervised" in later.skipped["Synth_S00_000"]
+
+
+def test_the_manifest_marks_cases_unlabelled_and_their_labels_are_never_read(site_dir: Path, tmp_path: Path) -> None:
+    (site_dir / "Synth_S00_001" / "Synth_S00_001_seg.nii.gz").write_bytes(b"not a NIfTI file")  # read -> CaseError
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({**LAYOUTS['brats2021'].to_json(), "name": "marked", "unlabelled": ["*_001"]}))
+    spec = DatasetSpec.from_json(json.loads(manifest.read_text()))
+    assert spec.unlabelled == ("*_001",) and spec.marked_unlabelled("Synth_S00_001")
+    skipped = load_site(site_dir, spec, cache=None)
+    assert "has no label" in skipped.skipped["Synth_S00_001"] and len(skipped.cases) == 4
+    semi = load_site(site_dir, spec, cache=None, unlabelled=True)
+    assert [c.case for c in semi.cases if not c.labelled] == ["Synth_S00_001"] and not semi.skipped
+    with pytest.raises(ValueError, match="unlabelled"):
+        DatasetSpec.from_json({**LAYOUTS['brats2021'].to_json(), "unlabelled": "*_001"})
+    assert "unlabelled" not in LAYOUTS['brats2021'].to_json(), "specs without marked cases keep their JSON (and cache keys)"
+
+
+def test_label_fraction_hides_labels_reproducibly(site_dir: Path) -> None:
+    ids = [f"case-{i:02d}" for i in range(10)]
+    kept = labelled_subset(ids, 0.3, seed=5)
+    assert len(kept) == 3 and set(kept) <= set(ids) and kept == labelled_subset(list(reversed(ids)), 0.3, seed=5)
+    assert any(labelled_subset(ids, 0.3, seed=s) != kept for s in range(6, 12)), "the seed chooses"
+    assert labelled_subset(ids, 0.0, 1) == [] and labelled_subset(ids, 1.0, 1) == ids
+    assert len(labelled_subset(ids[:2], 0.3, 1)) == 1, "at least one label while the fraction is > 0"
+    with pytest.raises(ValueError):
+        labelled_subset(ids, 1.5, 0)
+
+    cases = load_site(site_dir, cache=None).cases
+    train_cases, val, unlabelled = divide_cases(cases, 0.25, 0.5, seed=3, site_name="a")
+    expected_train, expected_val = split_train_val([c.case for c in cases], 0.25, 3)
+    assert [c.case for c in val] == expected_val, "validation keeps its labels and its cases"
+    assert sorted(c.case for c in train_cases + unlabelled) == expected_train and len(train_cases) == 2
+    assert all(c.labelled for c in unlabelled), "hidden, not removed: the site never reads them as labels"
+    again = divide_cases(cases, 0.25, 0.5, seed=3, site_name="a")
+    assert [c.case for c in again[0]] == [c.case for c in train_cases]
+
+    node = {"data-path": str(site_dir), "site-name": "hospital-x"}
+    site = sites.load(node, {**RUN, "label-fraction": 0.4})
+    assert (len(site.train), len(site.unlabelled)) == (2, 3)
+    assert site.counts()["labelled-cases"] == 2.0 and site.counts()["unlabelled-cases"] == 3.0
+
+
+def test_pseudo_labels_below_tau_contribute_nothing_to_the_loss() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 16, 16, requires_grad=True)
+    pseudo = (torch.rand(2, 3, 16, 16) > 0.5).float()
+    mask = (torch.rand(2, 3, 16, 16) > 0.5).float()
+    loss = UnlabelledLoss()(logits, pseudo, mask)
+    loss.backward()
+    assert float(loss.detach()) > 0 and logits.grad[mask == 1].abs().max() > 0
+    assert logits.grad[mask == 0].abs().max() == 0, "no gradient where the pseudo-label is not confident"
+    flipped = torch.where(mask == 0, 1 - pseudo, pseudo)
+    assert float(UnlabelledLoss()(logits.detach(), flipped, mask)) == pytest.approx(float(loss.detach()), abs=1e-7)
+
+    class Fixed(torch.nn.Module):  # probabilities 0.95, 0.52 and 0.05 in the three region channels
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            values = torch.tensor([2.944, 0.08, -2.944]).view(1, 3, 1, 1)
+            return values.expand(x.shape[0], 3, *x.shape[2:])
+
+    fixmatch = FixMatch(2, (16, 16), TrainConfig(seed=0, fixmatch_threshold=0.9))
+    pseudo, mask = fixmatch.pseudo_labels(Fixed(), torch.zeros(2, 4, 16, 16), torch.device("cpu"))
+    assert pseudo[0, :, 0, 0].tolist() == [1.0, 1.0, 0.0] and mask[0, :, 0, 0].tolist() == [1.0, 0.0, 1.0]
+
+
+class _LabelGuard:
+    """A case whose label must not be read (a label hidden by label-fraction)."""
+
+    def __init__(self, case) -> None:  # noqa: ANN001
+        self._case = case
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        if name in ("regions", "load"):
+            raise AssertionError(f"{self._case.case}: a hidden label was read")
+        return getattr(self._case, name)
+
+
+def test_fixmatch_trains_on_unlabelled_cases_without_reading_their_labels(site_dir: Path) -> None:
+    cases = load_site(site_dir, cache=None).cases
+    config = TrainConfig(epochs=1, steps=3, batch_size=4, samples_per_case=4, seed=0, fixmatch_threshold=0.6)
+    torch.manual_seed(0)
+    model = build_model("unet2d", 4, 3, **TINY)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = train(model, cases[:2], 2, config, torch.device("cpu"), unlabelled=[_LabelGuard(c) for c in cases[2:]])
+    assert 0.0 <= stats["unlabelled-confident"] <= 1.0 and stats["unlabelled-loss"] >= 0.0
+    assert stats["unlabelled-weight"] == 1.0 and stats["train-samples"] == 24.0  # 3 steps x (4 labelled + 4 unlabelled)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # Unlabelled cases alone train too (a site with no label at all); lambda_u 0 with no label trains nothing.
+    only = train(build_model("unet2d", 4, 3, **TINY), [], 2, config, torch.device("cpu"), unlabelled=cases[2:])
+    assert only["train-samples"] == 12.0 and np.isfinite(only["train-loss"])
+    with pytest.raises(ValueError, match="no labelled"):
+        train(build_model("unet2d", 4, 3, **TINY), [], 2, TrainConfig(unlabelled_weight=0.0), torch.device("cpu"),
+              unlabelled=cases[2:])
+
+
+def test_lambda_u_ramps_up_over_the_rounds() -> None:
+    weights = [unlabelled_weight(2.0, r, 10, 0.3) for r in range(1, 11)]
+    assert weights[0] < 0.25 and weights == sorted(weights) and weights[2:] == [2.0] * 8
+    assert unlabelled_weight(2.0, 1, 10, 0.0) == 2.0
+
+
+def _train_reply(node: dict, run_config: dict) -> Message:
+    context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=run_config)
+    torch.manual_seed(0)
+    arrays = ArrayRecord(build_model("unet2d", 4, 3, **TINY).state_dict())
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 2})})
+    return client_app.train(Message(content=content, dst_node_id=7, message_type="train"), context)
+
+
+def test_a_site_with_zero_labelled_cases_still_trains_and_replies(site_dir: Path) -> None:
+    node = {"data-path": str(site_dir), "site-name": "hospital-x"}
+    reply = _train_reply(node, {**RUN, "semi-supervised": True, "label-fraction": 0.0})
+    assert not reply.has_error()
+    metrics = dict(reply.content["metrics"])
+    assert metrics["labelled-cases"] == 0.0 and metrics["unlabelled-cases"] == 5.0 and metrics["num-examples"] == 5.0
+    assert 0.0 <= metrics["unlabelled-confident"] <= 1.0 and 0.0 < metrics["unlabelled-weight"] <= 1.0
+    # Scalars and the model only: no case ID, path or voxel in the reply.
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    assert all(isinstance(v, float | int) for v in metrics.values())
+    assert not any("Synth" in key or str(site_dir) in key for key in [*metrics, *reply.content["arrays"]])
+    # Without semi-supervised training the same site has nothing to learn from: an error for the server, no details.
+    with pytest.raises(client_app.SiteError) as failed:
+        _train_reply(node, {**RUN, "label-fraction": 0.0})
+    assert "Synth" not in str(failed.value) and str(site_dir) not in str(failed.value)
+
+
+def test_every_site_sends_the_same_metric_names_with_or_without_unlabelled_cases(site_dir: Path) -> None:
+    """The server rejects a reply whose metric names differ from the round's: a site with no unlabelled case
+    must still send FixMatch's metrics under semi-supervised training."""
+    node = {"data-path": str(site_dir), "site-name": "hospital-x"}
+    without = dict(_train_reply(node, {**RUN, "semi-supervised": True}).content["metrics"])
+    with_some = dict(_train_reply(node, {**RUN, "semi-supervised": True, "label-fraction": 0.4}).content["metrics"])
+    assert set(without) == set(with_some) and set(client_app.UNLABELLED_METRICS) <= set(without)
+    assert [without[k] for k in client_app.UNLABELLED_METRICS] == [0.0, 0.0, 0.0] and without["num-examples"] == 5.0
+    assert with_some["num-examples"] == 5.0 and with_some["labelled-cases"] == 2.0 and with_some["unlabelled-weight"] > 0
+    plain = dict(_train_reply(node, {**RUN, "label-fraction": 0.4}).content["metrics"])
+    assert not set(client_app.UNLABELLED_METRICS) & set(plain) and plain["num-examples"] == 2.0, "hidden labels: unused"
+
+
+def test_pooled_semi_supervised_training_uses_the_hidden_cases(site_dir: Path, tmp_path: Path) -> None:
+    config = TrainConfig(epochs=1, steps=2, batch_size=4, samples_per_case=4, seed=0)
+    semi = train_centralized(site_dir, tmp_path / "semi.pt", model_args=TINY, config=config, report=lambda _: None,
+                             semi_supervised=True, label_fraction=0.4)
+    assert semi.run_config["train-case-count"] == 2 and semi.run_config["unlabelled-case-count"] == 3
+    listed = json.loads(cases_file(tmp_path / "semi.pt").read_text())
+    assert len(listed["unlabelled"]) == 3 and not set(listed["unlabelled"]) & set(listed["train"])
+    plain = train_centralized(site_dir, tmp_path / "plain.pt", model_args=TINY, config=config, report=lambda _: None,
+                              label_fraction=0.4)
+    assert plain.run_config["train-case-count"] == 2 and plain.run_config["unlabelled-case-count"] == 0
+    assert json.loads(cases_file(tmp_path / "plain.pt").read_text())["train"] == listed["train"], "the same labels kept"
+    assert not all(torch.equal(a, b) for a, b in zip(semi.state_dict.values(), load_checkpoint(tmp_path / "plain.pt").state_dict.values()))
+
+
+def test_fixmatch_trains_a_3d_model_on_patches(site_dir: Path) -> None:
+    cases = load_site(site_dir, cache=None).cases
+    config = TrainConfig(epochs=1, steps=2, batch_size=2, samples_per_case=2, seed=0, patch_size=(16, 16, 16))
+    model = build_model("unet3d", 4, 3, base_channels=4, depth=2)
+    stats = train(model, cases[:1], 3, config, torch.device("cpu"), unlabelled=cases[1:3])
+    assert stats["train-samples"] == 8.0 and 0.0 <= stats["unlabelled-confident"] <= 1.0
