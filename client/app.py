@@ -8,7 +8,6 @@ and the upload carries the clipped update.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -27,7 +26,7 @@ from fedlesion.common.config import model_from, train_config_from, with_defaults
 from fedlesion.common.engine import evaluate as evaluate_cases
 from fedlesion.common.engine import train as train_cases
 from fedlesion.common.engine import unlabelled_weight
-from fedlesion.common.files import private_folder
+from fedlesion.common.files import private_folder, safe_label
 from fedlesion.common.metrics import flat_means
 from fedlesion.common.model import batchnorm_keys, build_model, model_spatial_dims
 from fedlesion.common.postprocess import PostProcessing
@@ -157,7 +156,7 @@ def personal_path(context: Context, site: sites.Site, suffix: str = ".pt") -> Pa
 
 def site_label(name: str) -> str:
     """A site name as it starts the names of the site's own model files (letters, digits, ``._-``)."""
-    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)[:SITE_NAME_MAX] or "site"
+    return safe_label(name, SITE_NAME_MAX) or "site"
 
 
 def _own_batchnorm(context: Context, site: sites.Site, model) -> dict | None:  # noqa: ANN001 - torch module
@@ -193,13 +192,23 @@ def _keep_batchnorm(context: Context, site: sites.Site, model, server_round: int
     values = with_defaults(context.run_config)
     if not values["fedbn"]:
         return
-    trained = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    context.state[FEDBN_STATE] = ArrayRecord({key: trained[key] for key in batchnorm_keys(model)})
-    path = personal_path(context, site, FEDBN_SUFFIX)
+    trained = model.state_dict()
+    context.state[FEDBN_STATE] = ArrayRecord({key: trained[key].detach().cpu() for key in batchnorm_keys(model)})
+    _keep_at_site(context, site, model, FEDBN_SUFFIX, server_round, {"fedbn": 1.0})
+
+
+def _keep_at_site(context: Context, site: sites.Site, model, suffix: str, server_round: int,  # noqa: ANN001
+                  metrics: Mapping[str, float]) -> Path | None:
+    """Save one of the site's own models in its personal folder (:func:`personal_path`; it never travels);
+    None, saving nothing, when the node has no personal folder."""
+    path = personal_path(context, site, suffix)
     if path is not None:
-        name, args = model_from(values)
-        save_checkpoint(Checkpoint(model=name, model_args=args, spec=site.spec, state_dict=trained,
-                                   round=server_round, run_config=values, metrics={"fedbn": 1.0}), path)
+        name, args = model_from(context.run_config)
+        save_checkpoint(Checkpoint(model=name, model_args=args, spec=site.spec,
+                                   state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                   round=server_round, run_config=with_defaults(context.run_config),
+                                   metrics=dict(metrics)), path)
+    return path
 
 
 @app.train()
@@ -218,15 +227,15 @@ def train(msg: Message, context: Context) -> Message:
         learning_rate=float(round_config.get("learning-rate", values["learning-rate"])),
         # Seeded by site and round (not node ID), so a resumed run retrains exactly as the original would.
         seed=values["seed"] * 100_003 + server_round * 1_009 + zlib.crc32(site.name.encode()) % 997,
+        # FixMatch's lambda_u, ramped up over the rounds (used only where unlabelled cases train)
+        unlabelled_weight=unlabelled_weight(values["fixmatch-weight"], server_round, values["num-server-rounds"],
+                                            values["fixmatch-rampup"]),
         **proximal,
     )
     if values["fedbn"] and not own and server_round > 1:
         logger.warning("fedbn: no BatchNorm layers of this site are stored (SuperNode restarted without a personal-dir, "
                        "or run resumed); round %d starts from the global model's averaged ones", server_round)
     unlabelled = site.unlabelled if values["semi-supervised"] else []
-    if unlabelled:  # FixMatch: lambda_u ramps up over the rounds
-        config = dataclasses.replace(config, unlabelled_weight=unlabelled_weight(
-            values["fixmatch-weight"], server_round, values["num-server-rounds"], values["fixmatch-rampup"]))
     stats = train_cases(model, site.train, spatial_dims, config, site.device, unlabelled=unlabelled)
     _keep_batchnorm(context, site, model, server_round)
     fixmatch = "unlabelled-loss" in stats  # it ran: unlabelled cases and lambda_u > 0
@@ -278,13 +287,9 @@ def finetune(msg: Message, context: Context) -> Message:
     before = _scores(model, site, spatial_dims, values) if site.val else None
     stats = train_cases(model, site.train, spatial_dims, config, site.device)
     after = _scores(model, site, spatial_dims, values) if site.val else None
-    path = personal_path(context, site)
+    path = _keep_at_site(context, site, model, ".pt", int(round_config.get("server-round", 0)),
+                         {"finetune-epochs": epochs, "train-loss": stats["train-loss"]})
     if path is not None:
-        name, args = model_from(values)
-        save_checkpoint(Checkpoint(model=name, model_args=args, spec=site.spec,
-                                   state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                                   round=int(round_config.get("server-round", 0)), run_config=values,
-                                   metrics={"finetune-epochs": epochs, "train-loss": stats["train-loss"]}), path)
         logger.info("site %s: fine-tuned model (%d epoch(s)) kept at %s", site.name, epochs, path)
     else:
         logger.warning("site %s: no personal-dir (node config) or $%s: the fine-tuned model is scored, not kept",

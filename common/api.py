@@ -280,7 +280,7 @@ def evaluate_checkpoint(
         "skipped": skipped,
     }
     if sites is not None:
-        result.update(_by_site(cases, skipped, sites, regions))
+        result.update(by_site(cases, skipped, sites, regions))
     if out is not None:  # per-case scores under case IDs: mode 0600, like everything patient-derived
         replace_private(out, json.dumps(result, indent=2).encode())
     if not cases:
@@ -303,7 +303,7 @@ def _split_sites(split: str, case_ids: Sequence[str]) -> dict[str, list[str]]:
     return make_split(split, case_ids, num_sites=1, alpha=1.0, seed=0).sites
 
 
-def _by_site(cases: Sequence[dict[str, Any]], skipped: Mapping[str, str], sites: Mapping[str, Sequence[str]],
+def by_site(cases: Sequence[dict[str, Any]], skipped: Mapping[str, str], sites: Mapping[str, Sequence[str]],
              regions: Sequence[str]) -> dict[str, Any]:
     """Per-site summaries of per-case scores, and the site with the lowest mean Dice of the first region."""
     by_case = {c["case"]: c for c in cases}

@@ -23,6 +23,12 @@ PRIVATE_FOLDER_MODE = 0o700
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
+def safe_label(name: str, limit: int = 64) -> str:
+    """``name`` reduced to ASCII letters, digits, ``.``, ``_`` and ``-`` (others become ``_``), at most ``limit``
+    characters: a site's claimed name as it may appear in file names, logs and CSV columns ("" for none)."""
+    return "".join(ch if ch.isascii() and (ch.isalnum() or ch in "._-") else "_" for ch in name[:limit])
+
+
 def write_new(path: str | os.PathLike[str], data: bytes, mode: int = PRIVATE_FILE_MODE) -> Path:
     """Create ``path`` with ``mode`` (default 0600) and write ``data``; an existing file or link is an error.
 

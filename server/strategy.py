@@ -41,7 +41,7 @@ from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT, compute_adaptive_noise_params
 
 from fedlesion.common.config import DATASET_SPEC_KEY, dataset_spec, with_defaults
-from fedlesion.common.files import private_folder
+from fedlesion.common.files import private_folder, safe_label
 from fedlesion.common.engine import learning_rate
 from fedlesion.common.privacy import STATISTICS_SUFFIXES, TRANSPORT_DTYPES, numpy_arrays, private_mean, update_norm
 
@@ -612,8 +612,7 @@ def site_name(message: Message, node: int) -> str:
     name = record.get("name") if record is not None else None
     if not isinstance(name, str):
         return f"node-{node}"
-    cleaned = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "._-") else "_" for ch in name[:SITE_NAME_LENGTH])
-    return cleaned or f"node-{node}"
+    return safe_label(name, SITE_NAME_LENGTH) or f"node-{node}"
 
 
 def worst_site(sites: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
