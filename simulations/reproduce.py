@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedlesion.common.api import by_site, evaluate_checkpoint, select_cases, train_centralized, write_overlay
+from fedlesion.common.api import evaluate_checkpoint, select_cases, train_centralized, write_overlay
 from fedlesion.common.checkpoint import load_checkpoint, save_checkpoint
 from fedlesion.common.config import model_from, parse_model_args, train_config_from, with_defaults
 from fedlesion.common.data import CACHE, CaseCache, discover_cases, divide_cases, load_site, resolve_spec
@@ -333,13 +333,17 @@ def _score_personal(models: Mapping[str, Path], sites: Mapping[str, Sequence[str
     """
     if not models:
         raise ValueError(f"no site kept a model of its own (sites {sorted(sites)}).")
-    cases = [case for site, path in models.items() for case in evaluate_checkpoint(
-        path, test_data, manifest=manifest, include=sites[site], report=lambda _: None, postprocess=values)["cases"]]
-    scored = by_site(cases, {}, {site: sites[site] for site in models}, regions)
+    cases, blocks = [], {}
+    for site, path in models.items():  # each site's block from its own model's evaluation only
+        evaluation = evaluate_checkpoint(path, test_data, manifest=manifest, include=sites[site], report=lambda _: None,
+                                         postprocess=values, sites={site: sites[site]})
+        cases += evaluation["cases"]
+        blocks[site] = {"num_cases": evaluation["sites"][site]["num_cases"], "summary": evaluation["sites"][site]["summary"]}
+    worst = min(blocks, key=lambda s: blocks[s]["summary"][regions[0]]["dice_mean"])
     return {"summary": summarize([{r: c[r] for r in regions} for c in cases], regions),
-            "seconds_per_case": float(np.mean([c["seconds"] for c in cases])),
-            "sites": {site: {"num_cases": b["num_cases"], "summary": b["summary"]} for site, b in scored["sites"].items()},
-            "worst_site": scored["worst_site"], "sites_without_own_model": sorted(set(sites) - set(models))}
+            "seconds_per_case": float(np.mean([c["seconds"] for c in cases])), "sites": blocks,
+            "worst_site": {"site": worst, "region": regions[0], "dice_mean": blocks[worst]["summary"][regions[0]]["dice_mean"]},
+            "sites_without_own_model": sorted(set(sites) - set(models))}
 
 
 class _Prefixed:
