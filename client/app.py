@@ -283,6 +283,7 @@ def finetune(msg: Message, context: Context) -> Message:
     model, spatial_dims, _ = _model(context, site, msg.content["arrays"])
     config = train_config_from(values, epochs=epochs,
                                learning_rate=float(round_config.get("learning-rate", values["finetune-learning-rate"])),
+                               proximal_mu=values["finetune-proximal-mu"],  # anchored at the global model it starts from
                                seed=values["seed"] * 100_003 + 999_983 + zlib.crc32(site.name.encode()) % 997)
     before = _scores(model, site, spatial_dims, values) if site.val else None
     stats = train_cases(model, site.train, spatial_dims, config, site.device)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, declared_run_config
 from .files import check_output, replace_private
 from .data import (
     LAYOUTS,
@@ -63,7 +63,7 @@ def select_cases(case_ids: Sequence[str], include: Sequence[str] = (), exclude: 
 def train_centralized(
     data: str | Path,
     out: str | Path,
-    model: str = "unet2d",
+    model: str | None = None,
     model_args: dict[str, Any] | None = None,
     manifest: str | None = None,
     config: TrainConfig | None = None,
@@ -71,7 +71,7 @@ def train_centralized(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     case_ids: Sequence[str] | None = None,
-    crop_foreground: bool = True,
+    crop_foreground: bool | None = None,
     device: str = "auto",
     report: Callable[[str], None] = print,
     on_epoch: Callable[[int, torch.nn.Module], dict[str, float] | None] | None = None,
@@ -82,20 +82,23 @@ def train_centralized(
     hidden_labels: Sequence[str] = (),
     fixmatch_rampup: float = 0.0,
     label_fraction: float = 1.0,
+    init_from: str | Path | None = None,
 ) -> Checkpoint:
-    """Pooled (centralized) training: the baseline federation is compared with.
+    """Pooled (centralized) training: the baseline federation is compared with. From a checkpoint
+    (``init_from``), the same on one site's cases is that site's fine-tuning of a model it received.
 
     Args:
         data: the data folder.
         out: where the checkpoint is written (after every epoch, atomically).
-        model: a registered model name.
+        model: a registered model name (default: the declared ``model``).
         model_args: overrides of the model's defaults.
         manifest: a manifest path or built-in layout name; found in ``data`` when ``None``.
         config: training settings; ``config.epochs`` epochs with one optimiser and one schedule.
         val_fraction: share of cases held out to report validation Dice each epoch.
         include / exclude: glob patterns on case IDs selecting the cases to use.
         case_ids: an explicit list of cases (instead of all discovered ones) before the filters.
-        crop_foreground: crop volumes to their nonzero box (faster 2D training).
+        crop_foreground: crop volumes to their nonzero box (faster 2D training); ``None``: the declared default
+            (``crop-foreground``), or ``init_from``'s.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         report: where per-epoch progress lines go.
         on_epoch: called as ``on_epoch(epoch, model)`` after each epoch; metrics it returns
@@ -112,18 +115,54 @@ def train_centralized(
             cases under ``semi_supervised``, unused otherwise.
         label_fraction: keep the labels of this share of the (other) training cases, as a site does with
             ``label-fraction`` (:func:`fedlesion.common.data.labelled_subset`, seed ``label_seed(seed, "pooled")``).
+        init_from: a checkpoint (a federation's ``final.pt``, another ``train``'s) to start from instead of
+            random weights: its model and arguments (``model`` / ``model_args`` must be left unset or equal), its
+            channels and regions (``data`` must have them), its ``crop-foreground``. With
+            ``config.proximal_mu`` > 0 the loss adds ``mu / 2 * ||w - w_start||^2``: a personal model that stays
+            near the one it started from (FedProx's term, Ditto's personal objective). ``config`` must carry the
+            checkpoint's patch (:attr:`Checkpoint.patch_size`, also its sliding window); the learning rate is
+            ``config``'s (the command defaults it to ``finetune-learning-rate``).
 
     Returns:
         The final :class:`Checkpoint`.
 
     Raises:
-        ValueError: when no usable training case is left.
+        ValueError: when no usable training case is left; for an unreadable ``init_from``, one of another model
+            or of other channels or regions; for ``config.proximal_mu`` > 0 without ``init_from``.
         FileExistsError: before any work, when ``out`` is a folder or exists without ``force``.
     """
     config = config or TrainConfig()
-    spec = resolve_spec(data, manifest)
+    initial = start = None
+    if init_from is not None:
+        initial = load_checkpoint(init_from)  # data only; refused with the file named when damaged or not a model
+        try:  # before any case is read: a checkpoint whose weights do not fit its own model is refused now
+            start, patch = initial.build(), initial.patch_size
+            held = resolved_model_args(initial.model, **initial.model_args)
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"init_from {init_from}: its weights do not build its model ({exc})") from None
+        differ = {key: value for key, value in (model_args or {}).items() if held.get(key) != value}
+        if differ or model not in (None, initial.model):
+            raise ValueError(f"init_from {init_from} holds {initial.model} {initial.model_args}, not "
+                             f"{model or initial.model}{f' {differ}' if differ and model in (None, initial.model) else ''}"
+                             "; leave the model and its arguments unset to fine-tune it")
+        if patch != tuple(config.patch_size):
+            raise ValueError(f"init_from {init_from} was trained with patch {patch} (its sliding window too), not "
+                             f"{tuple(config.patch_size)}; fine-tune it with its own patch")
+        if crop_foreground not in (None, initial.crop_foreground):
+            raise ValueError(f"init_from {init_from} was trained with crop-foreground {initial.crop_foreground}; "
+                             "fine-tuning it the other way would feed it volumes it never saw")
+        model, model_args, crop_foreground = initial.model, initial.model_args, initial.crop_foreground
+        spec = _data_spec(initial.spec, data, manifest)
+    elif config.proximal_mu > 0:
+        raise ValueError("a proximal term pulls the weights towards the ones training starts from: it needs a "
+                         "checkpoint to start from (init_from, --init-from)")
+    else:
+        model = model or declared_run_config()["model"]
+        crop_foreground = declared_run_config()["crop-foreground"] if crop_foreground is None else crop_foreground
+        spec = resolve_spec(data, manifest)
     ids = select_cases(discover_cases(data, spec) if case_ids is None else list(case_ids), include, exclude)
-    check_output(out, inputs=_input_files(data, spec, ids, manifest), force=force, what="--out")
+    check_output(out, inputs=[*([init_from] if init_from is not None else []), *_input_files(data, spec, ids, manifest)],
+                 force=force, what="--out")
     site = load_site(data, spec, case_ids=ids, crop_foreground=crop_foreground, unlabelled=semi_supervised)
     by_id = {c.case: c for c in site.cases if c.labelled}
     train_ids, val_ids = split_train_val(list(by_id), val_fraction, config.seed or 0) if by_id else ([], [])
@@ -139,16 +178,22 @@ def train_centralized(
     args = resolved_model_args(model, **(model_args or {}))
     torch.manual_seed(config.seed or 0)
     dev = select_device(device)
-    network = build_model(model, len(spec.channels), len(spec.regions), **args).to(dev)
+    network = (start if start is not None else build_model(model, len(spec.channels), len(spec.regions), **args)).to(dev)
     spatial_dims = model_spatial_dims(model)
-    report(f"training {model} on {len(train_ids)} case(s) ({len(val_ids)} validation, {len(site.skipped)} skipped"
+    report(f"{'fine-tuning' if initial is not None else 'training'} {model}"
+           + (f" from {Path(init_from).name} ({_taken_at(initial)}, proximal mu {config.proximal_mu:g})"
+              if initial is not None else "")
+           + f" on {len(train_ids)} case(s) ({len(val_ids)} validation, {len(site.skipped)} skipped"
            + (f", {len(unlabelled)} unlabelled through FixMatch" if unlabelled else "")
            + f") on {dev}{' with float16 mixed precision' if dev.type == 'cuda' else ''}")
     checkpoint = Checkpoint(model=model, model_args=args, spec=spec, state_dict={},
                             run_config={"train-case-count": len(train_ids), "val-case-count": len(val_ids),
                                         "unlabelled-case-count": len(unlabelled),
                                         **config.to_dict(), "crop_foreground": crop_foreground,
-                                        **PostProcessing.from_run_config({}).to_run_config()})
+                                        **(initial.postprocessing(None) if initial is not None
+                                           else PostProcessing.from_run_config({})).to_run_config()})
+    if initial is not None:  # where it started: no path (the checkpoint may be shared)
+        checkpoint.extra["init-from"] = {"model": initial.model, "round": initial.round, "epoch": initial.epoch}
     # Which cases trained stays at this site, beside the checkpoint (the checkpoint itself may be shared).
     replace_private(cases_file(out), json.dumps({"data": str(data), "train": train_ids, "validation": val_ids,
                                                  "unlabelled": [c.case for c in unlabelled]}, indent=2).encode())
@@ -183,6 +228,11 @@ def train_centralized(
     train(network, [by_id[c] for c in train_ids], spatial_dims, config, dev, progress=after_epoch, lr_factor=lr_factor,
           unlabelled=unlabelled, unlabelled_factor=unlabelled_factor)
     return checkpoint
+
+
+def _taken_at(checkpoint: Checkpoint) -> str:
+    """When a checkpoint was taken: a federation's round, else a pooled run's epoch."""
+    return f"round {checkpoint.round}" if checkpoint.round else f"epoch {checkpoint.epoch}"
 
 
 def _input_files(data: str | Path, spec: DatasetSpec, case_ids: Sequence[str], manifest: str | None) -> list[Path]:

@@ -189,13 +189,21 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                          "model diverged when it was trained and cannot be used.")
     if not isinstance(payload["spec"], dict):
         raise ValueError(f"checkpoint {path}: its dataset spec is not an object.")
+    kinds = {"model": str, "model_args": dict, "round": (int, np.integer), "epoch": (int, np.integer), "metrics": dict,
+             "run_config": dict, "extra": dict}
+    wrong = [key for key, kind in kinds.items()
+             if key in payload and (not isinstance(payload[key], kind) or isinstance(payload[key], bool))]
+    if wrong:
+        raise ValueError(f"checkpoint {path}: {', '.join(wrong)} of the wrong type (a FedLesion checkpoint has a "
+                         "model name, objects for its arguments, run config, metrics and extra, whole numbers for "
+                         "round and epoch).")
     return Checkpoint(
         model=payload["model"],
         model_args=payload["model_args"],
         spec=DatasetSpec.from_json(payload["spec"], source=str(path)),
         state_dict=state_dict,
-        round=payload.get("round", 0),
-        epoch=payload.get("epoch", 0),
+        round=int(payload.get("round", 0)),
+        epoch=int(payload.get("epoch", 0)),
         metrics=payload.get("metrics", {}),
         run_config=payload.get("run_config", {}),
         extra=payload.get("extra", {}),

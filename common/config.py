@@ -84,7 +84,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "server-beta-2": (0, 0.999999, True), "server-tau": (0, INF, False), "server-momentum": (0, 0.999999, True),
     "trim-beta": (0, 0.499999, True), "num-malicious-nodes": (0, INF, True), "server-eval-every": (1, INF, True),
     "local-epochs": (1, INF, True), "local-steps": (0, INF, True), "batch-size": (1, INF, True),
-    "finetune-epochs": (0, 10_000, True), "finetune-learning-rate": (0, INF, False),
+    "finetune-epochs": (0, 10_000, True), "finetune-learning-rate": (0, INF, False), "finetune-proximal-mu": (0, INF, True),
     "label-fraction": (0, 1, True), "fixmatch-threshold": (0.5, 1, False), "fixmatch-weight": (0, INF, True),
     "fixmatch-rampup": (0, 1, True),
     "learning-rate": (0, INF, False), "samples-per-case": (1, INF, True), "pos-ratio": (0, 1, True),
@@ -235,8 +235,9 @@ class TrainConfig:
     fixmatch_threshold: float = _from_run_config("fixmatch-threshold")  # tau: confident voxels only
     # lambda_u: weight of the unlabelled (FixMatch) loss, the ramped value of this round (see unlabelled_weight)
     unlabelled_weight: float = _from_run_config("fixmatch-weight")
-    # FedProx: weight of ||w - w_global||^2 / 2, a per-round value only the FedProx server sends; 0 disables it,
-    # so pooled and local-only baselines built from the run config get no proximal term.
+    # Weight of ||w - w_start||^2 / 2 (w_start: the weights training starts from). FedProx's server sends it each
+    # round; a site's fine-tuning takes finetune-proximal-mu, `train --init-from` --proximal-mu. 0 disables it, so
+    # pooled and local-only baselines built from the run config get no proximal term.
     proximal_mu: float = 0.0
     num_workers: int = 0  # DataLoader workers; 0 keeps simulation clients to one process
     seed: int | None = None

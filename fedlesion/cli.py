@@ -113,13 +113,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    from fedlesion.common.config import train_config_from
+    from fedlesion.common.checkpoint import load_checkpoint
+    from fedlesion.common.config import declared_run_config, train_config_from
 
-    return train_config_from({"batch-size": args.batch_size, "learning-rate": args.learning_rate,
+    declared = declared_run_config()
+    # From a checkpoint, fine-tuning's defaults: the sites' fine-tuning step size and the checkpoint's own
+    # patch (which is also its sliding window; another one is refused); otherwise the run config's.
+    learning_rate = (args.learning_rate if args.learning_rate is not None
+                     else declared["finetune-learning-rate" if args.init_from else "learning-rate"])
+    if not args.proximal_mu >= 0:
+        raise ValueError(f"--proximal-mu must be a number >= 0, got {args.proximal_mu}")
+    patch_size = args.patch_size or (",".join(map(str, load_checkpoint(args.init_from).patch_size)) if args.init_from
+                                     else declared["patch-size"])
+    return train_config_from({"batch-size": args.batch_size, "learning-rate": learning_rate,
                               "samples-per-case": args.samples_per_case, "pos-ratio": args.pos_ratio,
-                              "patch-size": args.patch_size, "local-steps": args.steps_per_epoch,
+                              "patch-size": patch_size, "local-steps": args.steps_per_epoch,
                               "fixmatch-threshold": args.fixmatch_threshold, "fixmatch-weight": args.fixmatch_weight},
-                             epochs=args.epochs, seed=args.seed)
+                             epochs=args.epochs, seed=args.seed, proximal_mu=args.proximal_mu)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -130,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.data, args.out, model=args.model, model_args=parse_model_args(args.model_args), manifest=args.manifest,
         config=_train_config(args), val_fraction=args.val_fraction, include=args.include or (),
         exclude=args.exclude or (), crop_foreground=args.crop_foreground, device=args.device, force=args.force,
-        semi_supervised=args.semi_supervised, label_fraction=args.label_fraction,
+        semi_supervised=args.semi_supervised, label_fraction=args.label_fraction, init_from=args.init_from,
     )
     print(f"checkpoint: {args.out}")
     return 0
@@ -378,25 +388,29 @@ def build_parser() -> argparse.ArgumentParser:
                                        "self-describing checkpoint after every epoch and prints progress.")
     _data_arguments(train)
     train.add_argument("--out", required=True, help="checkpoint file to write, e.g. model.pt")
-    train.add_argument("--model", default=declared["model"], help="model name, see `fedlesion models` (default %(default)s)")
+    train.add_argument("--model", help=f"model name, see `fedlesion models` (default {declared['model']}; with "
+                                       "--init-from, the checkpoint's)")
     train.add_argument("--model-args", default="", help="model argument overrides, e.g. 'base_channels=16 depth=4'")
     train.add_argument("--epochs", type=int, default=20, help="epochs (default 20)")
     train.add_argument("--steps-per-epoch", type=int, default=0,
                        help="optimiser steps per epoch; 0 (the default): one pass over samples-per-case slices of every case")
     train.add_argument("--batch-size", type=int, default=declared["batch-size"],
                        help="slices or patches per step (default %(default)s)")
-    train.add_argument("--learning-rate", type=float, default=declared["learning-rate"],
-                       help="Adam learning rate (default %(default)s)")
+    train.add_argument("--learning-rate", type=float,
+                       help=f"Adam learning rate (default {declared['learning-rate']}; with --init-from "
+                            f"{declared['finetune-learning-rate']}, the sites' finetune-learning-rate)")
     train.add_argument("--samples-per-case", type=int, default=declared["samples-per-case"],
                        help="slices/patches per case per epoch (default %(default)s)")
     train.add_argument("--pos-ratio", type=float, default=declared["pos-ratio"],
                        help="share of samples containing lesion (default %(default)s)")
-    train.add_argument("--patch-size", default=declared["patch-size"],
-                       help="3D patch size X,Y,Z (3D models; default %(default)s)")
+    train.add_argument("--patch-size",
+                       help=f"3D patch size X,Y,Z (3D models; default {declared['patch-size']}; with --init-from, "
+                            "the checkpoint's)")
     train.add_argument("--val-fraction", type=float, default=declared["val-fraction"],
                        help="share of cases held out for per-epoch validation (default %(default)s)")
-    train.add_argument("--crop-foreground", action=argparse.BooleanOptionalAction, default=declared["crop-foreground"],
-                       help="crop volumes to their nonzero box (default %(default)s)")
+    train.add_argument("--crop-foreground", action=argparse.BooleanOptionalAction,
+                       help=f"crop volumes to their nonzero box (default {declared['crop-foreground']}; with "
+                            "--init-from, the checkpoint's, and another value is refused)")
     train.add_argument("--seed", type=int, default=declared["seed"], help="random seed (default %(default)s)")
     train.add_argument("--semi-supervised", action=argparse.BooleanOptionalAction, default=declared["semi-supervised"],
                        help="FixMatch: train on unlabelled cases too (scans without a label file, cases the manifest "
@@ -410,6 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default %(default)s)")
     train.add_argument("--fixmatch-weight", type=float, default=declared["fixmatch-weight"],
                        help="lambda_u, the unlabelled loss's weight (constant over the epochs; default %(default)s)")
+    train.add_argument("--init-from", metavar="CHECKPOINT",
+                       help="start from this checkpoint's weights (a federation's final.pt, another train's) instead of "
+                            "random ones: a site's own fine-tuned copy of a model it received. Its model and arguments, "
+                            "channels, regions, cropping, 3D patch and post-processing come from it")
+    train.add_argument("--proximal-mu", type=float, default=0.0,
+                       help="with --init-from: add mu/2 * ||w - w_start||^2 to the loss, so the personal model stays "
+                            "near the one it started from (FedProx's term, Ditto's personal objective; default 0: off)")
     train.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
     train.set_defaults(func=cmd_train)
 

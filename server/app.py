@@ -237,7 +237,8 @@ def finetune_sites(grid: Grid, strategy: Any, arrays: ArrayRecord, values: Mappi
                            "learning-rate": values["finetune-learning-rate"]})
     messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type=FINETUNE)
                 for node in sorted(grid.get_node_ids())]
-    log(INFO, "fine-tuning: %d site(s), %d local epoch(s) each", len(messages), values["finetune-epochs"])
+    log(INFO, "fine-tuning: %d site(s), %d local epoch(s) each, proximal mu %g", len(messages), values["finetune-epochs"],
+        values["finetune-proximal-mu"])
     # N epochs and two evaluations: the time of about N/local-epochs + 1 rounds.
     replies = list(grid.send_and_receive(messages, timeout=timeout * (values["finetune-epochs"] / values["local-epochs"] + 1)))
     screen = next(layer for layer in strategy.layers() if hasattr(layer, "metrics_problem"))
@@ -262,7 +263,8 @@ def finetune_sites(grid: Grid, strategy: Any, arrays: ArrayRecord, values: Mappi
     answered = {s["node-id"] for s in sites}
     sites += [{"node-id": m.metadata.dst_node_id, "error": "no reply within round-timeout"}
               for m in messages if m.metadata.dst_node_id not in answered]
-    replace_private(out_dir / "finetune.json", json.dumps({"epochs": values["finetune-epochs"], "sites": sites},
+    replace_private(out_dir / "finetune.json", json.dumps({"epochs": values["finetune-epochs"], "proximal-mu": values["finetune-proximal-mu"],
+                                                            "sites": sites},
                                                            indent=2).encode())
     for s in sites:
         if "metrics" in s:

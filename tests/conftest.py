@@ -79,3 +79,9 @@ def write_case(folder: Path, case: str, shape: tuple[int, ...] = (16, 16, 8), la
         label[i:i + 2, 2:6, 2:6] = value
     nib.save(nib.Nifti1Image(label, affine), case_dir / f"{case}_seg.nii.gz")
     return case_dir
+
+
+def weight_distance(a: dict, b: dict) -> float:
+    """Euclidean distance between two state dicts' floating-point tensors."""
+    return float(torch.linalg.vector_norm(torch.cat([(a[k].float() - b[k].float()).flatten()
+                                                     for k in a if a[k].is_floating_point()])))

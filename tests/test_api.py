@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 from pathlib import Path
@@ -19,7 +20,7 @@ from fedlesion.common.data import LAYOUTS, load_case, regions_from_labels
 from fedlesion.common.metrics import region_metrics
 from fedlesion.common.model import build_model
 from fedlesion.cli import main
-from tests.conftest import write_case
+from tests.conftest import weight_distance, write_case
 
 BRATS = LAYOUTS["brats2021"]
 
@@ -196,3 +197,75 @@ def test_evaluate_by_site_agrees_with_evaluate_on_each_sites_cases(trained: Path
     assert result["worst_site"]["site"] == worst and result["worst_site"]["region"] == "WT"
     assert main(["evaluate", "--checkpoint", str(trained), "--data", str(pooled), "--by-site", "iid",
                  "--out", str(tmp_path / "x.json")]) == 2
+
+
+
+def test_train_from_a_checkpoint_fine_tunes_it_and_the_proximal_term_keeps_it_near(
+        trained: Path, tiny_sites: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site's own copy of a model it received: ``train --init-from`` starts from that model's weights and
+    architecture (not the command's defaults), and ``--proximal-mu`` pulls the weights back towards them."""
+    start = load_checkpoint(trained).state_dict
+    started_from = []
+    real_train = api.train
+
+    def spy(model, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        started_from.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(api, "train", spy)
+    moved = {}
+    for mu in (0.0, 1e4):
+        out = tmp_path / f"personal-{mu:g}.pt"
+        assert main(["train", "--data", str(tiny_sites / "site-1"), "--out", str(out), "--init-from", str(trained),
+                     "--epochs", "2", "--batch-size", "8", "--samples-per-case", "4", "--val-fraction", "0",
+                     "--learning-rate", "0.01", "--seed", "7", "--proximal-mu", str(mu)]) == 0
+        assert all(torch.equal(started_from[-1][k], start[k]) for k in start), "training starts from the checkpoint"
+        ckpt = load_checkpoint(out)
+        assert ckpt.model_args == {"base_channels": 4, "depth": 2, "norm": "group"}, "the checkpoint's model"
+        assert ckpt.run_config["proximal_mu"] == mu and ckpt.extra["init-from"] == {"model": "unet2d", "round": 0,
+                                                                                    "epoch": 2}
+        moved[mu] = weight_distance(ckpt.state_dict, start)
+    assert 0 < moved[1e4] < 0.5 * moved[0.0], moved
+
+
+def test_fine_tuning_keeps_the_checkpoints_channels_cropping_patch_and_post_processing(
+        tiny_sites: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    channels = list(reversed(BRATS.channels))  # another order than the data folder's layout
+    spec = dataclasses.replace(BRATS, channels={c: BRATS.channels[c] for c in channels})
+    network = build_model("unet2d", 4, 3, base_channels=4, depth=2)
+    source = tmp_path / "received.pt"
+    save_checkpoint(Checkpoint(model="unet2d", model_args={"base_channels": 4, "depth": 2, "norm": "group"}, spec=spec,
+                               state_dict=network.state_dict(), round=5,
+                               run_config={"crop_foreground": False, "postprocess": False, "postprocess-min-mm3": 5.0,
+                                           "postprocess-components": 2, "patch_size": [16, 16, 8]}), source)
+    out = tmp_path / "personal.pt"
+    common = ["train", "--data", str(tiny_sites / "site-1"), "--init-from", str(source), "--epochs", "1",
+              "--batch-size", "4", "--samples-per-case", "2", "--val-fraction", "0"]
+    assert main([*common, "--out", str(out), "--model", "unet2d", "--model-args", "depth=2"]) == 0, "equal: accepted"
+    ckpt = load_checkpoint(out)
+    assert list(ckpt.spec.channels) == channels and ckpt.crop_foreground is False and ckpt.round == 0
+    assert ckpt.patch_size == (16, 16, 8)
+    assert ckpt.postprocessing().to_run_config() == {"postprocess": False, "postprocess-min-mm3": 5.0,
+                                                     "postprocess-components": 2}
+    assert ckpt.run_config["learning_rate"] == declared_run_config()["finetune-learning-rate"], "fine-tuning's rate"
+    assert "from received.pt (round 5" in capsys.readouterr().out
+    assert main([*common, "--out", str(tmp_path / "c.pt"), "--crop-foreground"]) != 0
+    assert "crop-foreground False" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "d.pt"), "--model", "unet3d"]) != 0
+    assert "holds unet2d" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "e.pt"), "--patch-size", "8,8,8"]) != 0
+    assert "trained with patch (16, 16, 8)" in capsys.readouterr().err
+    assert not (tmp_path / "c.pt").exists() and not (tmp_path / "e.pt").exists()
+
+
+def test_train_refuses_a_proximal_term_without_a_start_and_another_model_over_a_checkpoint(
+        trained: Path, tiny_sites: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["train", "--data", str(tiny_sites / "site-1"), "--epochs", "1"]
+    assert main([*common, "--out", str(tmp_path / "a.pt"), "--proximal-mu", "0.1"]) != 0
+    assert "needs a checkpoint to start from (init_from, --init-from)" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "b.pt"), "--init-from", str(trained), "--model-args", "base_channels=8"]) != 0
+    assert f"init_from {trained} holds unet2d" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "b.pt"), "--init-from", str(trained), "--proximal-mu", "-1"]) != 0
+    assert "--proximal-mu must be a number >= 0" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.pt")), "nothing written"

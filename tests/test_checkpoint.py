@@ -55,3 +55,19 @@ def test_a_checkpoint_carries_no_local_path_or_case_id(tmp_path: Path) -> None:
     named = save_checkpoint(Checkpoint(model="unet2d", model_args={}, spec=dataset_spec("brats2021"), state_dict={},
                                        run_config={"dataset": "brats2021", "split": "institution"}), tmp_path / "b.pt")
     assert load_checkpoint(named).run_config == {"dataset": "brats2021", "split": "institution"}
+
+
+@pytest.mark.parametrize("field, value", [("model_args", [1, 2]), ("model", ["unet2d"]), ("run_config", [1]),
+                                          ("round", "3"), ("extra", "x")])
+def test_a_checkpoint_with_fields_of_the_wrong_type_is_refused_with_the_file_named(tmp_path: Path, field: str,
+                                                                                  value: object) -> None:
+    """Fields a loader would use as a mapping, a name or a number: a wrong type is a clean error, not a
+    TypeError deep in whatever reads it."""
+    payload = {"format": FORMAT, "model": "unet2d", "model_args": {}, "spec": dataset_spec("brats2021").to_json(),
+               "state_dict": {}, field: value}
+    torch.save(payload, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match=rf"odd\.pt: {field} of the wrong type"):
+        load_checkpoint(tmp_path / "odd.pt")
+    torch.save({**payload, field: {"model": "unet2d", "round": 3, "extra": {}, "model_args": {},
+                                   "run_config": {}}[field]}, tmp_path / "fine.pt")
+    assert load_checkpoint(tmp_path / "fine.pt").model == "unet2d"

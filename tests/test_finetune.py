@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from fake_federation import FakeGrid, task_identity  # noqa: F401 - fixture
+from tests.conftest import weight_distance
 from fedlesion.client import app as client_app
 from fedlesion.common.checkpoint import load_checkpoint
 from fedlesion.common.config import with_defaults
@@ -100,3 +102,24 @@ def test_replies_to_nothing_asked_and_second_replies_are_ignored(tmp_path: Path,
     monkeypatch.setattr(SiteGrid, "send_and_receive", noisy)
     sites, _, _ = _run(tmp_path, tiny_sites, personal=False)
     assert sorted(s["node-id"] for s in sites) == [1, 2]
+
+
+def test_a_proximal_term_keeps_each_sites_personal_model_near_the_global_one(tmp_path: Path, tiny_sites: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``finetune-proximal-mu`` (Ditto's personal objective): the same fine-tuning moves the weights far less
+    from the global model it started from."""
+    monkeypatch.delenv(client_app.PERSONAL_DIR_ENV, raising=False)
+    monkeypatch.setitem(RUN_CONFIG, "finetune-learning-rate", 1e-2)
+    moved = {}
+    for mu in (0.0, 1e4):
+        monkeypatch.setitem(RUN_CONFIG, "finetune-proximal-mu", mu)
+        (tmp_path / f"mu-{mu:g}").mkdir()
+        _, _, arrays = _run(tmp_path / f"mu-{mu:g}", tiny_sites, personal=True)
+        assert json.loads((tmp_path / f"mu-{mu:g}" / "run" / "finetune.json").read_text())["proximal-mu"] == mu
+        sent = arrays.to_torch_state_dict()
+        for node in (1, 2):
+            [kept] = (tmp_path / f"mu-{mu:g}" / f"personal-{node}").glob("*.pt")
+            state = load_checkpoint(kept).state_dict
+            moved[mu, node] = weight_distance(state, sent)
+    for node in (1, 2):
+        assert 0 < moved[1e4, node] < 0.5 * moved[0.0, node], moved
