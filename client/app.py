@@ -24,6 +24,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from fedlesion.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedlesion.common.config import model_from, train_config_from, with_defaults
 from fedlesion.common.engine import evaluate as evaluate_cases
+from fedlesion.common.engine import finetune_validated
 from fedlesion.common.engine import train as train_cases
 from fedlesion.common.engine import unlabelled_weight
 from fedlesion.common.files import private_folder, safe_label
@@ -285,18 +286,43 @@ def finetune(msg: Message, context: Context) -> Message:
                                learning_rate=float(round_config.get("learning-rate", values["finetune-learning-rate"])),
                                proximal_mu=values["finetune-proximal-mu"],  # anchored at the global model it starts from
                                seed=values["seed"] * 100_003 + 999_983 + zlib.crc32(site.name.encode()) % 997)
-    before = _scores(model, site, spatial_dims, values) if site.val else None
-    stats = train_cases(model, site.train, spatial_dims, config, site.device)
-    after = _scores(model, site, spatial_dims, values) if site.val else None
+    if values["finetune-select"]:
+        regions = list(site.spec.regions)
+        summaries: list[dict] = []  # with validation cases: the global model's, then the fine-tuned one's
+
+        def case_scores(candidate, cases) -> list[float]:  # noqa: ANN001 - torch module
+            per_case, summary = evaluate_cases(candidate, cases, site.spec, spatial_dims, site.device,
+                                               patch_size=config.patch_size,
+                                               postprocessing=PostProcessing.from_run_config(values))
+            summaries.append(summary)
+            return [float(np.mean([case[r]["dice"] for r in regions])) for case in per_case]
+
+        stats = finetune_validated(model, site.train, site.val, case_scores, spatial_dims, config, site.device)
+        kept = bool(stats["finetune-kept"])
+        logger.info("site %s: fine-tuned model %s (mean Dice %.3f against the global model's %.3f on %d case(s) it "
+                    "did not train on%s)", site.name, "kept" if kept else "not better: the global model kept instead",
+                    stats["finetune-select-personal"], stats["finetune-select-global"],
+                    int(stats["finetune-select-cases"]), "; a fine-tuning diverged" if stats["finetune-diverged"] else "")
+        # The validation cases chose the model: their scores are reused, and read in its favour.
+        before = flat_means(summaries[0], regions) if site.val and summaries else None
+        after = flat_means(summaries[1], regions) if before is not None and kept else before
+    else:
+        before = _scores(model, site, spatial_dims, values) if site.val else None
+        stats = train_cases(model, site.train, spatial_dims, config, site.device)
+        after = _scores(model, site, spatial_dims, values) if site.val else None
+    kept = bool(stats.get("finetune-kept", 1.0))
     path = _keep_at_site(context, site, model, ".pt", int(round_config.get("server-round", 0)),
-                         {"finetune-epochs": epochs, "train-loss": stats["train-loss"]})
+                         {"finetune-epochs": epochs, "finetune-kept": float(kept),
+                          **({"train-loss": stats["train-loss"]} if "train-loss" in stats else {})})
     if path is not None:
-        logger.info("site %s: fine-tuned model (%d epoch(s)) kept at %s", site.name, epochs, path)
+        logger.info("site %s: personal model (%s) kept at %s", site.name,
+                    f"fine-tuned {epochs} epoch(s)" if kept else "the global model", path)
     else:
         logger.warning("site %s: no personal-dir (node config) or $%s: the fine-tuned model is scored, not kept",
                        site.name, PERSONAL_DIR_ENV)
-    metrics = {"num-examples": len(site.val), "finetune-epochs": float(epochs), "train-loss": stats["train-loss"],
-               "personal-kept": float(path is not None), **site.counts()}
+    metrics = {"num-examples": len(site.val), "finetune-epochs": float(epochs),
+               "personal-kept": float(path is not None), **site.counts(),
+               **{k: v for k, v in stats.items() if k.startswith("finetune-") or k == "train-loss"}}
     if after is not None:
         metrics.update(after)  # the personal model: the keys an evaluation reply has
         metrics.update({f"global-{k}": v for k, v in before.items()})

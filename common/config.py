@@ -86,7 +86,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "local-epochs": (1, INF, True), "local-steps": (0, INF, True), "batch-size": (1, INF, True),
     "finetune-epochs": (0, 10_000, True), "finetune-learning-rate": (0, INF, False), "finetune-proximal-mu": (0, INF, True),
     "label-fraction": (0, 1, True), "fixmatch-threshold": (0.5, 1, False), "fixmatch-weight": (0, INF, True),
-    "fixmatch-rampup": (0, 1, True),
+    "fixmatch-rampup": (0, 1, True), "fixmatch-negative-share": (0, 1, True),
     "learning-rate": (0, INF, False), "samples-per-case": (1, INF, True), "pos-ratio": (0, 1, True),
     "lambda-dice": (0, INF, True), "lambda-focal": (0, INF, True), "focal-gamma": (0, INF, True),
     "focal-alpha": (0, 1, True), "val-fraction": (0, 0.999999, True), "seed": (0, INF, True),
@@ -233,6 +233,8 @@ class TrainConfig:
     focal_gamma: float = _from_run_config("focal-gamma")
     focal_alpha: float = _from_run_config("focal-alpha")
     fixmatch_threshold: float = _from_run_config("fixmatch-threshold")  # tau: confident voxels only
+    # and this share of each region's predicted-negative brain voxels, the least likely ones
+    fixmatch_negative_share: float = _from_run_config("fixmatch-negative-share")
     # lambda_u: weight of the unlabelled (FixMatch) loss, the ramped value of this round (see unlabelled_weight)
     unlabelled_weight: float = _from_run_config("fixmatch-weight")
     # Weight of ||w - w_start||^2 / 2 (w_start: the weights training starts from). FedProx's server sends it each
@@ -258,6 +260,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: proximal_mu must be >= 0, got {self.proximal_mu}.")
         if not 0.5 < self.fixmatch_threshold <= 1.0:
             raise ValueError(f"TrainConfig: fixmatch_threshold must be in (0.5, 1], got {self.fixmatch_threshold}.")
+        if not 0.0 <= self.fixmatch_negative_share <= 1.0:
+            raise ValueError(f"TrainConfig: fixmatch_negative_share must be in [0, 1], got {self.fixmatch_negative_share}.")
         if self.unlabelled_weight < 0:
             raise ValueError(f"TrainConfig: unlabelled_weight must be >= 0, got {self.unlabelled_weight}.")
 

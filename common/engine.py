@@ -131,7 +131,11 @@ class FixMatch:
 
     The model, in eval mode and without gradients, labels the weak view: a voxel's pseudo-label is its
     probability > 0.5 per region, counted where that probability is above ``threshold`` or below
-    ``1 - threshold``. :func:`fedlesion.common.transforms.strong_transforms` then moves the image, the
+    ``1 - threshold``, and, per region, for the ``negative_share`` of the batch's predicted-negative brain
+    (nonzero) voxels with the lowest probability. The second rule is there because a model trained with
+    focal loss (gamma 2, alpha 0.75) leaves background near 0.2, seldom below ``1 - threshold``: by
+    ``threshold`` alone the confident voxels were all lesion, and the model learnt lesion everywhere
+    (README, "Semi-supervised training"). :func:`fedlesion.common.transforms.strong_transforms` then moves the image, the
     pseudo-label and the mask with one affine and changes the image's intensities, and
     :class:`fedlesion.common.losses.UnlabelledLoss` scores the model on the strong view against the
     pseudo-label on confident voxels only.
@@ -139,6 +143,7 @@ class FixMatch:
 
     def __init__(self, spatial_dims: int, sample_size: tuple[int, ...], config: TrainConfig) -> None:
         self.threshold = config.fixmatch_threshold
+        self.negative_share = config.fixmatch_negative_share
         self.strong = strong_transforms(spatial_dims, sample_size)
         if config.seed is not None:
             self.strong.set_random_state(seed=config.seed + 2)
@@ -152,7 +157,18 @@ class FixMatch:
         with autocast(device):
             probs = torch.sigmoid(model(weak).float())
         model.train(was_training)
-        return (probs > 0.5).float(), ((probs > self.threshold) | (probs < 1.0 - self.threshold)).float()
+        pseudo = probs > 0.5
+        confident = (probs > self.threshold) | (probs < 1.0 - self.threshold)
+        if self.negative_share > 0:
+            brain = (weak != 0).any(dim=1, keepdim=True)  # z-scored scans keep the background at exactly 0
+            for r in range(probs.shape[1]):
+                candidates = ~pseudo[:, r] & brain[:, 0]
+                values = probs[:, r][candidates]
+                count = math.ceil(self.negative_share * values.numel())
+                if count:
+                    cut = values.kthvalue(count).values
+                    confident[:, r] |= candidates & (probs[:, r] <= cut)
+        return pseudo.float(), confident.float()
 
     def strong_views(self, weak: torch.Tensor, pseudo: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The strong view of each sample: ``(image, pseudo, mask)`` batches, moved together."""
@@ -274,6 +290,73 @@ def train(
             progress(epoch, epoch_loss)
     return {"train-loss": epoch_loss, "train-samples": float(seen), "train-seconds": time.perf_counter() - start,
             **unlabelled_stats}
+
+
+FINETUNE_FOLDS = 3  # cross-validation folds of a site's fine-tuning when it has no validation cases
+
+
+def finetune_validated(
+    model: nn.Module,
+    cases: Sequence[PreparedCase],
+    val: Sequence[PreparedCase],
+    score: Callable[[nn.Module, Sequence[PreparedCase]], list[float]],
+    spatial_dims: int,
+    config: TrainConfig,
+    device: torch.device,
+    folds: int = FINETUNE_FOLDS,
+) -> dict[str, float]:
+    """Fine-tune ``model`` in place on ``cases``, and keep the result only where it scores higher than the model
+    it started from on cases the fine-tuning did not train on; otherwise put the starting weights back.
+
+    Those cases are ``val`` when there are any; otherwise ``min(folds, len(cases))``-fold cross-validation
+    of the fine-tuning itself on ``cases`` (each part scored by a model fine-tuned on the others; then the
+    kept model is fine-tuned on all of them). A single case cannot be validated: the starting model is kept.
+    At a site, the starting model (the global one) has trained on ``cases``, so cross-validation favours it:
+    a site keeps its fine-tuned model only when fine-tuning helps clearly. Measured on real BraTS sites of two
+    training cases, unvalidated fine-tuning fell below the global model (README, "Each hospital's own model").
+
+    Args:
+        score: ``(model, cases) -> per-case scores`` (higher is better), e.g. mean Dice over regions.
+
+    Returns:
+        ``finetune-kept`` (1: the fine-tuned model, 0: the starting one), ``finetune-select-global`` and
+        ``finetune-select-personal`` (mean score of the starting and the fine-tuned models on the cases that
+        decided; -1 when none could), ``finetune-select-cases``, ``finetune-diverged`` (1: a fine-tuning's loss
+        became NaN/Inf, and the starting model is kept) and, when the fine-tuned model is kept, its ``train-loss``.
+    """
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cases = list(cases)
+    if val:
+        held_out = [(cases, list(val))]
+    elif len(cases) >= 2:
+        k = min(folds, len(cases))
+        parts = [cases[i::k] for i in range(k)]
+        held_out = [([c for j, part in enumerate(parts) if j != i for c in part], parts[i]) for i in range(k)]
+    else:
+        held_out = []
+    global_scores: list[float] = []
+    personal_scores: list[float] = []
+    loss, diverged = None, False
+    try:
+        for train_part, scored_part in held_out:
+            model.load_state_dict(start)
+            global_scores += score(model, scored_part)
+            loss = train(model, train_part, spatial_dims, config, device)["train-loss"]
+            personal_scores += score(model, scored_part)
+        decided = bool(global_scores) and len(global_scores) == len(personal_scores)
+        keep = decided and float(np.mean(personal_scores)) > float(np.mean(global_scores))
+        if keep and not val:  # cross-validated: the kept model trains on every case
+            model.load_state_dict(start)
+            loss = train(model, cases, spatial_dims, config, device)["train-loss"]
+    except TrainingDiverged:  # fine-tuning that diverges is not kept; the site keeps the model it started from
+        decided, keep, diverged = False, False, True
+    if not keep:
+        model.load_state_dict(start)
+    return {"finetune-kept": float(keep), "finetune-diverged": float(diverged),
+            "finetune-select-global": float(np.mean(global_scores)) if decided else -1.0,
+            "finetune-select-personal": float(np.mean(personal_scores)) if decided else -1.0,
+            "finetune-select-cases": float(len(global_scores)) if decided else 0.0,
+            **({"train-loss": loss} if keep else {})}
 
 
 class TrainingDiverged(RuntimeError):

@@ -128,7 +128,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     return train_config_from({"batch-size": args.batch_size, "learning-rate": learning_rate,
                               "samples-per-case": args.samples_per_case, "pos-ratio": args.pos_ratio,
                               "patch-size": patch_size, "local-steps": args.steps_per_epoch,
-                              "fixmatch-threshold": args.fixmatch_threshold, "fixmatch-weight": args.fixmatch_weight},
+                              "fixmatch-threshold": args.fixmatch_threshold, "fixmatch-weight": args.fixmatch_weight,
+                              "fixmatch-negative-share": args.fixmatch_negative_share},
                              epochs=args.epochs, seed=args.seed, proximal_mu=args.proximal_mu)
 
 
@@ -422,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fixmatch-threshold", type=float, default=declared["fixmatch-threshold"],
                        help="tau: a voxel's pseudo-label counts where the probability is above tau or below 1 - tau "
                             "(default %(default)s)")
+    train.add_argument("--fixmatch-negative-share", type=float, default=declared["fixmatch-negative-share"],
+                       help="also count this share of each region's predicted-negative brain voxels, the least likely "
+                            "ones, as confident background (0: tau alone; default %(default)s)")
     train.add_argument("--fixmatch-weight", type=float, default=declared["fixmatch-weight"],
                        help="lambda_u, the unlabelled loss's weight (constant over the epochs; default %(default)s)")
     train.add_argument("--init-from", metavar="CHECKPOINT",

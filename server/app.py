@@ -28,7 +28,7 @@ from fedlesion.common.checkpoint import Checkpoint, load_checkpoint, save_checkp
 from fedlesion.common.config import dataset_spec, model_from, train_config_from, with_defaults
 from fedlesion.common.files import private_folder, replace_private
 from fedlesion.common.data import DatasetSpec, conform_spec, discover_cases, load_site, resolve_spec
-from fedlesion.common.engine import evaluate, select_device
+from fedlesion.common.engine import FINETUNE_FOLDS, evaluate, select_device
 from fedlesion.common.metrics import flat_means
 from fedlesion.common.model import batchnorm_keys, build_model, model_spatial_dims, resolved_model_args
 from fedlesion.common.postprocess import PostProcessing
@@ -237,10 +237,13 @@ def finetune_sites(grid: Grid, strategy: Any, arrays: ArrayRecord, values: Mappi
                            "learning-rate": values["finetune-learning-rate"]})
     messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type=FINETUNE)
                 for node in sorted(grid.get_node_ids())]
-    log(INFO, "fine-tuning: %d site(s), %d local epoch(s) each, proximal mu %g", len(messages), values["finetune-epochs"],
-        values["finetune-proximal-mu"])
-    # N epochs and two evaluations: the time of about N/local-epochs + 1 rounds.
-    replies = list(grid.send_and_receive(messages, timeout=timeout * (values["finetune-epochs"] / values["local-epochs"] + 1)))
+    log(INFO, "fine-tuning: %d site(s), %d local epoch(s) each, proximal mu %g, %s", len(messages),
+        values["finetune-epochs"], values["finetune-proximal-mu"],
+        "kept only where it beats the global model on cases it did not train on" if values["finetune-select"] else "always kept")
+    # N epochs and two evaluations: the time of about N/local-epochs + 1 rounds; selecting cross-validates the
+    # fine-tuning (FINETUNE_FOLDS more runs and evaluations, then the kept one).
+    runs = FINETUNE_FOLDS + 1 if values["finetune-select"] else 1
+    replies = list(grid.send_and_receive(messages, timeout=timeout * runs * (values["finetune-epochs"] / values["local-epochs"] + 1)))
     screen = next(layer for layer in strategy.layers() if hasattr(layer, "metrics_problem"))
     sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     sites: list[dict[str, Any]] = []
@@ -264,6 +267,7 @@ def finetune_sites(grid: Grid, strategy: Any, arrays: ArrayRecord, values: Mappi
     sites += [{"node-id": m.metadata.dst_node_id, "error": "no reply within round-timeout"}
               for m in messages if m.metadata.dst_node_id not in answered]
     replace_private(out_dir / "finetune.json", json.dumps({"epochs": values["finetune-epochs"], "proximal-mu": values["finetune-proximal-mu"],
+                                                            "select": values["finetune-select"],
                                                             "sites": sites},
                                                            indent=2).encode())
     for s in sites:

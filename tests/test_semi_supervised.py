@@ -125,6 +125,34 @@ def test_pseudo_labels_below_tau_contribute_nothing_to_the_loss() -> None:
     assert pseudo[0, :, 0, 0].tolist() == [1.0, 1.0, 0.0] and mask[0, :, 0, 0].tolist() == [1.0, 0.0, 1.0]
 
 
+class _FocalBiased(torch.nn.Module):
+    """What a focal-trained model gives: lesion (x >= 12) 0.95, brain background 0.15-0.35 rising towards the
+    lesion (never below 1 - tau = 0.1), air (image 0) 0.12; one region."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        column = torch.arange(x.shape[-1], dtype=torch.float32).expand(*x.shape[:1], 1, *x.shape[2:])
+        probs = torch.where(column >= 12, torch.tensor(0.95), 0.15 + 0.2 * column / 11)
+        probs = torch.where((x != 0).any(dim=1, keepdim=True), probs, torch.tensor(0.12))
+        return torch.logit(probs)
+
+
+def test_the_least_likely_share_of_predicted_background_counts_as_confident_negatives() -> None:
+    image = torch.zeros(2, 4, 16, 16)
+    image[:, :, 2:14] = 1.0  # rows 0-1 and 14-15 are air
+    by_tau = FixMatch(2, (16, 16), TrainConfig(seed=0, fixmatch_threshold=0.9, fixmatch_negative_share=0.0))
+    pseudo, mask = by_tau.pseudo_labels(_FocalBiased(), image, torch.device("cpu"))
+    assert pseudo[mask == 1].min() == 1, "by tau alone every confident voxel is lesion: the drift this rule stops"
+
+    fixmatch = FixMatch(2, (16, 16), TrainConfig(seed=0, fixmatch_threshold=0.9, fixmatch_negative_share=0.5))
+    pseudo, mask = fixmatch.pseudo_labels(_FocalBiased(), image, torch.device("cpu"))
+    brain_background = mask[:, 0, 2:14, :12]
+    assert pseudo[:, 0, 2:14, :12].max() == 0
+    assert brain_background[..., :6].min() == 1 and brain_background[..., 6:].max() == 0, \
+        "the half of the brain's predicted background least likely to be lesion, and none nearer the lesion"
+    assert mask[:, 0, 2:14, 12:].min() == 1 and pseudo[:, 0, 2:14, 12:].min() == 1, "the lesion (p > tau) still counts"
+    assert mask[:, 0, :2].max() == 0 and mask[:, 0, 14:].max() == 0, "air is no candidate (and above 1 - tau)"
+
+
 class _LabelGuard:
     """A case whose label must not be read (a label hidden by label-fraction)."""
 
