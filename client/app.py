@@ -291,9 +291,7 @@ def finetune(msg: Message, context: Context) -> Message:
         summaries: list[dict] = []  # with validation cases: the global model's, then the fine-tuned one's
 
         def case_scores(candidate, cases) -> list[float]:  # noqa: ANN001 - torch module
-            per_case, summary = evaluate_cases(candidate, cases, site.spec, spatial_dims, site.device,
-                                               patch_size=config.patch_size,
-                                               postprocessing=PostProcessing.from_run_config(values))
+            per_case, summary = _evaluation(candidate, site, cases, spatial_dims, values)
             summaries.append(summary)
             return [float(np.mean([case[r]["dice"] for r in regions])) for case in per_case]
 
@@ -329,12 +327,16 @@ def finetune(msg: Message, context: Context) -> Message:
     return _scores_reply(msg, context, site, metrics)
 
 
+def _evaluation(model, site: sites.Site, cases, spatial_dims: int, run_config: Mapping[str, Any]):  # noqa: ANN001, ANN202
+    """``(per_case, summary)`` of the model on some of the site's cases, post-processed as the run says."""
+    return evaluate_cases(model, cases, site.spec, spatial_dims, site.device,
+                          patch_size=train_config_from(run_config).patch_size,
+                          postprocessing=PostProcessing.from_run_config(run_config))
+
+
 def _scores(model, site: sites.Site, spatial_dims: int, run_config: Mapping[str, Any]) -> dict[str, float]:  # noqa: ANN001
     """The model's per-region means on the site's validation cases, post-processed as the run says."""
-    _, summary = evaluate_cases(model, site.val, site.spec, spatial_dims, site.device,
-                                patch_size=train_config_from(run_config).patch_size,
-                                postprocessing=PostProcessing.from_run_config(run_config))
-    return flat_means(summary, list(site.spec.regions))
+    return flat_means(_evaluation(model, site, site.val, spatial_dims, run_config)[1], list(site.spec.regions))
 
 
 def _scores_reply(msg: Message, context: Context, site: sites.Site, metrics: Mapping[str, float]) -> Message:

@@ -157,8 +157,9 @@ def train_centralized(
         raise ValueError("a proximal term pulls the weights towards the ones training starts from: it needs a "
                          "checkpoint to start from (init_from, --init-from)")
     else:
-        model = model or declared_run_config()["model"]
-        crop_foreground = declared_run_config()["crop-foreground"] if crop_foreground is None else crop_foreground
+        declared = declared_run_config()
+        model = model or declared["model"]
+        crop_foreground = declared["crop-foreground"] if crop_foreground is None else crop_foreground
         spec = resolve_spec(data, manifest)
     ids = select_cases(discover_cases(data, spec) if case_ids is None else list(case_ids), include, exclude)
     check_output(out, inputs=[*([init_from] if init_from is not None else []), *_input_files(data, spec, ids, manifest)],

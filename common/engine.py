@@ -160,9 +160,9 @@ class FixMatch:
         pseudo = probs > 0.5
         confident = (probs > self.threshold) | (probs < 1.0 - self.threshold)
         if self.negative_share > 0:
-            brain = (weak != 0).any(dim=1, keepdim=True)  # z-scored scans keep the background at exactly 0
+            brain = (weak != 0).any(dim=1)  # z-scored scans keep the background at exactly 0
             for r in range(probs.shape[1]):
-                candidates = ~pseudo[:, r] & brain[:, 0]
+                candidates = ~pseudo[:, r] & brain
                 values = probs[:, r][candidates]
                 count = math.ceil(self.negative_share * values.numel())
                 if count:
