@@ -324,6 +324,8 @@ def finetune(msg: Message, context: Context) -> Message:
     if after is not None:
         metrics.update(after)  # the personal model: the keys an evaluation reply has
         metrics.update({f"global-{k}": v for k, v in before.items()})
+        # 1: these scores also chose the model (finetune-select on validation cases), so they read in its favour
+        metrics["finetune-scores-chose"] = float(bool(values["finetune-select"]) and stats.get("finetune-select-cases", 0) > 0)
     return _scores_reply(msg, context, site, metrics)
 
 

@@ -135,11 +135,11 @@ def train_centralized(
     initial = start = None
     if init_from is not None:
         initial = load_checkpoint(init_from)  # data only; refused with the file named when damaged or not a model
-        try:  # before any case is read: a checkpoint whose weights do not fit its own model is refused now
-            start, patch = initial.build(), initial.patch_size
+        try:  # before any case is read: weights that do not fit their own model, a bad patch or post-processing
+            start, patch, postprocessing = initial.build(), initial.patch_size, initial.postprocessing(None)
             held = resolved_model_args(initial.model, **initial.model_args)
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-            raise ValueError(f"init_from {init_from}: its weights do not build its model ({exc})") from None
+            raise ValueError(f"init_from {init_from}: not a usable model ({exc})") from None
         differ = {key: value for key, value in (model_args or {}).items() if held.get(key) != value}
         if differ or model not in (None, initial.model):
             raise ValueError(f"init_from {init_from} holds {initial.model} {initial.model_args}, not "
@@ -157,6 +157,7 @@ def train_centralized(
         raise ValueError("a proximal term pulls the weights towards the ones training starts from: it needs a "
                          "checkpoint to start from (init_from, --init-from)")
     else:
+        postprocessing = PostProcessing.from_run_config({})
         declared = declared_run_config()
         model = model or declared["model"]
         crop_foreground = declared["crop-foreground"] if crop_foreground is None else crop_foreground
@@ -191,8 +192,7 @@ def train_centralized(
                             run_config={"train-case-count": len(train_ids), "val-case-count": len(val_ids),
                                         "unlabelled-case-count": len(unlabelled),
                                         **config.to_dict(), "crop_foreground": crop_foreground,
-                                        **(initial.postprocessing(None) if initial is not None
-                                           else PostProcessing.from_run_config({})).to_run_config()})
+                                        **postprocessing.to_run_config()})
     if initial is not None:  # where it started: no path (the checkpoint may be shared)
         checkpoint.extra["init-from"] = {"model": initial.model, "round": initial.round, "epoch": initial.epoch}
     # Which cases trained stays at this site, beside the checkpoint (the checkpoint itself may be shared).
@@ -292,7 +292,7 @@ def evaluate_checkpoint(
         FileExistsError: before any work, when ``out`` is the checkpoint or exists without ``force``.
     """
     ckpt = load_checkpoint(checkpoint)
-    postprocessing = ckpt.postprocessing(postprocess)
+    postprocessing, patch = ckpt.postprocessing(postprocess), ckpt.patch_size  # refused before any case is read
     spec = _data_spec(ckpt.spec, data, manifest)
     ids = select_cases(discover_cases(data, spec), include, exclude)
     if out is not None:
@@ -315,7 +315,7 @@ def evaluate_checkpoint(
             skipped[case_id] = str(exc) if isinstance(exc, ValueError) else f"case '{case_id}': {type(exc).__name__}: {exc}"
             report(f"skipped {skipped[case_id]}")
             continue
-        probs = predict_probabilities(model, case.image, ckpt.spatial_dims, dev, patch_size=ckpt.patch_size)
+        probs = predict_probabilities(model, case.image, ckpt.spatial_dims, dev, patch_size=patch)
         seconds = time.perf_counter() - start
         scores = score_case(probs, case, spec, postprocessing)
         cases.append({"case": case_id, "seconds": seconds, **scores})
@@ -413,7 +413,7 @@ def predict_case(
     """
     case_dir = Path(case_dir)
     ckpt = load_checkpoint(checkpoint)
-    postprocessing = ckpt.postprocessing(postprocess)
+    postprocessing, patch = ckpt.postprocessing(postprocess), ckpt.patch_size  # refused before the case is read
     spec = _data_spec(ckpt.spec, case_dir.parent, manifest) if manifest else ckpt.spec
     inputs = [checkpoint, *(path for path, _ in case_paths(case_dir.parent, spec, case_dir.name).values())]
     check_output(out, inputs=inputs, force=force, suffixes=(".nii.gz", ".nii"), what="--out")
@@ -423,7 +423,7 @@ def predict_case(
     model = ckpt.build().to(dev)
     start = time.perf_counter()
     case = load_case(case_dir.parent, spec, case_dir.name, crop_foreground=ckpt.crop_foreground, require_label=False)
-    probs = predict_probabilities(model, case.image, ckpt.spatial_dims, dev, patch_size=ckpt.patch_size)
+    probs = predict_probabilities(model, case.image, ckpt.spatial_dims, dev, patch_size=patch)
     prepared_labels = probabilities_to_labels(probs, spec, case.spacing, postprocessing)
     labels = case.restore(prepared_labels)
     header = case.header.copy()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import TrainConfig, declared_run_config
+from .config import TrainConfig, declared_run_config, parse_shape
 from .data import DatasetSpec
 from .files import replace_private
 from .model import build_model, model_spatial_dims
@@ -69,13 +69,27 @@ class Checkpoint:
     def crop_foreground(self) -> bool:
         """Whether the model was trained on volumes cropped to their nonzero box (predict the same way)."""
         default = declared_run_config()["crop-foreground"]
-        return bool(self.run_config.get("crop_foreground", self.run_config.get("crop-foreground", default)))
+        value = self.run_config.get("crop_foreground", self.run_config.get("crop-foreground", default))
+        if not isinstance(value, (bool, np.bool_)):  # bool("false") is True: a wrong type is refused, not guessed
+            raise ValueError(f"{self.source or 'checkpoint'}: its recorded crop-foreground {value!r} is not true or false")
+        return bool(value)
 
     @property
     def patch_size(self) -> tuple[int, ...]:
-        """The 3D training patch, which is also the sliding-window size."""
+        """The 3D training patch, which is also the sliding-window size.
+
+        Raises:
+            ValueError: naming the file, when the recorded patch is not three integers >= 8.
+        """
         value = self.run_config.get("patch_size", self.run_config.get("patch-size", TrainConfig.patch_size))
-        return tuple(int(v) for v in (value.split(",") if isinstance(value, str) else value))
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+            value = ",".join(map(str, value))
+        try:
+            if not isinstance(value, str):
+                raise ValueError(f"shape {value!r} must be three integers >= 8")
+            return parse_shape(value)
+        except ValueError as exc:
+            raise ValueError(f"{self.source or 'checkpoint'}: its recorded patch size is unusable: {exc}") from None
 
     def postprocessing(self, overrides: Mapping[str, Any] | None = None) -> PostProcessing:
         """The post-processing the model was trained with (the declared defaults for checkpoints that predate it).

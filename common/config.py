@@ -174,18 +174,21 @@ def parse_model_args(text: str) -> dict[str, Any]:
     return out
 
 
+MAX_SHAPE_SIDE = 1024  # voxels: above any scan's side; a larger patch from a received checkpoint is refused
+
+
 def parse_shape(text: str) -> tuple[int, int, int]:
     """Parse ``"64,64,40"`` into ``(64, 64, 40)``.
 
     Raises:
-        ValueError: unless three positive integers are given.
+        ValueError: unless three integers from 8 to ``MAX_SHAPE_SIDE`` are given.
     """
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         shape = ()
-    if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"shape '{text}' must be three integers >= 8, e.g. '64,64,40'.")
+    if len(shape) != 3 or min(shape) < 8 or max(shape) > MAX_SHAPE_SIDE:
+        raise ValueError(f"shape '{text}' must be three integers from 8 to {MAX_SHAPE_SIDE}, e.g. '64,64,40'.")
     return shape  # type: ignore[return-value]
 
 
@@ -262,6 +265,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: fixmatch_threshold must be in (0.5, 1], got {self.fixmatch_threshold}.")
         if not 0.0 <= self.fixmatch_negative_share <= 1.0:
             raise ValueError(f"TrainConfig: fixmatch_negative_share must be in [0, 1], got {self.fixmatch_negative_share}.")
+        if self.fixmatch_threshold == 1.0 and self.fixmatch_negative_share == 0.0:
+            raise ValueError("TrainConfig: fixmatch_threshold 1.0 with fixmatch_negative_share 0 leaves no voxel "
+                             "confident, so FixMatch would learn nothing; lower the threshold or raise the share.")
         if self.unlabelled_weight < 0:
             raise ValueError(f"TrainConfig: unlabelled_weight must be >= 0, got {self.unlabelled_weight}.")
 

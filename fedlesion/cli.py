@@ -421,11 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="experiments: keep the labels of this share of the training cases (at least one), chosen "
                             "by --seed; the others count as unlabelled (default %(default)s)")
     train.add_argument("--fixmatch-threshold", type=float, default=declared["fixmatch-threshold"],
-                       help="tau: a voxel's pseudo-label counts where the probability is above tau or below 1 - tau "
-                            "(default %(default)s)")
+                       help="tau: a voxel counts as lesion where the probability is above tau, as background below "
+                            "1 - tau; 1.0 counts background only, through --fixmatch-negative-share (default %(default)s)")
     train.add_argument("--fixmatch-negative-share", type=float, default=declared["fixmatch-negative-share"],
                        help="also count this share of each region's predicted-negative brain voxels, the least likely "
-                            "ones, as confident background (0: tau alone; default %(default)s)")
+                            "ones, as confident background (0: tau alone, which needs tau < 1; default %(default)s)")
     train.add_argument("--fixmatch-weight", type=float, default=declared["fixmatch-weight"],
                        help="lambda_u, the unlabelled loss's weight (constant over the epochs; default %(default)s)")
     train.add_argument("--init-from", metavar="CHECKPOINT",

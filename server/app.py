@@ -274,7 +274,8 @@ def finetune_sites(grid: Grid, strategy: Any, arrays: ArrayRecord, values: Mappi
         if "metrics" in s:
             m = s["metrics"]
             regions = sorted(k.removeprefix("dice-") for k in m if k.startswith("dice-"))
-            log(INFO, "fine-tuned %s (%d validation case(s)): %s", s["site"], int(m.get(WEIGHT_KEY, 0)),
+            log(INFO, "fine-tuned %s (%d validation case(s)%s): %s", s["site"], int(m.get(WEIGHT_KEY, 0)),
+                ", which also chose the model: read in its favour" if m.get("finetune-scores-chose") == 1.0 else "",
                 "Dice global -> personal " + " ".join(
                     f"{r.upper()} {m.get(f'global-dice-{r}', float('nan')):.3f} -> {m[f'dice-{r}']:.3f}" for r in regions)
                 if regions else "no validation case to score")

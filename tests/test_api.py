@@ -6,6 +6,7 @@ import dataclasses
 import json
 import stat
 from pathlib import Path
+from unittest.mock import patch
 
 import nibabel as nib
 import numpy as np
@@ -257,6 +258,20 @@ def test_fine_tuning_keeps_the_checkpoints_channels_cropping_patch_and_post_proc
     assert main([*common, "--out", str(tmp_path / "e.pt"), "--patch-size", "8,8,8"]) != 0
     assert "trained with patch (16, 16, 8)" in capsys.readouterr().err
     assert not (tmp_path / "c.pt").exists() and not (tmp_path / "e.pt").exists()
+    # A received checkpoint is not trusted to be well-formed: a bad patch or post-processing is refused with the
+    # file named, before any case is read, and nothing is written.
+    for name, broken, why in (("one.pt", {"patch_size": [16, "x", 8]}, "recorded patch size is unusable"),
+                              ("two.pt", {"patch_size": [16, 16, 4]}, "recorded patch size is unusable"),
+                              ("three.pt", {"postprocess-components": "many"}, "not a usable model")):
+        save_checkpoint(Checkpoint(model="unet2d", model_args={"base_channels": 4, "depth": 2, "norm": "group"},
+                                   spec=spec, state_dict=network.state_dict(), round=5,
+                                   run_config={"crop_foreground": False, "patch_size": [16, 16, 8], **broken}),
+                        tmp_path / name)
+        with patch.object(api, "load_site", side_effect=AssertionError("a case was read")):
+            assert main([*common[:3], "--init-from", str(tmp_path / name), *common[5:], "--out", str(tmp_path / "f.pt")]) != 0
+        err = capsys.readouterr().err
+        assert str(tmp_path / name) in err and why in err and "Traceback" not in err
+        assert not (tmp_path / "f.pt").exists() and not cases_file(tmp_path / "f.pt").exists()
 
 
 def test_train_refuses_a_proximal_term_without_a_start_and_another_model_over_a_checkpoint(

@@ -58,7 +58,7 @@ def test_a_checkpoint_carries_no_local_path_or_case_id(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("field, value", [("model_args", [1, 2]), ("model", ["unet2d"]), ("run_config", [1]),
-                                          ("round", "3"), ("extra", "x")])
+                                          ("round", "3"), ("round", True), ("epoch", 2.0), ("extra", "x")])
 def test_a_checkpoint_with_fields_of_the_wrong_type_is_refused_with_the_file_named(tmp_path: Path, field: str,
                                                                                   value: object) -> None:
     """Fields a loader would use as a mapping, a name or a number: a wrong type is a clean error, not a
@@ -68,6 +68,34 @@ def test_a_checkpoint_with_fields_of_the_wrong_type_is_refused_with_the_file_nam
     torch.save(payload, tmp_path / "odd.pt")
     with pytest.raises(ValueError, match=rf"odd\.pt: {field} of the wrong type"):
         load_checkpoint(tmp_path / "odd.pt")
-    torch.save({**payload, field: {"model": "unet2d", "round": 3, "extra": {}, "model_args": {},
+    torch.save({**payload, field: {"model": "unet2d", "round": np.int64(3), "epoch": 2, "extra": {}, "model_args": {},
                                    "run_config": {}}[field]}, tmp_path / "fine.pt")
-    assert load_checkpoint(tmp_path / "fine.pt").model == "unet2d"
+    fine = load_checkpoint(tmp_path / "fine.pt")
+    assert fine.model == "unet2d" and type(fine.round) is int and type(fine.epoch) is int
+
+
+@pytest.mark.parametrize("recorded, expected", [
+    ([16, 16, 8], (16, 16, 8)), ((np.int64(32), 32, 16), (32, 32, 16)), ("64,64,40", (64, 64, 40)),
+    ([16, 16, 4], None), ("16,16", None), ([16, "x", 8], None), (7, None), ([16.0, 16, 8], None),
+    ([True, 16, 8], None), ("100000,100000,100000", None)])
+def test_a_recorded_patch_is_used_only_when_it_is_a_real_shape(tmp_path: Path, recorded: object,
+                                                                 expected: tuple[int, ...] | None) -> None:
+    """A received checkpoint's patch is its sliding window and a fine-tuning's patch: one that is not three
+    whole numbers of a sensible size is refused with the file named, not turned into a crash or a huge patch."""
+    path = save_checkpoint(Checkpoint(model="unet2d", model_args={}, spec=dataset_spec("brats2021"), state_dict={},
+                                      run_config={"patch_size": recorded}), tmp_path / "received.pt")
+    ckpt = load_checkpoint(path)
+    if expected is not None:
+        assert ckpt.patch_size == expected
+    else:
+        with pytest.raises(ValueError, match=r"received\.pt: its recorded patch size is unusable"):
+            ckpt.patch_size  # noqa: B018 - the property validates
+
+
+@pytest.mark.parametrize("recorded", ["false", 0, None])
+def test_a_recorded_crop_setting_that_is_not_a_boolean_is_refused(tmp_path: Path, recorded: object) -> None:
+    """bool('false') is True: a guess would feed the model volumes cropped the other way."""
+    path = save_checkpoint(Checkpoint(model="unet2d", model_args={}, spec=dataset_spec("brats2021"), state_dict={},
+                                      run_config={"crop_foreground": recorded}), tmp_path / "received.pt")
+    with pytest.raises(ValueError, match=r"received\.pt: its recorded crop-foreground"):
+        load_checkpoint(path).crop_foreground  # noqa: B018 - the property validates

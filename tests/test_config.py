@@ -30,6 +30,9 @@ CLI_TRAIN = build_parser().parse_args(["train", "--data", "d", "--out", "o"])
         ("lambda-focal", "lambda_focal"),
         ("focal-gamma", "focal_gamma"),
         ("focal-alpha", "focal_alpha"),
+        ("fixmatch-threshold", "fixmatch_threshold"),
+        ("fixmatch-negative-share", "fixmatch_negative_share"),
+        ("fixmatch-weight", "unlabelled_weight"),
     ],
 )
 def test_training_defaults_are_the_declared_ones(key: str, field: str) -> None:
@@ -48,6 +51,13 @@ def test_training_defaults_are_the_declared_ones(key: str, field: str) -> None:
 def test_cli_train_defaults_are_the_declared_ones(key: str, argument: str) -> None:
     # learning rate and patch: through _train_config above (left unset, they resolve there, or from --init-from)
     assert getattr(CLI_TRAIN, argument) == DECLARED[key]
+
+
+def test_cli_train_fixmatch_settings_reach_the_training_config() -> None:
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--fixmatch-threshold", "0.97",
+                                      "--fixmatch-negative-share", "0.25", "--fixmatch-weight", "2.5"])
+    config = _train_config(args)
+    assert (config.fixmatch_threshold, config.fixmatch_negative_share, config.unlabelled_weight) == (0.97, 0.25, 2.5)
 
 
 def test_pooled_training_models_and_crops_as_the_federation_does(tiny_sites: Path, tmp_path: Path) -> None:

@@ -174,6 +174,12 @@ def test_train_config_refuses_non_finite_values(field: str) -> None:
         TrainConfig(**{field: float("inf")})
 
 
+def test_a_fixmatch_setting_that_leaves_no_voxel_confident_is_refused() -> None:
+    with pytest.raises(ValueError, match="leaves no voxel confident"):
+        TrainConfig(fixmatch_threshold=1.0, fixmatch_negative_share=0.0)
+    assert TrainConfig(fixmatch_threshold=0.9, fixmatch_negative_share=0.0).fixmatch_threshold == 0.9, "tau alone"
+
+
 def test_training_with_the_same_seed_gives_the_same_model(tiny_sites: Path) -> None:
     """The augmentation draws from the run's seed, whatever MONAI's global seed (a Compose wrapping the
     pipeline reseeds it from there): two runs with one seed train the same weights; another seed does not."""

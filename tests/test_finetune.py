@@ -66,6 +66,7 @@ def test_each_site_keeps_its_fine_tuned_model_and_sends_only_scores(tmp_path: Pa
         m = s["metrics"]
         assert m["personal-kept"] == 1.0 and m["finetune-epochs"] == 2.0 and m["num-examples"] >= 1
         assert {"dice-wt", "global-dice-wt", "hd95-et", "global-hd95-et"} <= set(m)
+        assert m["finetune-scores-chose"] == 0.0, "always kept: these scores chose nothing"
         [kept] = (tmp_path / f"personal-{node}").glob("*.pt")
         assert kept.name == f"hospital-{node}-node{node}-run1.pt" and stat.S_IMODE(kept.stat().st_mode) == 0o600
         state = load_checkpoint(kept).state_dict
@@ -242,4 +243,7 @@ def test_sites_report_their_choice_and_keep_what_they_chose(tmp_path: Path, tiny
             chosen = ("dice-wt", "dice-tc", "dice-et")
             assert (np.mean([m[k] for k in chosen]) > np.mean([m[f"global-{k}"] for k in chosen])) == bool(m["finetune-kept"])
             assert m["finetune-kept"] or all(m[k] == m[f"global-{k}"] for k in chosen)
+            assert m["finetune-scores-chose"] == 1.0, "flagged: these scores chose, and favour, the kept model"
+        else:
+            assert "finetune-scores-chose" not in m and "dice-wt" not in m, "cross-validated: nothing reported"
     assert not any(r.content.array_records for r in grid.replies)

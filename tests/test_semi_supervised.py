@@ -152,6 +152,11 @@ def test_the_least_likely_share_of_predicted_background_counts_as_confident_nega
     assert mask[:, 0, 2:14, 12:].min() == 1 and pseudo[:, 0, 2:14, 12:].min() == 1, "the lesion (p > tau) still counts"
     assert mask[:, 0, :2].max() == 0 and mask[:, 0, 14:].max() == 0, "air is no candidate (and above 1 - tau)"
 
+    declared = FixMatch(2, (16, 16), TrainConfig(seed=0))  # tau 1.0: lesion pseudo-labels were too often wrong
+    pseudo, mask = declared.pseudo_labels(_FocalBiased(), image, torch.device("cpu"))
+    assert torch.equal(mask[:, 0, 2:14, :12], brain_background) and mask[:, 0, :, 12:].max() == 0, \
+        "by default only the least likely half of the brain's predicted background counts, and no lesion"
+
 
 class _LabelGuard:
     """A case whose label must not be read (a label hidden by label-fraction)."""
