@@ -221,6 +221,9 @@ def train(msg: Message, context: Context) -> Message:
     site = sites.load(context.node_config, values, sites.expected_spec(round_config, context.node_config, values))
     model, spatial_dims, own = _model(context, site, msg.content["arrays"])
     server_round = int(round_config.get("server-round", 0))
+    schedule_rounds = round_config.get("schedule-rounds", values["num-server-rounds"])  # the run's, or its first's
+    if type(schedule_rounds) is not int or schedule_rounds < 1:
+        raise ValueError(f"the server sent schedule-rounds {schedule_rounds!r}: not a whole number >= 1")
     # Only the FedProx server sends a proximal term; without one TrainConfig's default (none) applies.
     proximal = {"proximal_mu": float(round_config["proximal-mu"])} if "proximal-mu" in round_config else {}
     config = train_config_from(
@@ -229,7 +232,7 @@ def train(msg: Message, context: Context) -> Message:
         # Seeded by site and round (not node ID), so a resumed run retrains exactly as the original would.
         seed=values["seed"] * 100_003 + server_round * 1_009 + zlib.crc32(site.name.encode()) % 997,
         # FixMatch's lambda_u, ramped up over the rounds (used only where unlabelled cases train)
-        unlabelled_weight=unlabelled_weight(values["fixmatch-weight"], server_round, values["num-server-rounds"],
+        unlabelled_weight=unlabelled_weight(values["fixmatch-weight"], server_round, schedule_rounds,
                                             values["fixmatch-rampup"]),
         **proximal,
     )

@@ -210,7 +210,7 @@ def train_centralized(
         metrics: dict[str, Any] = {"train-loss": loss}
         if val_ids:
             _, summary = evaluate(network, [by_id[c] for c in val_ids], spec, spatial_dims, dev,
-                                  patch_size=config.patch_size)
+                                  patch_size=config.patch_size, postprocessing=postprocessing)  # as evaluate will
             metrics.update({f"dice-{r.lower()}": s["dice_mean"] for r, s in summary.items()})
             line += " | validation Dice " + " ".join(f"{r} {s['dice_mean']:.3f}" for r, s in summary.items())
         if on_epoch is not None:

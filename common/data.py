@@ -892,7 +892,7 @@ class CaseCache:
         if prepared is not None:
             return prepared
         # Not on disk (no cache folder, or its entry was purged meanwhile): decode again.
-        prepared = load_case(data_dir, spec, lazy.case, crop_foreground=crop)
+        prepared = load_case(data_dir, spec, lazy.case, crop_foreground=crop, require_label=lazy.labelled)
         if not self._write_disk(key, prepared):
             self._remember(key, prepared)
         return prepared

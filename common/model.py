@@ -275,6 +275,13 @@ def model_spatial_dims(name: str) -> int:
     return _entry(name).spatial_dims
 
 
+# Bounds on what a run config or a checkpoint (another party's) may ask a site to build: the largest value of each
+# integer argument, and of the parameter count (counted on torch's meta device, no memory, before anything is
+# allocated; 100 M parameters are 400 MB in float32, six times the largest default, dynunet's 16.7 M).
+MODEL_ARG_MAX: dict[str, int] = {"base_channels": 256, "init_filters": 256, "feature_size": 60, "depth": 8, "expand": 16}
+MAX_PARAMETERS = 100_000_000
+
+
 def build_model(name: str, in_channels: int, out_channels: int, **model_args: Any) -> nn.Module:
     """Build a registered model.
 
@@ -290,8 +297,21 @@ def build_model(name: str, in_channels: int, out_channels: int, **model_args: An
     Raises:
         ValueError: for an unknown model name or argument.
     """
-    return _entry(name).factory(in_channels=in_channels, out_channels=out_channels,
-                                **resolved_model_args(name, **model_args))
+    args = resolved_model_args(name, **model_args)
+    if not (1 <= in_channels <= 64 and 1 <= out_channels <= 64):
+        raise ValueError(f"model '{name}': {in_channels} input and {out_channels} output channels; each must be 1 to 64.")
+    factory = _entry(name).factory
+    try:
+        with torch.device("meta"):
+            size = sum(p.numel() for p in factory(in_channels=in_channels, out_channels=out_channels, **args).parameters())
+    except RuntimeError as exc:  # a network that reads values while it is built (SwinUNETR): its arguments' bounds hold
+        if "meta" not in str(exc):
+            raise
+        size = 0
+    if size > MAX_PARAMETERS:
+        raise ValueError(f"model '{name}' with {args} would have {size:,} parameters, more than the {MAX_PARAMETERS:,} "
+                         "a site builds.")
+    return factory(in_channels=in_channels, out_channels=out_channels, **args)
 
 
 def resolved_model_args(name: str, **model_args: Any) -> dict[str, Any]:
@@ -299,7 +319,8 @@ def resolved_model_args(name: str, **model_args: Any) -> dict[str, Any]:
 
     Raises:
         ValueError: for an unknown model or argument name, a value of another type than the
-            argument's default (an integer is accepted for a float), an integer below 1 or a
+            argument's default (an integer is accepted for a float), an integer outside 1 to its bound
+            (:data:`MODEL_ARG_MAX`, else 1024) or a
             float outside ``[0, 1)`` (the only float arguments are dropout probabilities).
     """
     entry = _entry(name)
@@ -316,8 +337,8 @@ def resolved_model_args(name: str, **model_args: Any) -> dict[str, Any]:
         if type(value) is not type(default):
             raise ValueError(f"model '{name}' argument {key}={value!r} must be {type(default).__name__} "
                              f"like its default {default!r}.")
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"model '{name}' argument {key}={value} must be >= 1.")
+        if isinstance(value, int) and not 1 <= value <= MODEL_ARG_MAX.get(key, 1024):
+            raise ValueError(f"model '{name}' argument {key}={value} must be from 1 to {MODEL_ARG_MAX.get(key, 1024)}.")
         if isinstance(value, float) and not 0.0 <= value < 1.0:
             raise ValueError(f"model '{name}' argument {key}={value} must be in [0, 1).")
         resolved[key] = value

@@ -68,9 +68,13 @@ class Split:
     def load(cls, path: str | Path) -> Split:
         try:
             data = json.loads(Path(path).read_text())
-            return cls(kind=data["kind"], sites={str(k): list(v) for k, v in data["sites"].items()},
-                       notes=list(data.get("notes", [])))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            sites = {str(k): list(v) for k, v in data["sites"].items()}
+            for cases in sites.values():  # each ID names a case folder below the data folder, never a path out of it
+                bad = [c for c in cases if not isinstance(c, str) or not c or "/" in c or "\\" in c or c.startswith(".")]
+                if bad:
+                    raise ValueError(f"case ID(s) {bad[:3]} are not case folder names")
+            return cls(kind=data["kind"], sites=sites, notes=list(data.get("notes", [])))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"split file {path}: unreadable or malformed ({exc}); make one with `fedlesion split`.") from exc
 
 

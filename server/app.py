@@ -33,7 +33,7 @@ from fedlesion.common.metrics import flat_means
 from fedlesion.common.model import batchnorm_keys, build_model, model_spatial_dims, resolved_model_args
 from fedlesion.common.postprocess import PostProcessing
 
-from .strategy import WEIGHT_KEY, build_strategy, format_table, site_name
+from .strategy import WEIGHT_KEY, build_strategy, format_table, site_error, site_name
 
 app = ServerApp()
 
@@ -170,9 +170,19 @@ def load_resume(path: str, model_name: str, model_args: dict[str, Any], spec: Da
                          "to branch off an earlier one).")
     metrics = folder / "metrics.jsonl"
     history = []
-    if metrics.exists():
-        history = [r for r in (json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
-                   if r["round"] <= ckpt.round]
+    if metrics.exists():  # a line cut short by the crash being resumed from is left out, not fatal
+        for number, line in enumerate(metrics.read_text(errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                row = "torn"
+            if row is None:
+                continue
+            if not isinstance(row, dict) or type(row.get("round")) is not int:
+                log(WARNING, "resume: %s line %d is not a round's record (cut short by the crash?); left out",
+                    metrics, number)
+            elif row["round"] <= ckpt.round:
+                history.append(row)
     return Resume(ArrayRecord(ckpt.state_dict), ckpt.round, history, ckpt.extra)
 
 
@@ -255,7 +265,7 @@ def finetune_sites(grid: Grid, strategy: Any, arrays: ArrayRecord, values: Mappi
             continue
         seen.add(node)
         if reply.has_error():
-            sites.append({"node-id": node, "error": str(reply.error.reason)[:200]})
+            sites.append({"node-id": node, "error": site_error(reply)})
         elif (reason := screen.metrics_problem(reply, True)) is not None:
             sites.append({"node-id": node, "rejected": reason})
         else:

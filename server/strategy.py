@@ -53,6 +53,7 @@ SUMMED_SUFFIX = "-cases"
 # Adaptive clipping (Andrew et al., 2019): the share of updates meant to exceed the norm, and the
 # norm's geometric learning rate; the paper's recommended values, also Flower's defaults.
 TARGET_CLIPPED_QUANTILE = 0.5
+SCHEDULE_ROUNDS_KEY = "schedule-rounds"  # sent with each training instruction: the horizon of the round schedules
 CLIP_NORM_LR = 0.2
 # Largest size a normalisation statistic (BatchNorm running mean or variance) may have in an update:
 # activations of a trained network stay orders of magnitude below it; a site sending more breaks the model.
@@ -313,7 +314,10 @@ class DifferentialPrivacy(StrategyWrapper):
                           or (self.mode.startswith("client")
                               and any(r.get(KEY_NORM_BIT) for r in message.content.metric_records.values())))
             fraction = (clipped + self.rng.normal(0.0, count_std)) / len(replies)
-            self.clipping_norm *= math.exp(-CLIP_NORM_LR * (fraction - TARGET_CLIPPED_QUANTILE))
+            # Andrew et al. 2019 (eq. 2, with b = 1 - clipped): C grows while more than the target share of
+            # updates are clipped and shrinks while fewer are. (Flower 1.42's own adaptive wrappers move it the
+            # other way: they count clipped updates in a formula written for unclipped ones.)
+            self.clipping_norm *= math.exp(CLIP_NORM_LR * (fraction - TARGET_CLIPPED_QUANTILE))
         content = RecordDict({"arrays": ArrayRecord({key: Array(value) for key, value in mean.items()}),
                               "metrics": aggregate_metrics([m.content for m in replies], WEIGHT_KEY)})
         return super().aggregate_train(server_round, [Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)])
@@ -470,6 +474,19 @@ class UpdateScreening(StrategyWrapper):
         self.transport_dtype = transport_dtype
         self.metric_names: dict[str, list[str]] = {}  # per phase, the metric names the last round accepted
 
+    state_key = "screening"  # the accepted metric names decide a later tie, after a resume too
+
+    def state(self) -> dict[str, Any]:
+        return {"metric-names": {phase: list(names) for phase, names in self.metric_names.items()}}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        names = state.get("metric-names") if isinstance(state, Mapping) else None
+        if not isinstance(names, Mapping) or not all(
+                phase in ("train", "evaluate") and isinstance(n, list) and all(isinstance(x, str) for x in n)
+                for phase, n in names.items()):
+            raise ValueError("the checkpoint's 'screening' state is malformed (metric-names: per phase, a list of names).")
+        self.metric_names = {phase: list(n) for phase, n in names.items()}
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._global = numpy_arrays(arrays)
         self._sent = list(super().configure_train(server_round, arrays, config, grid))
@@ -544,19 +561,26 @@ class UpdateScreening(StrategyWrapper):
         for message in replies:
             node = destinations.get(message.metadata.reply_to_message_id, message.metadata.src_node_id)
             if message.has_error():
-                errors.append({"node-id": node, "error": message.error.reason})
+                errors.append({"node-id": node, "error": site_error(message)})
             elif (reason := self.metrics_problem(message, phase == "evaluate")) is not None:
                 rejected.append({"node-id": node, "reason": reason})
             else:
                 passed.append((message, node))
-        # Flower aggregates only replies with the same metric names; the round's are those most share.
+        # Flower aggregates only replies with the same metric names; the round's are those most share (honest
+        # sites of one run send the same names). A tie is broken by the names the last round accepted, never by
+        # the order replies arrived: with no such names, every tied set is rejected, so that one site cannot
+        # get another's reply rejected by answering first with other names.
         names = [sorted(next(iter(m.content.metric_records.values()))) for m, _ in passed]
         counts = {tuple(n): names.count(n) for n in names}
         if counts:
             previous = tuple(self.metric_names.get(phase, ()))
-            expected = max(counts, key=lambda n: (counts[n], n == previous))
-            self.metric_names[phase] = list(expected)
-            rejected += [{"node-id": node, "reason": f"metric names {n} differ from the round's {list(expected)}"}
+            top = [n for n in counts if counts[n] == max(counts.values())]
+            expected = top[0] if len(top) == 1 else previous if previous in top else None
+            if expected is not None:
+                self.metric_names[phase] = list(expected)
+            why = (f"differ from the round's {list(expected)}" if expected is not None
+                   else f"tie: {len(top)} sets of names have the most replies, and no earlier round decides between them")
+            rejected += [{"node-id": node, "reason": f"metric names {n} {why}"}
                          for (_, node), n in zip(passed, names) if tuple(n) != expected]
             passed = [(m, node) for (m, node), n in zip(passed, names) if tuple(n) == expected]
         return errors, rejected, passed
@@ -613,6 +637,16 @@ def site_name(message: Message, node: int) -> str:
     if not isinstance(name, str):
         return f"node-{node}"
     return safe_label(name, SITE_NAME_LENGTH) or f"node-{node}"
+
+
+SITE_ERROR_LENGTH = 200
+
+
+def site_error(message: Message) -> str:
+    """A failed reply's reason as the server records it (log, audit.jsonl, metrics.jsonl): the site's own text, so
+    printable characters only (a newline could forge a log line) and at most :data:`SITE_ERROR_LENGTH` of them."""
+    text = "".join(c if c.isprintable() else " " for c in str(message.error.reason)[:SITE_ERROR_LENGTH])
+    return text + (" ..." if len(str(message.error.reason)) > SITE_ERROR_LENGTH else "")
 
 
 def worst_site(sites: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
@@ -720,6 +754,8 @@ class RunRecorder(StrategyWrapper):
         absolute = server_round + self.round_offset
         config.update(self.round_config)
         config["learning-rate"] = self.learning_rate(absolute)
+        # The rounds the schedules run over (kept across a resume): FixMatch's ramp-up follows the learning rate's.
+        config[SCHEDULE_ROUNDS_KEY] = self.lr_horizon
         self._started = time.perf_counter()
         self.record.current = {"round": absolute, "learning-rate": config["learning-rate"]}
         with self._stops(absolute):

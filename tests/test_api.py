@@ -229,6 +229,30 @@ def test_train_from_a_checkpoint_fine_tunes_it_and_the_proximal_term_keeps_it_ne
     assert 0 < moved[1e4] < 0.5 * moved[0.0], moved
 
 
+def test_fine_tuning_validates_with_the_checkpoints_post_processing(
+        tiny_sites: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The validation Dice of each epoch (what the history and `--select` read) is the score `evaluate` will give
+    the checkpoint: with the post-processing it carries, not the defaults."""
+    source = tmp_path / "received.pt"
+    save_checkpoint(Checkpoint(model="unet2d", model_args={"base_channels": 4, "depth": 2, "norm": "group"}, spec=BRATS,
+                               state_dict=build_model("unet2d", 4, 3, base_channels=4, depth=2).state_dict(), round=5,
+                               run_config={"postprocess": True, "postprocess-min-mm3": 7.0, "postprocess-components": 1}),
+                    source)
+    used = []
+    real_evaluate = api.evaluate
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        used.append(kwargs.get("postprocessing"))
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(api, "evaluate", spy)
+    assert main(["train", "--data", str(tiny_sites / "site-1"), "--init-from", str(source), "--epochs", "1",
+                 "--batch-size", "4", "--samples-per-case", "2", "--val-fraction", "0.5",
+                 "--out", str(tmp_path / "personal.pt")]) == 0
+    assert used and all(p is not None and p.to_run_config() == {"postprocess": True, "postprocess-min-mm3": 7.0,
+                                                                "postprocess-components": 1} for p in used)
+
+
 def test_fine_tuning_keeps_the_checkpoints_channels_cropping_patch_and_post_processing(
         tiny_sites: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch.manual_seed(0)

@@ -93,6 +93,11 @@ def test_with_defaults_overlays_the_declared_table() -> None:
         ({"crop-foreground": 1}, r"run-config 'crop-foreground' = 1 has type int; it must be bool"),
         ({"patch-size": [64, 64, 64]}, r"run-config 'patch-size' = \[64, 64, 64\] has type list; it must be str"),
         ({"batch_size": 8}, r"unknown run-config key 'batch_size'"),
+        # a server may not ask a site for unbounded work or memory
+        ({"batch-size": 100_000}, r"'batch-size' = 100000 is out of range: it must be >= 1 and <= 4096"),
+        ({"samples-per-case": 10**9}, r"'samples-per-case' = 1000000000 is out of range"),
+        ({"local-epochs": 10**6}, r"'local-epochs' = 1000000 is out of range"),
+        ({"model-args": "base_channels=100000"}, r"base_channels=100000 must be from 1 to 256"),
     ],
 )
 def test_with_defaults_refuses_wrong_types_and_unknown_keys(run_config: dict[str, Any], match: str) -> None:

@@ -90,6 +90,24 @@ def test_without_a_disk_cache_memory_holds_at_most_its_bound(site: Path) -> None
     assert cache.disk_dir is None
 
 
+def test_an_unlabelled_case_dropped_from_memory_is_decoded_again_without_its_label(site: Path, tmp_path: Path) -> None:
+    """Semi-supervised: a case with no label file loads (unlabelled); once memory has dropped it, it must decode again
+    as it first did, not be refused for the missing label."""
+    folder = tmp_path / "site"
+    for case in ("Synth_S00_004", "Synth_S00_005"):
+        (folder / case).mkdir(parents=True)
+        for f in (site / case).iterdir():
+            if case == "Synth_S00_004" or not f.name.endswith("_seg.nii.gz"):
+                (folder / case / f.name).write_bytes(f.read_bytes())
+    cases = {c.case: c for c in load_site(folder, BRATS, cache=CaseCache(0), unlabelled=True).cases}  # no disk
+    assert not cases["Synth_S00_005"].labelled and cases["Synth_S00_004"].labelled
+    cases["Synth_S00_004"].image  # noqa: B018 - memory keeps one case: this drops the unlabelled one
+    before = data.DECODE_STATS.files
+    np.testing.assert_array_equal(cases["Synth_S00_005"].image,
+                                  load_case(folder, BRATS, "Synth_S00_005", require_label=False).image)
+    assert data.DECODE_STATS.files - before == 8  # its 4 scans decoded again, then 4 for the comparison
+
+
 def test_an_entry_purged_while_a_site_uses_it_is_decoded_again(site: Path, tmp_path: Path) -> None:
     folder = tmp_path / "cache"
     cases = load_site(site, BRATS, case_ids=["Synth_S00_001"], cache=CaseCache(0, disk_dir=folder)).cases

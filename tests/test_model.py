@@ -29,7 +29,12 @@ def test_unet2d_width_and_depth_change_parameter_count() -> None:
     [
         ("nonet", {}, "unknown model 'nonet'"),
         ("unet2d", {"width": 3}, "takes no argument"),
-        ("unet2d", {"depth": 0}, "depth=0 must be >= 1"),
+        ("unet2d", {"depth": 0}, "depth=0 must be from 1 to 8"),
+        # What another party's run config or checkpoint may make a site build is bounded, before any allocation.
+        ("unet2d", {"depth": 30}, "depth=30 must be from 1 to 8"),
+        ("unet2d", {"base_channels": 100_000}, "base_channels=100000 must be from 1 to 256"),
+        ("unet2d", {"base_channels": 256}, "would have 501,997,315 parameters"),
+        ("dynunet", {"base_channels": 256, "depth": 8}, "more than the 100,000,000 a site builds"),
         ("unet2d", {"base_channels": "abc"}, "base_channels='abc' must be int"),
         ("unet2d", {"depth": 2.5}, "depth=2.5 must be int"),
         ("unet2d", {"norm": 3}, "norm=3 must be str"),
@@ -72,7 +77,8 @@ def test_lite_model_is_much_smaller_than_the_reference() -> None:
 
 @pytest.mark.parametrize(
     "name, kwargs, match",
-    [("swinunetr", {"feature_size": 10}, "multiple of 12"), ("unet3d", {"depth": 0}, "must be >= 1"),
+    [("swinunetr", {"feature_size": 10}, "multiple of 12"), ("unet3d", {"depth": 0}, "must be from 1 to 8"),
+     ("swinunetr", {"feature_size": 72}, "feature_size=72 must be from 1 to 60"),
      ("segresnet", {"dropout_prob": 1.5}, "dropout_prob")],
 )
 def test_3d_models_validate_arguments(name: str, kwargs: dict, match: str) -> None:

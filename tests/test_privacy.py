@@ -94,10 +94,19 @@ def test_client_side_mode_sends_the_norm_and_the_server_still_bounds_each_update
     assert update_norm({"conv.weight": arrays["conv.weight"].numpy()}, {"conv.weight": START["conv.weight"]}) == pytest.approx(1.0, rel=1e-5)
 
 
-def test_adaptive_clipping_learns_the_norm(tmp_path: Path) -> None:
-    stack = _stack(tmp_path, **{"dp": "server-adaptive", "dp-initial-clipping-norm": 0.1, "dp-noise-multiplier": 0.0})
+@pytest.mark.parametrize("start", [0.1, 1e6])
+def test_adaptive_clipping_moves_the_norm_towards_the_updates(tmp_path: Path, start: float) -> None:
+    """Andrew et al. 2019: a norm every update exceeds grows, one no update reaches shrinks, each round by
+    exp(0.2 * (clipped share - 0.5)); over rounds it settles between the sites' update norms."""
+    norms = sorted(update_norm(_site_model(n), START) for n in (1, 2))
+    stack = _stack(tmp_path, **{"dp": "server-adaptive", "dp-initial-clipping-norm": start, "dp-noise-multiplier": 0.0})
     train_round(stack, FakeGrid([1, 2]), 1, record(START), lambda m: reply(m, _site_model(m.metadata.dst_node_id)))
-    assert stack.checkpoint_state()["privacy"]["clipping-norm"] == pytest.approx(0.1 * np.exp(-0.2 * (1.0 - 0.5)))
+    clipped = 1.0 if start < norms[0] else 0.0
+    assert start < norms[0] or start > norms[1]
+    assert stack.checkpoint_state()["privacy"]["clipping-norm"] == pytest.approx(start * np.exp(0.2 * (clipped - 0.5)))
+    for server_round in range(2, 200):
+        train_round(stack, FakeGrid([1, 2]), server_round, record(START), lambda m: reply(m, _site_model(m.metadata.dst_node_id)))
+    assert norms[0] * np.exp(-0.1) <= stack.checkpoint_state()["privacy"]["clipping-norm"] <= norms[1] * np.exp(0.1)
 
 
 @pytest.mark.parametrize(
@@ -157,9 +166,9 @@ def test_one_site_does_not_decide_whether_another_is_admitted(tmp_path: Path, th
 
 
 def test_server_adaptive_ignores_the_norm_bit_a_site_sends(tmp_path: Path) -> None:
-    """Only client-* modes clip at the sites; under server-adaptive a site claiming it clipped must not shrink C."""
+    """Only client-* modes clip at the sites; under server-adaptive a site claiming it clipped must not grow C."""
     stack = _stack(tmp_path, **{"dp": "server-adaptive", "dp-initial-clipping-norm": 100.0, "dp-noise-multiplier": 0.0})
     train_round(stack, FakeGrid([1, 2]), 1, record(START),
                 lambda m: reply(m, _site_model(m.metadata.dst_node_id), **{KEY_NORM_BIT: 1}))
-    # No update reaches norm 100, so none was clipped: C grows by exp(0.2 * 0.5).
-    assert stack.checkpoint_state()["privacy"]["clipping-norm"] == pytest.approx(100.0 * np.exp(0.1))
+    # No update reaches norm 100, so none was clipped: C shrinks by exp(-0.2 * 0.5), whatever the sites claim.
+    assert stack.checkpoint_state()["privacy"]["clipping-norm"] == pytest.approx(100.0 * np.exp(-0.1))

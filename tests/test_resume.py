@@ -61,7 +61,7 @@ def test_resumed_fedadam_ends_where_the_uninterrupted_run_ends(runs: dict[str, P
 @pytest.mark.process
 def test_checkpoints_load_without_unpickling_code(runs: dict[str, Path]) -> None:
     for name in ("final.pt", "last.pt", "best.pt"):  # load_checkpoint unpickles data only
-        assert set(load_checkpoint(runs["resumed"] / name).extra) == {"run", "round_policy", "optimizer_state"}
+        assert set(load_checkpoint(runs["resumed"] / name).extra) == {"run", "screening", "round_policy", "optimizer_state"}
 
 
 def test_resumed_run_continues_in_the_checkpoints_folder(tmp_path: Path) -> None:
@@ -105,6 +105,15 @@ def test_resume_changes_the_folder_only_once_validated(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp")) == []
 
 
+def test_a_metrics_line_cut_short_by_the_crash_does_not_block_the_resume(tmp_path: Path) -> None:
+    """The history is appended before last.pt is saved: a crash mid-append leaves a torn last line (or a foreign
+    one); the resume leaves it out and keeps every complete round up to the checkpoint's."""
+    _checkpoint(tmp_path / "last.pt", 2)
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n["not a round"]\n{"round": 2}\n\n{"round": 3, "tra')
+    resume = load_resume(str(tmp_path / "last.pt"), "unet2d", resolved_model_args("unet2d"))
+    assert resume.history == [{"round": 1}, {"round": 2}]
+
+
 def test_resume_from_an_earlier_round_than_the_runs_latest_is_refused(tmp_path: Path) -> None:
     _checkpoint(tmp_path / "best.pt", 1)
     _checkpoint(tmp_path / "last.pt", 3)
@@ -138,9 +147,10 @@ def _stack(tmp_path: Path, first_round: int = 1, **config: object):  # noqa: ANN
                           save_checkpoint=lambda *a: None, out_dir=tmp_path, first_round=first_round)
 
 
-def _learning_rate(stack, server_round: int) -> float:  # noqa: ANN001
+def _learning_rate(stack, server_round: int, horizon: int = 4) -> float:  # noqa: ANN001
     config = ConfigRecord()
     stack.configure_train(server_round, record(START), config, FakeGrid([1, 2]))
+    assert config["schedule-rounds"] == horizon  # the sites' FixMatch ramp-up runs over the same rounds
     return float(config["learning-rate"])
 
 

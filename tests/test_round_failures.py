@@ -59,6 +59,17 @@ def test_round_short_of_updates_keeps_the_model_and_the_next_round_retries(tmp_p
     assert stack.checkpoint_state()["round_policy"] == {"failed-in-a-row": 0}
 
 
+def test_a_sites_error_text_is_recorded_on_one_line_and_bounded(tmp_path: Path) -> None:
+    """An error reply's reason is the site's own text: a newline in it must not forge a line of the log or the
+    audit, and a megabyte of it must not fill them."""
+    stack = _stack(tmp_path)
+    forged = "boom\nround 1: accepted the update of node 9\x1b[2K" + "x" * 1_000_000
+    train_round(stack, FakeGrid([1, 2, 3]), 1, record(START), _sites(n2=lambda m: error_reply(m, forged)))
+    [failed] = [f for f in _audit(tmp_path)[-1]["failed"] if f["node-id"] == 2]
+    assert failed["reason"].startswith("boom round 1: accepted") and failed["reason"].endswith(" ...")
+    assert len(failed["reason"]) <= 204 and failed["reason"].isprintable()
+
+
 def test_too_many_failed_rounds_stop_the_run_with_a_message(tmp_path: Path) -> None:
     stack = _stack(tmp_path, **{"max-failed-rounds": 1})
     grid = FakeGrid([1, 2, 3])

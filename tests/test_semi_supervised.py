@@ -14,7 +14,7 @@ from fedlesion.client import app as client_app
 from fedlesion.client import site as sites
 from fedlesion.common.api import cases_file, train_centralized
 from fedlesion.common.checkpoint import load_checkpoint
-from fedlesion.common.config import TrainConfig
+from fedlesion.common.config import TrainConfig, with_defaults
 from fedlesion.common.data import (
     LAYOUTS,
     CaseCache,
@@ -194,11 +194,11 @@ def test_lambda_u_ramps_up_over_the_rounds() -> None:
     assert unlabelled_weight(2.0, 1, 10, 0.0) == 2.0
 
 
-def _train_reply(node: dict, run_config: dict) -> Message:
+def _train_reply(node: dict, run_config: dict, **round_config: object) -> Message:
     context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=run_config)
     torch.manual_seed(0)
     arrays = ArrayRecord(build_model("unet2d", 4, 3, **TINY).state_dict())
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 2})})
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 2, **round_config})})
     return client_app.train(Message(content=content, dst_node_id=7, message_type="train"), context)
 
 
@@ -230,6 +230,20 @@ def test_every_site_sends_the_same_metric_names_with_or_without_unlabelled_cases
     assert with_some["num-examples"] == 5.0 and with_some["labelled-cases"] == 2.0 and with_some["unlabelled-weight"] > 0
     plain = dict(_train_reply(node, {**RUN, "label-fraction": 0.4}).content["metrics"])
     assert not set(client_app.UNLABELLED_METRICS) & set(plain) and plain["num-examples"] == 2.0, "hidden labels: unused"
+
+
+def test_the_ramp_up_follows_the_servers_schedule_across_a_resume(site_dir: Path) -> None:
+    """A run resumed with more rounds keeps the horizon its schedules started with (the server sends it, as for the
+    learning rate), so lambda_u in round 2 is the uninterrupted run's; a malformed horizon is refused."""
+    node = {"data-path": str(site_dir), "site-name": "hospital-x"}
+    run = {**RUN, "semi-supervised": True, "label-fraction": 0.4, "num-server-rounds": 40, "fixmatch-rampup": 0.5}
+    sent = dict(_train_reply(node, run, **{"schedule-rounds": 4}).content["metrics"])
+    assert sent["unlabelled-weight"] == pytest.approx(unlabelled_weight(with_defaults(run)["fixmatch-weight"], 2, 4, 0.5))  # == 1
+    own = dict(_train_reply(node, run).content["metrics"])  # an older server: the run config's rounds
+    assert own["unlabelled-weight"] == pytest.approx(unlabelled_weight(with_defaults(run)["fixmatch-weight"], 2, 40, 0.5))
+    assert own["unlabelled-weight"] < 0.1 < sent["unlabelled-weight"]
+    with pytest.raises(client_app.SiteError):
+        _train_reply(node, run, **{"schedule-rounds": -3})
 
 
 def test_pooled_semi_supervised_training_uses_the_hidden_cases(site_dir: Path, tmp_path: Path) -> None:

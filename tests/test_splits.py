@@ -90,6 +90,16 @@ def test_split_command_writes_json_and_prints_sizes(tiny_sites: Path, tmp_path: 
     assert json.loads(out.read_text())["kind"] == "iid"
 
 
+@pytest.mark.parametrize("case", ["../../etc/passwd", "Brats18_CBICA_AAA_1/../../x", ".hidden", "", 7])
+def test_a_split_file_naming_a_path_instead_of_a_case_is_refused(tmp_path: Path, case: object) -> None:
+    """Case IDs become folder names below the data folder: one that climbs out of it (or is not a name) is refused
+    with the file named."""
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"kind": "iid", "sites": {"a": ["Brats18_CBICA_AAB_1", case]}}))
+    with pytest.raises(ValueError, match=f"split file {path}: .*not case folder names"):
+        Split.load(path)
+
+
 @pytest.mark.parametrize("name", ["partitioning_1", "partitioning_2", "small_split", "validation"])
 def test_shipped_partition_tables_are_the_fets_csvs_row_for_row(name: str) -> None:
     import csv

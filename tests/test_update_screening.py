@@ -128,6 +128,27 @@ def test_reply_with_other_metric_names_is_rejected_not_a_crash(tmp_path: Path) -
     assert rejected["node-id"] == 3 and "metric names" in rejected["reason"]
 
 
+@pytest.mark.parametrize("deviant", [1, 2])
+def test_a_tie_in_metric_names_is_not_broken_by_who_answers_first(tmp_path: Path, deviant: int) -> None:
+    """Two sites, two sets of metric names, no earlier round: neither is taken (whichever answered first); once a
+    majority has decided the names, that decides a later tie."""
+    stack = _stack(tmp_path, **{"min-train-nodes": 1})  # one accepted update makes a round
+    answer = (lambda m: reply(m, _update(0.1), **({"surprise": 1.0} if m.metadata.dst_node_id == deviant else {})))
+    arrays, _ = train_round(stack, FakeGrid([1, 2]), 1, record(GLOBAL), answer)
+    assert arrays is None and sorted(r["node-id"] for r in _audit(tmp_path)[-1]["rejected"]) == [1, 2]
+    assert "tie" in _audit(tmp_path)[-1]["rejected"][0]["reason"]
+    train_round(stack, FakeGrid([1, 2, 3]), 2, record(GLOBAL), answer)  # two of three agree: they decide
+    assert [r["node-id"] for r in _audit(tmp_path)[-1]["rejected"]] == [deviant]
+    arrays, _ = train_round(stack, FakeGrid([1, 2]), 3, record(GLOBAL), answer)
+    assert arrays is not None and [r["node-id"] for r in _audit(tmp_path)[-1]["rejected"]] == [deviant]
+    resumed = _stack(tmp_path, **{"min-train-nodes": 1})  # the decided names survive a resume
+    resumed.resume(stack.checkpoint_state())
+    arrays, _ = train_round(resumed, FakeGrid([1, 2]), 4, record(GLOBAL), answer)
+    assert arrays is not None and [r["node-id"] for r in _audit(tmp_path)[-1]["rejected"]] == [deviant]
+    with pytest.raises(ValueError, match="'screening' state is malformed"):
+        resumed.resume({"screening": {"metric-names": {"train": "num-examples"}}})
+
+
 GOOD_SCORES = {"dice-wt": 0.8, "iou-wt": 0.7, "hd95-wt": 3.0}
 
 
