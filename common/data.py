@@ -466,9 +466,12 @@ def case_paths(data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str) -
     """Channel (and ``"label"``) -> (file path, 4D volume index or None) for one case.
 
     Raises:
-        ValueError: for a pattern that would lead outside ``data_dir`` (:func:`check_patterns`).
+        ValueError: for a pattern that would lead outside ``data_dir`` (:func:`check_patterns`), or a case ID
+            that is not a plain name (empty, a path separator, ``..``: it could do the same).
     """
     check_patterns(spec, f"layout '{spec.name}'")
+    if not case or "/" in case or "\\" in case or case in (".", "..") or "\0" in case:
+        raise ValueError(f"case ID {case!r} is not a case name (it must not be empty, hold '/' or '\\', or be '.' or '..').")
     out = {}
     for name, pattern in spec.channels.items():
         path, index = _split_pattern(pattern)

@@ -16,6 +16,7 @@ from fedlesion.common.data import (
     CaseCache,
     CaseError,
     DatasetSpec,
+    case_paths,
     conform_spec,
     discover_cases,
     load_case,
@@ -66,6 +67,15 @@ def test_brats2023_and_msd_layouts_load(tmp_path: Path) -> None:
     assert spec.name == "msd-task01"
     prepared = load_site(msd, spec).cases[0]
     assert prepared.image.shape == (4, 8, 8, 8) and prepared.regions[0].sum() == 8 and prepared.regions[1].sum() == 0
+
+
+@pytest.mark.parametrize("case", ["../outside", "a/../../b", "..", "", "x\\..\\y"])
+def test_a_case_id_cannot_lead_outside_the_data_folder(tmp_path: Path, case: str) -> None:
+    """Case IDs come from split files, the Python API and manifests' globs: one that is a path is refused before any
+    file is touched, as patterns are."""
+    with pytest.raises(ValueError, match="is not a case name"):
+        case_paths(tmp_path, BRATS, case)
+    assert case_paths(tmp_path, BRATS, "Brats18_CBICA_AAB_1")["flair"][0].parent == tmp_path / "Brats18_CBICA_AAB_1"
 
 
 def test_region_labels_map_back_to_one_label() -> None:
