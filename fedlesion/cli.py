@@ -219,6 +219,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                          "--test-include.")
     if not repeated and not args.test_data:
         raise ValueError("reproduce needs --test-data (with --test-include when it is --data), or --folds.")
+    if args.timeout is not None and not args.timeout > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}.")
+    timeout = {"timeout_s": args.timeout} if args.timeout is not None else {}  # else reproduce's own default
 
     def run(run_config: dict[str, Any], out: Path) -> dict[str, Any]:
         if repeated:
@@ -226,10 +229,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                                       seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else (),
                                       test_data=args.test_data, test_include=args.test_include or (), run_config=run_config,
                                       manifest=args.manifest, configs=configs, num_sites=args.sites,
-                                      cache_dir=args.cache_dir, leave_one_out=args.leave_one_out)
+                                      cache_dir=args.cache_dir, leave_one_out=args.leave_one_out, **timeout)
         return reproduce(args.data, args.split, args.test_data, out, run_config=run_config, manifest=args.manifest,
                          test_include=args.test_include or (), configs=configs, num_sites=args.sites,
-                         cache_dir=args.cache_dir)
+                         cache_dir=args.cache_dir, **timeout)
 
     if args.semi_supervised_study:
         semi_supervised_study(run, args.out, overrides, list(resolve_spec(args.data, args.manifest).regions))
@@ -509,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one run-config value (repeatable)")
     repro.add_argument("--out", required=True, help="output folder")
     repro.add_argument("--cache-dir", help=CACHE_DIR_HELP)
+    repro.add_argument("--timeout", type=float, default=None,
+                       help="stop a federated run that takes longer than this many seconds (default: one day, "
+                            "FEDERATED_TIMEOUT_S in simulations/reproduce.py)")
     repro.add_argument("--leave-one-out", action="store_true",
                        help="each site of the split in turn is held out (all its cases) and every configuration trains "
                             "on the others: generalisation to a hospital that did not take part (out-<site>/)")

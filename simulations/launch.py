@@ -333,7 +333,9 @@ def run_federation(
                     run_id = run_id or next(iter(re.findall(r"Successfully started run (\d+)", line)), None)
                 process.wait()
                 if timer.finished.is_set() and not timer.is_alive() and process.returncode != 0:
-                    raise RuntimeError(f"the federated run exceeded {timeout_s:.0f} s and was stopped.")
+                    raise RuntimeError(f"the federated run exceeded {timeout_s:.0f} s and was stopped (a longer run needs a "
+                                       "larger --timeout); its last round's checkpoint is last.pt in its run folder, "
+                                       "to continue from with resume-from.")
             except BaseException:
                 # Interrupted (Ctrl-C, SIGTERM, the timeout): ask Flower to stop the run, then the
                 # SuperLink's whole process tree is stopped on the way out.

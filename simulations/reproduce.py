@@ -75,6 +75,11 @@ def _versions() -> dict[str, str]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
 
 
+# The most one federated run of reproduce may take before it is stopped (a hang guard, not a budget): its runs are
+# the long ones (FixMatch at 16 rounds x 40 steps on brats18-multimodal took over an hour on 2 cores).
+FEDERATED_TIMEOUT_S = 86_400.0
+
+
 def reproduce(
     data: str | Path,
     split: str,
@@ -87,6 +92,7 @@ def reproduce(
     num_sites: int = 3,
     report: Callable[[str], None] = print,
     cache_dir: str | Path | None = None,
+    timeout_s: float = FEDERATED_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Run every configuration and write the comparison.
 
@@ -103,6 +109,7 @@ def reproduce(
         report: where progress lines go.
         cache_dir: the federated runs' case-cache folder (opt-in: it holds patient-derived arrays; default none,
             each simulation worker decodes the cases once and holds them in memory).
+        timeout_s: the most each federated run may take (:data:`FEDERATED_TIMEOUT_S`).
 
     Returns:
         The ``results.json`` content.
@@ -214,7 +221,7 @@ def reproduce(
         }
         start = time.perf_counter()
         run_dir = run_federation(federated_config, num_sites=len(the_split.sites), output=_Prefixed(report, strategy),
-                                 cache_dir=Path(cache_dir) if cache_dir else None)
+                                 cache_dir=Path(cache_dir) if cache_dir else None, timeout_s=timeout_s)
         timings[strategy] = time.perf_counter() - start
         history = read_history(run_dir)
         key = f"dice-{first_region.lower()}"
@@ -574,6 +581,7 @@ def reproduce_repeated(
     report: Callable[[str], None] = print,
     cache_dir: str | Path | None = None,
     leave_one_out: bool = False,
+    timeout_s: float = FEDERATED_TIMEOUT_S,
 ) -> dict[str, Any]:
     """:func:`reproduce` once per cross-validation fold (``folds``: held-out cases from ``data``
     itself, stratified by site, see :func:`fold_test_cases`) or once per seed (``seeds``: the same
@@ -635,7 +643,7 @@ def reproduce_repeated(
                else f"=== {name}")
         per_repeat.append(reproduce(data, repeat_split, test_folder, out / name, run_config=config, manifest=manifest,
                                     test_include=include, configs=configs, num_sites=num_sites, report=report,
-                                    cache_dir=cache_dir))
+                                    cache_dir=cache_dir, timeout_s=timeout_s))
     regions = list(spec.regions)
     results = aggregate_repeats(per_repeat, regions, cases_add_up=not seeds)
     kind = (f"{folds}-fold cross-validation (held-out cases stratified by site)" if folds

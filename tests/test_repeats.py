@@ -151,3 +151,28 @@ def test_a_site_missing_from_a_fold_is_still_reported_and_seeds_do_not_add_up_ca
 def test_leaving_one_site_out_refuses_site_alone_models(tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="local"):
         reproduce_repeated(tmp_path, "institution", tmp_path / "out", leave_one_out=True, configs=("fedavg", "local"))
+
+
+@pytest.mark.parametrize("given, expected", [([], 86_400.0), (["--timeout", "7200"], 7200.0)])
+def test_the_federated_runs_of_reproduce_get_its_timeout(tmp_path, monkeypatch, given, expected) -> None:  # noqa: ANN001
+    """reproduce's federated runs are long (FixMatch at 16 x 40 steps took over an hour on 2 cores): they are not
+    held to simulate's one hour but to reproduce's own limit, or --timeout, through every fold."""
+    import fedlesion.simulations.reproduce as module
+    from fedlesion.cli import main
+    from fedlesion.simulations.synthetic import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, sites=2, cases_per_site=4, shape=(16, 16, 8), seed=0, flat=True)
+    limits: list[float] = []
+
+    def stop(config, num_sites, **kwargs):  # noqa: ANN001, ANN202
+        limits.append(kwargs["timeout_s"])
+        raise RuntimeError("stopped here: the limit is all this test needs")
+
+    monkeypatch.setattr(module, "run_federation", stop)
+    assert module.FEDERATED_TIMEOUT_S == 86_400.0
+    assert main(["reproduce", "--data", str(data), "--split", "iid", "--sites", "2", "--folds", "2", "--configs",
+                 "fedavg", "--out", str(tmp_path / "out"), *given]) != 0
+    assert limits == [expected]
+    assert main(["reproduce", "--data", str(data), "--split", "iid", "--folds", "2", "--timeout", "0",
+                 "--out", str(tmp_path / "out2")]) != 0
