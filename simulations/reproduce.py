@@ -122,8 +122,12 @@ def reproduce(
     if unknown:
         raise ValueError(f"unknown reproduce configuration(s) {unknown}; choose from {list(ALL_CONFIGS)}.")
     out = Path(out).resolve()
-    if (out / "results.json").exists() or (out / "runs").exists():
-        raise ValueError(f"{out} already holds a reproduce run (results.json or runs/); choose another --out.")
+    if (out / "results.json").exists():
+        raise ValueError(f"{out} already holds a reproduce run (results.json); choose another --out.")
+    # A call stopped mid-way (interrupted, or past --timeout) is continued in the same folder with the same
+    # settings: a finished federated run is read, one stopped after a round resumes from its last.pt; pooled
+    # and site-alone runs train again.
+    continuing = (out / "runs").exists()
     out.mkdir(parents=True, exist_ok=True)
     values = with_defaults(dict(run_config or {}))
     fedbn_args = _fedbn_model_args(values) if "fedbn" in configs else None
@@ -144,6 +148,11 @@ def reproduce(
         the_split = Split(the_split.kind, {s: [c for c in cases if c not in test_ids] for s, cases in the_split.sites.items()},
                           the_split.notes + [f"held-out cases removed from training: {test_ids}"])
         the_split.sites = {s: c for s, c in the_split.sites.items() if c}
+    if continuing:
+        earlier = Split.load(out / "split.json") if (out / "split.json").exists() else None
+        if earlier is None or earlier.sites != the_split.sites:
+            raise ValueError(f"{out} holds runs of another split or held-out cases (split.json differs or is "
+                             "missing); choose another --out.")
     split_path = the_split.save(out / "split.json")
     rounds, local_epochs, eval_every = values["num-server-rounds"], values["local-epochs"], values["server-eval-every"]
     report(f"split '{the_split.kind}': {the_split.sizes()}; held-out: {len(test_ids)} case(s); "
@@ -179,6 +188,20 @@ def reproduce(
             usable = load_site(data, spec, case_ids=list(cases), crop_foreground=crop, cache=site_cache, unlabelled=True)
             _, _, unlabelled = divide_cases(usable.cases, 0.0, values["label-fraction"], seed, site)
             hidden[site] = sorted(c.case for c in unlabelled if c.labelled)
+    federated_configs = {strategy: {
+        # Every site trains on all its cases, as the pooled and local-only runs do; the held-out
+        # cases are scored at the server each round instead of a per-site validation share.
+        **values, "val-fraction": 0.0, "fraction-evaluate": 0.0, "evaluate-initial": False, "strategy": strategy,
+        "fedbn": strategy == "fedbn",  # never inherited: a preset's fedbn must not turn other rows into FedBN
+        **({"strategy": "fedavg", "model-args": fedbn_args} if strategy == "fedbn" else {}),
+        "data-root": str(Path(data).resolve()), "split": str(split_path),
+        "manifest": manifest or "", "dataset": manifest or spec.name, "server-eval-data": str(Path(test_data).resolve()),
+        "server-eval-manifest": manifest or "", "server-eval-include": ",".join(test_ids),
+        "output-dir": str(out / "runs"), "run-name": strategy, "min-available-nodes": len(the_split.sites),
+    } for strategy in FEDERATED if strategy in configs}
+    # Checked before anything trains: a continued call must not find other settings hours later.
+    earlier_runs = {strategy: _earlier_run(out / "runs" / strategy, config) if continuing else None
+                    for strategy, config in federated_configs.items()}
     for name, cases in pooled_runs:
         # The same budget as the federation: with fixed local steps, the pooled run takes as many optimiser
         # steps per round as all sites together, a site alone as many as it takes in the federation.
@@ -198,7 +221,7 @@ def reproduce(
             return {}
 
         start = time.perf_counter()
-        train_centralized(data, out / "runs" / f"{name}.pt", model=model_name, model_args=model_args, manifest=manifest,
+        train_centralized(data, out / "runs" / f"{name}.pt", force=continuing, model=model_name, model_args=model_args, manifest=manifest,
                           config=config, case_ids=cases, crop_foreground=crop, report=report, on_epoch=on_epoch,
                           lr_schedule=values["lr-schedule"], epochs_per_round=local_epochs,
                           semi_supervised=values["semi-supervised"], fixmatch_rampup=values["fixmatch-rampup"],
@@ -206,24 +229,23 @@ def reproduce(
         timings[name] = time.perf_counter() - start
         curves[name], checkpoints[name] = curve, out / "runs" / f"{name}.pt"
 
-    for strategy in (c for c in FEDERATED if c in configs):
+    for strategy, federated_config in federated_configs.items():
         report(f"--- {strategy}: {len(the_split.sites)} sites through flwr run")
-        federated_config = {
-            # Every site trains on all its cases, as the pooled and local-only runs do; the held-out
-            # cases are scored at the server each round instead of a per-site validation share.
-            **values, "val-fraction": 0.0, "fraction-evaluate": 0.0, "evaluate-initial": False, "strategy": strategy,
-            "fedbn": strategy == "fedbn",  # never inherited: a preset's fedbn must not turn other rows into FedBN
-            **({"strategy": "fedavg", "model-args": fedbn_args} if strategy == "fedbn" else {}),
-            "data-root": str(Path(data).resolve()), "split": str(split_path),
-            "manifest": manifest or "", "dataset": manifest or spec.name, "server-eval-data": str(Path(test_data).resolve()),
-            "server-eval-manifest": manifest or "", "server-eval-include": ",".join(test_ids),
-            "output-dir": str(out / "runs"), "run-name": strategy, "min-available-nodes": len(the_split.sites),
-        }
         start = time.perf_counter()
-        run_dir = run_federation(federated_config, num_sites=len(the_split.sites), output=_Prefixed(report, strategy),
-                                 cache_dir=Path(cache_dir) if cache_dir else None, timeout_s=timeout_s)
-        timings[strategy] = time.perf_counter() - start
+        earlier_run = earlier_runs[strategy]
+        if earlier_run is not None and earlier_run.name == "final.pt":
+            report(f"  [{strategy}] finished by an earlier call: read from {earlier_run.parent}")
+            run_dir = earlier_run.parent
+        else:
+            if earlier_run is not None:
+                report(f"  [{strategy}] stopped by an earlier call: resumed from {earlier_run}")
+                federated_config["resume-from"] = str(earlier_run)
+            run_dir = run_federation(federated_config, num_sites=len(the_split.sites), output=_Prefixed(report, strategy),
+                                     cache_dir=Path(cache_dir) if cache_dir else None, timeout_s=timeout_s)
         history = read_history(run_dir)
+        # A continued run's wall time is its rounds' (every call's), without the calls' start-up.
+        timings[strategy] = (time.perf_counter() - start if earlier_run is None
+                             else float(sum(r.get("seconds", 0.0) for r in history)))
         key = f"dice-{first_region.lower()}"
         curves[strategy] = [(r["round"], r["server"][key]) for r in history if key in r.get("server", {})]
         checkpoints[strategy] = run_dir / "final.pt"
@@ -290,6 +312,33 @@ def reproduce(
         "run_config": values, "seed": seed, "versions": _versions(), "timings_s": timings,
     }, indent=2, default=str))
     return results
+
+
+def _earlier_run(folder: Path, federated_config: Mapping[str, Any]) -> Path | None:
+    """What an earlier, interrupted reproduce call left of one federated run: its ``final.pt`` (finished), its
+    ``last.pt`` (stopped after a round: resume from it), or None (never started).
+
+    Raises:
+        ValueError: when the run was started with other settings, or stopped before any round completed.
+    """
+    if not folder.exists():
+        return None
+    for name in ("final.pt", "last.pt"):
+        if (folder / name).is_file():
+            break
+    else:
+        raise ValueError(f"{folder} was started by an earlier call but completed no round; remove that folder to "
+                         "run it again.")
+    try:
+        earlier = with_defaults(json.loads((folder / "run_config.json").read_text()))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{folder}: its run_config.json is missing or unreadable ({exc}); choose another --out.") from None
+    now = with_defaults(dict(federated_config))
+    differ = sorted(k for k in now if k != "resume-from" and earlier.get(k) != now[k])
+    if differ:
+        raise ValueError(f"{folder} was started with other settings ({', '.join(differ)}); continue it with the same "
+                         "command and settings, or choose another --out.")
+    return folder / name
 
 
 def _personal_files(folder: Path, sites: Mapping[str, Sequence[str]], suffix: str) -> dict[str, Path]:
@@ -590,7 +639,7 @@ def reproduce_repeated(
     held out, all of them, and every configuration trains on the other sites: how the models do at a
     hospital that did not take part); then ``results.json`` / ``results.md`` / ``curves.png`` at the top with mean
     ± standard deviation over the repeats. A repeat whose ``results.json`` exists (an interrupted
-    call) is read, not rerun; one cut short mid-way is refused by :func:`reproduce` (remove its folder).
+    call) is read, not rerun; one cut short mid-way is continued by :func:`reproduce` (its federated runs resume).
 
     Raises:
         ValueError: when neither or both of ``folds`` and ``seeds`` are given, or ``out`` already holds a run.

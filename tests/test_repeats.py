@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -176,3 +178,53 @@ def test_the_federated_runs_of_reproduce_get_its_timeout(tmp_path, monkeypatch, 
     assert limits == [expected]
     assert main(["reproduce", "--data", str(data), "--split", "iid", "--folds", "2", "--timeout", "0",
                  "--out", str(tmp_path / "out2")]) != 0
+
+
+def test_an_interrupted_reproduce_continues_its_federated_run_from_the_last_round(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A call stopped mid-way (past --timeout, or killed) is continued by the same command: the federated run resumes
+    from its last.pt; other settings, another split, or a run that completed no round are refused before anything
+    trains."""
+    import json
+
+    import fedlesion.simulations.reproduce as module
+    from fedlesion.common.config import with_defaults
+    from fedlesion.simulations.synthetic import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, sites=2, cases_per_site=4, shape=(16, 16, 8), seed=0, flat=True)
+    out = tmp_path / "out"
+    calls: list[dict] = []
+    trained: list[str] = []
+
+    def federation(config, num_sites, **kwargs):  # noqa: ANN001, ANN202 - stops after "a round", as a timeout would
+        calls.append(dict(config))
+        folder = Path(config["output-dir"]) / config["run-name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "run_config.json").write_text(json.dumps(with_defaults(config)))
+        (folder / "last.pt").write_bytes(b"round 3")
+        raise RuntimeError("the federated run exceeded 5 s and was stopped")
+
+    monkeypatch.setattr(module, "run_federation", federation)
+    monkeypatch.setattr(module, "train_centralized", lambda data, path, **kw: trained.append(Path(path).name) or
+                        (_ for _ in ()).throw(RuntimeError("pooled training is not what this test is about")))
+
+    def call(configs=("fedavg",), **settings):  # noqa: ANN001, ANN003, ANN202
+        return module.reproduce(data, "iid", data, out, run_config={"num-server-rounds": 4, **settings},
+                                test_include=["*_003"], configs=list(configs), num_sites=2, report=lambda _: None)
+
+    with pytest.raises(RuntimeError, match="exceeded"):
+        call()
+    assert "resume-from" not in calls[0] or not calls[0]["resume-from"]
+    with pytest.raises(RuntimeError, match="exceeded"):
+        call()  # the same command again: the run resumes from its last round
+    assert calls[1]["resume-from"] == str(out / "runs" / "fedavg" / "last.pt")
+    assert {k: v for k, v in calls[1].items() if k != "resume-from"} == {k: v for k, v in calls[0].items() if k != "resume-from"}
+    with pytest.raises(ValueError, match=r"started with other settings \(num-server-rounds\)"):
+        call(configs=("central", "fedavg"), **{"num-server-rounds": 5})
+    assert trained == [], "refused before the pooled run trained"
+    with pytest.raises(ValueError, match="another split or held-out cases"):
+        module.reproduce(data, "iid", data, out, run_config={"num-server-rounds": 4}, test_include=["*_002"],
+                         configs=["fedavg"], num_sites=2, report=lambda _: None)
+    (out / "runs" / "fedavg" / "last.pt").unlink()
+    with pytest.raises(ValueError, match="completed no round; remove that folder"):
+        call()
