@@ -219,8 +219,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                          "--test-include.")
     if not repeated and not args.test_data:
         raise ValueError("reproduce needs --test-data (with --test-include when it is --data), or --folds.")
-    if args.timeout is not None and not args.timeout > 0:
-        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}.")
+    if args.timeout is not None and not 0 < args.timeout < 1e9:
+        raise ValueError(f"--timeout must be a number of seconds > 0 (and < 1e9), got {args.timeout}.")
     timeout = {"timeout_s": args.timeout} if args.timeout is not None else {}  # else reproduce's own default
 
     def run(run_config: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ sub-folder, and writes the same files at the top with mean ± standard deviation
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import platform
 import re
@@ -124,11 +125,23 @@ def reproduce(
     out = Path(out).resolve()
     if (out / "results.json").exists():
         raise ValueError(f"{out} already holds a reproduce run (results.json); choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".reproduce.lock", "w") as lock:  # one call at a time in a folder: a second would continue the first's runs
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another reproduce call is running in {out}; wait for it, or choose another --out.") from None
+        return _reproduce(data, split, test_data, out, run_config, manifest, test_include, configs, num_sites, report,
+                          cache_dir, timeout_s)
+
+
+def _reproduce(data: str | Path, split: str, test_data: str | Path, out: Path, run_config: Mapping[str, Any] | None,
+               manifest: str | None, test_include: Sequence[str], configs: Sequence[str], num_sites: int,
+               report: Callable[[str], None], cache_dir: str | Path | None, timeout_s: float) -> dict[str, Any]:
     # A call stopped mid-way (interrupted, or past --timeout) is continued in the same folder with the same
     # settings: a finished federated run is read, one stopped after a round resumes from its last.pt; pooled
     # and site-alone runs train again.
     continuing = (out / "runs").exists()
-    out.mkdir(parents=True, exist_ok=True)
     values = with_defaults(dict(run_config or {}))
     fedbn_args = _fedbn_model_args(values) if "fedbn" in configs else None
     seed = values["seed"]
@@ -254,7 +267,8 @@ def reproduce(
         trained = [r["train"].get("labelled-cases", r["train"].get("num-examples")) for r in history
                    if "num-examples" in r.get("train", {})]
         unlabelled = [r["train"].get("unlabelled-cases", 0) for r in history if "num-examples" in r.get("train", {})]
-        results[strategy] = {"bytes_sent_per_client_per_round": float(np.mean(sent)) if sent else None,
+        results[strategy] = {**({"continued": True} if earlier_run is not None else {}),  # wall_seconds: its rounds'
+                             "bytes_sent_per_client_per_round": float(np.mean(sent)) if sent else None,
                              "train_cases": int(max(trained)) if trained else 0,
                              "unlabelled_cases": int(max(unlabelled)) if unlabelled and values["semi-supervised"] else 0}
         if test_sites:  # each site's own model, scored on the site's own held-out cases below
@@ -338,6 +352,11 @@ def _earlier_run(folder: Path, federated_config: Mapping[str, Any]) -> Path | No
     if differ:
         raise ValueError(f"{folder} was started with other settings ({', '.join(differ)}); continue it with the same "
                          "command and settings, or choose another --out.")
+    if name == "last.pt" and now["fedbn"]:  # each site's BatchNorm file is named by the run ID, new in every run
+        raise ValueError(f"{folder}: a FedBN run cannot be continued (the sites' own BatchNorm layers are kept per "
+                         "run and would be lost); remove that folder to run it again.")
+    if name == "final.pt" and now["finetune-epochs"] and not (folder / "finetune.json").is_file():
+        raise ValueError(f"{folder}: the run stopped while its sites fine-tuned; remove that folder to run it again.")
     return folder / name
 
 

@@ -176,8 +176,10 @@ def test_the_federated_runs_of_reproduce_get_its_timeout(tmp_path, monkeypatch, 
     assert main(["reproduce", "--data", str(data), "--split", "iid", "--sites", "2", "--folds", "2", "--configs",
                  "fedavg", "--out", str(tmp_path / "out"), *given]) != 0
     assert limits == [expected]
-    assert main(["reproduce", "--data", str(data), "--split", "iid", "--folds", "2", "--timeout", "0",
-                 "--out", str(tmp_path / "out2")]) != 0
+    for bad in ("0", "inf", "nan"):
+        assert main(["reproduce", "--data", str(data), "--split", "iid", "--folds", "2", "--timeout", bad,
+                     "--out", str(tmp_path / "out2")]) != 0
+    assert limits == [expected], "refused before any run"
 
 
 def test_an_interrupted_reproduce_continues_its_federated_run_from_the_last_round(tmp_path, monkeypatch) -> None:  # noqa: ANN001
@@ -225,6 +227,18 @@ def test_an_interrupted_reproduce_continues_its_federated_run_from_the_last_roun
     with pytest.raises(ValueError, match="another split or held-out cases"):
         module.reproduce(data, "iid", data, out, run_config={"num-server-rounds": 4}, test_include=["*_002"],
                          configs=["fedavg"], num_sites=2, report=lambda _: None)
+    import fcntl
+
+    with open(out / ".reproduce.lock", "w") as running:  # another call still at work in the folder
+        fcntl.flock(running, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another reproduce call is running"):
+            call()
+    assert len(calls) == 2
     (out / "runs" / "fedavg" / "last.pt").unlink()
     with pytest.raises(ValueError, match="completed no round; remove that folder"):
         call()
+    fedbn = tmp_path / "fedbn"
+    for attempt in range(2):  # a FedBN run's sites keep their layers per run: it cannot resume, it is refused
+        with pytest.raises(RuntimeError if attempt == 0 else ValueError, match="exceeded" if attempt == 0 else "FedBN run cannot be continued"):
+            module.reproduce(data, "iid", data, fedbn, run_config={"num-server-rounds": 4}, test_include=["*_003"],
+                             configs=["fedbn"], num_sites=2, report=lambda _: None)
