@@ -242,3 +242,41 @@ def test_an_interrupted_reproduce_continues_its_federated_run_from_the_last_roun
         with pytest.raises(RuntimeError if attempt == 0 else ValueError, match="exceeded" if attempt == 0 else "FedBN run cannot be continued"):
             module.reproduce(data, "iid", data, fedbn, run_config={"num-server-rounds": 4}, test_include=["*_003"],
                              configs=["fedbn"], num_sites=2, report=lambda _: None)
+
+
+def test_a_federated_run_finished_before_the_call_stopped_is_read_not_run_again(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The call stopped after its federated run had finished (while scoring, say): the same command reads that
+    run (final.pt, metrics.jsonl) and trains nothing federated again."""
+    import json
+
+    import fedlesion.simulations.reproduce as module
+    from fedlesion.common.config import with_defaults
+    from fedlesion.simulations.synthetic import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, sites=2, cases_per_site=4, shape=(16, 16, 8), seed=0, flat=True)
+    runs: list[str] = []
+    scored: list[Path] = []
+
+    def federation(config, num_sites, **kwargs):  # noqa: ANN001, ANN202 - a run that finishes
+        runs.append(config.get("resume-from", ""))
+        folder = Path(config["output-dir"]) / config["run-name"]
+        folder.mkdir(parents=True)
+        (folder / "run_config.json").write_text(json.dumps(with_defaults(config)))
+        (folder / "metrics.jsonl").write_text(json.dumps({"round": 4, "server": {"dice-wt": 0.5}, "seconds": 9.0}) + "\n")
+        (folder / "last.pt").write_bytes(b"4")
+        (folder / "final.pt").write_bytes(b"4")
+        return folder
+
+    def score(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        scored.append(Path(path))
+        raise RuntimeError("stopped while scoring")
+
+    monkeypatch.setattr(module, "run_federation", federation)
+    monkeypatch.setattr(module, "evaluate_checkpoint", score)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="stopped while scoring"):
+            module.reproduce(data, "iid", data, tmp_path / "out", run_config={"num-server-rounds": 4},
+                             test_include=["*_003"], configs=["fedavg"], num_sites=2, report=lambda _: None)
+    assert runs == [""], "trained once; the second call read the finished run"
+    assert scored == [tmp_path / "out" / "runs" / "fedavg" / "final.pt"] * 2
