@@ -154,6 +154,9 @@ def test_a_site_validates_with_its_own_batchnorm_layers(tiny_sites: Path) -> Non
         context.state[client_app.FEDBN_STATE] = ArrayRecord(own)
         scores[fedbn] = _evaluate(context, glob)
     assert scores[True] != scores[False]
+    # Exactly the global model with the site's own layers in place of its BatchNorm ones: no more, no fewer.
+    plain = _context(tiny_sites / "site-1", {**RUN_CONFIG, "fedbn": False})
+    assert scores[True] == _evaluate(plain, {**glob, **own})
 
 
 def test_the_train_reply_says_whether_the_site_used_its_own_layers(tiny_sites: Path) -> None:
