@@ -116,8 +116,9 @@ def reproduce(
         The ``results.json`` content.
 
     Raises:
-        ValueError: when a held-out case is also a training case, no test case is found, or ``out``
-            already holds a reproduce run.
+        ValueError: when a held-out case is also a training case, no test case is found, ``out`` already
+            holds a finished reproduce run (or one that another call is running), or it holds a stopped one that
+            cannot be continued with these settings (:func:`_earlier_run`).
     """
     unknown = sorted(set(configs) - set(ALL_CONFIGS))
     if unknown:
