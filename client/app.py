@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from fedlesion.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedlesion.common.config import model_from, train_config_from, with_defaults
+from fedlesion.common.config import SCHEDULE_ROUNDS_KEY, model_from, train_config_from, with_defaults
 from fedlesion.common.engine import evaluate as evaluate_cases
 from fedlesion.common.engine import finetune_validated
 from fedlesion.common.engine import train as train_cases
@@ -221,7 +221,7 @@ def train(msg: Message, context: Context) -> Message:
     site = sites.load(context.node_config, values, sites.expected_spec(round_config, context.node_config, values))
     model, spatial_dims, own = _model(context, site, msg.content["arrays"])
     server_round = int(round_config.get("server-round", 0))
-    schedule_rounds = round_config.get("schedule-rounds", values["num-server-rounds"])  # the run's, or its first's
+    schedule_rounds = round_config.get(SCHEDULE_ROUNDS_KEY, values["num-server-rounds"])  # the server's (kept across a resume)
     if type(schedule_rounds) is not int or schedule_rounds < 1:
         raise ValueError(f"the server sent schedule-rounds {schedule_rounds!r}: not a whole number >= 1")
     # Only the FedProx server sends a proximal term; without one TrainConfig's default (none) applies.

@@ -194,6 +194,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 
 DATASET_SPEC_KEY = "dataset-spec"  # round-config key: the shared model's DatasetSpec as JSON, sent by the server
+SCHEDULE_ROUNDS_KEY = "schedule-rounds"  # round-config key: the rounds the schedules (learning rate, FixMatch ramp-up) run over
 
 
 def dataset_spec(name_or_path: str) -> DatasetSpec:

@@ -42,7 +42,7 @@ import numpy as np
 from monai.transforms import NormalizeIntensity
 from monai.transforms.utils import generate_spatial_bounding_box
 
-from .files import open_private, private_folder, replace_private
+from .files import is_case_name, open_private, private_folder, replace_private
 
 logger = logging.getLogger(__name__)
 
@@ -470,8 +470,8 @@ def case_paths(data_dir: str | os.PathLike[str], spec: DatasetSpec, case: str) -
             that is not a plain name (empty, a path separator, ``..``: it could do the same).
     """
     check_patterns(spec, f"layout '{spec.name}'")
-    if not case or "/" in case or "\\" in case or case in (".", "..") or "\0" in case:
-        raise ValueError(f"case ID {case!r} is not a case name (it must not be empty, hold '/' or '\\', or be '.' or '..').")
+    if not is_case_name(case):
+        raise ValueError(f"case ID {case!r} is not a case name (it must not be empty, hold '/' or '\\', or start with '.').")
     out = {}
     for name, pattern in spec.channels.items():
         path, index = _split_pattern(pattern)

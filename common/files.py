@@ -164,3 +164,9 @@ def check_output(out: str | os.PathLike[str], *, inputs: list[str | os.PathLike[
     if out.exists() and not force:
         raise FileExistsError(f"{what} {out} exists; pass --force to replace it.")
     return out
+
+
+def is_case_name(case: object) -> bool:
+    """Whether ``case`` can name a case folder or file stem below a data folder and no path out of it: a non-empty
+    string without a path separator or NUL that does not start with '.' (so neither '.' nor '..')."""
+    return isinstance(case, str) and bool(case) and not case.startswith(".") and not any(c in case for c in "/\\\0")

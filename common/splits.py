@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .files import is_case_name
+
 FETS_FILES = {"fets1": "partitioning_1.json", "fets2": "partitioning_2.json", "fets-small": "small_split.json"}
 KINDS = ("institution", "fets1", "fets2", "fets-small", "iid", "dirichlet-count", "dirichlet-volume")
 _INSTITUTION = re.compile(r"^(?:Brats\d{2}|Synth)_([A-Za-z0-9]+)_")  # Brats18_CBICA_AAB_1, Synth_S00_000
@@ -70,7 +72,7 @@ class Split:
             data = json.loads(Path(path).read_text())
             sites = {str(k): list(v) for k, v in data["sites"].items()}
             for cases in sites.values():  # each ID names a case folder below the data folder, never a path out of it
-                bad = [c for c in cases if not isinstance(c, str) or not c or "/" in c or "\\" in c or c.startswith(".")]
+                bad = [c for c in cases if not is_case_name(c)]
                 if bad:
                     raise ValueError(f"case ID(s) {bad[:3]} are not case folder names")
             return cls(kind=data["kind"], sites=sites, notes=list(data.get("notes", [])))

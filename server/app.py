@@ -172,12 +172,12 @@ def load_resume(path: str, model_name: str, model_args: dict[str, Any], spec: Da
     history = []
     if metrics.exists():  # a line cut short by the crash being resumed from is left out, not fatal
         for number, line in enumerate(metrics.read_text(errors="replace").splitlines(), 1):
-            try:
-                row = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
-                row = "torn"
-            if row is None:
+            if not line.strip():
                 continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
             if not isinstance(row, dict) or type(row.get("round")) is not int:
                 log(WARNING, "resume: %s line %d is not a round's record (cut short by the crash?); left out",
                     metrics, number)

@@ -40,7 +40,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggre
 from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT, compute_adaptive_noise_params
 
-from fedlesion.common.config import DATASET_SPEC_KEY, dataset_spec, with_defaults
+from fedlesion.common.config import DATASET_SPEC_KEY, SCHEDULE_ROUNDS_KEY, dataset_spec, with_defaults
 from fedlesion.common.files import private_folder, safe_label
 from fedlesion.common.engine import learning_rate
 from fedlesion.common.privacy import STATISTICS_SUFFIXES, TRANSPORT_DTYPES, numpy_arrays, private_mean, update_norm
@@ -53,7 +53,6 @@ SUMMED_SUFFIX = "-cases"
 # Adaptive clipping (Andrew et al., 2019): the share of updates meant to exceed the norm, and the
 # norm's geometric learning rate; the paper's recommended values, also Flower's defaults.
 TARGET_CLIPPED_QUANTILE = 0.5
-SCHEDULE_ROUNDS_KEY = "schedule-rounds"  # sent with each training instruction: the horizon of the round schedules
 CLIP_NORM_LR = 0.2
 # Largest size a normalisation statistic (BatchNorm running mean or variance) may have in an update:
 # activations of a trained network stay orders of magnitude below it; a site sending more breaks the model.
@@ -645,8 +644,9 @@ SITE_ERROR_LENGTH = 200
 def site_error(message: Message) -> str:
     """A failed reply's reason as the server records it (log, audit.jsonl, metrics.jsonl): the site's own text, so
     printable characters only (a newline could forge a log line) and at most :data:`SITE_ERROR_LENGTH` of them."""
-    text = "".join(c if c.isprintable() else " " for c in str(message.error.reason)[:SITE_ERROR_LENGTH])
-    return text + (" ..." if len(str(message.error.reason)) > SITE_ERROR_LENGTH else "")
+    reason = str(message.error.reason)
+    text = "".join(c if c.isprintable() else " " for c in reason[:SITE_ERROR_LENGTH])
+    return text + (" ..." if len(reason) > SITE_ERROR_LENGTH else "")
 
 
 def worst_site(sites: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
