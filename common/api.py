@@ -7,9 +7,12 @@ files, so the stages can be rerun alone and called from tests, scripts and noteb
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from .files import check_output, replace_private
 from .data import (
     LAYOUTS,
     MANIFEST_NAMES,
+    CaseError,
     DatasetSpec,
     PreparedCase,
     case_paths,
@@ -51,6 +55,7 @@ from .splits import Split, make_split
 from .model import build_model, model_spatial_dims, resolved_model_args
 from .postprocess import PostProcessing
 
+logger = logging.getLogger(__name__)
 
 
 def select_cases(case_ids: Sequence[str], include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[str]:
@@ -422,15 +427,28 @@ def predict_case(
     dev = select_device(device)
     model = ckpt.build().to(dev)
     start = time.perf_counter()
-    case = load_case(case_dir.parent, spec, case_dir.name, crop_foreground=ckpt.crop_foreground, require_label=False)
+    load = partial(load_case, case_dir.parent, spec, case_dir.name, crop_foreground=ckpt.crop_foreground,
+                   require_label=False)
+    try:  # the label, if any, only draws the overlay's ground truth: a bad one must not stop the prediction
+        case = load(read_label=overlay is not None)
+    except CaseError as error:
+        label = case_paths(case_dir.parent, spec, case_dir.name).get("label")
+        if label is None or error.path != str(label[0]):
+            raise
+        logger.warning("%s; predicting without it (the overlay shows no ground truth)", error)
+        case = load(read_label=False)
     probs = predict_probabilities(model, case.image, ckpt.spatial_dims, dev, patch_size=patch)
     prepared_labels = probabilities_to_labels(probs, spec, case.spacing, postprocessing)
     labels = case.restore(prepared_labels)
     header = case.header.copy()
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(1, 0)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(labels, case.affine, header), str(out))
+    header["cal_min"], header["cal_max"] = 0, int(labels.max())  # not the scan's display range: labels stay visible
+    header.set_intent("label")
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image  # the input's format
+    written = image_class(labels, case.affine, header)
+    raw = written.to_bytes()  # patient-derived: written private and atomically, like every other output
+    replace_private(out, gzip.compress(raw, compresslevel=6) if str(out).endswith(".gz") else raw)
     result: dict[str, Any] = {
         "case": case.case, "out": str(out), "seconds": time.perf_counter() - start,
         "postprocessing": postprocessing.to_run_config(),

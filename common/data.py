@@ -96,6 +96,9 @@ def _split_pattern(pattern: str, source: str = "pattern") -> tuple[str, int | No
     return pattern, None
 
 
+MAX_LABEL = 255  # the largest label value: a predicted label map is written as uint8
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """What a dataset's files hold and how its regions are built.
@@ -136,6 +139,9 @@ class DatasetSpec:
             _split_pattern(pattern, f"dataset spec '{self.name}'")
         if not self.regions:
             raise ValueError(f"dataset spec '{self.name}': 'regions' is empty; name at least one region.")
+        outside = sorted(v for v in self.labels if not 0 <= v <= MAX_LABEL)
+        if outside:  # predictions are written as uint8 label maps, and labels are read as int16
+            raise ValueError(f"dataset spec '{self.name}': label value(s) {outside} are outside 0-{MAX_LABEL}.")
         for region, values in self.regions.items():
             undeclared = set(values) - set(self.labels)
             if undeclared or 0 in values:
@@ -418,7 +424,9 @@ def check_patterns(spec: DatasetSpec, source: str) -> None:
     """Refuse file patterns that would read outside the data folder (a leading ``/``, ``..``, a drive).
 
     Checked where files are found and read (a manifest as it loads, :func:`case_paths`), so a
-    layout from anywhere, a checkpoint's included, never reads a file outside the folder given.
+    layout from anywhere, a checkpoint's included, never names a file outside the folder given. Symbolic links
+    inside the folder are followed: whoever can write the data folder decides what it holds (sites often link
+    their scans in from an archive).
 
     Raises:
         ValueError: naming ``source`` and the pattern.
@@ -509,12 +517,20 @@ class PreparedCase:
 
     @property
     def spacing(self) -> tuple[float, ...]:
-        """Voxel size in mm along the prepared (RAS) axes."""
-        zooms = self.header.get_zooms()[:3]
-        out = [0.0, 0.0, 0.0]
+        """Voxel size in mm along the prepared (RAS) axes, from the affine the voxels are placed by (a header's
+        pixdim can disagree with its sform)."""
+        return tuple(float(v) for v in self._to_ras(nib.affines.voxel_sizes(self.affine)))
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        """Spatial shape of the whole scan in the prepared (RAS) axes, before the foreground crop."""
+        return tuple(int(v) for v in self._to_ras(self.original_shape))
+
+    def _to_ras(self, per_file_axis: Sequence[float]) -> list[float]:
+        out = [0.0] * len(self.ornt)
         for file_axis, (ras_axis, _) in enumerate(self.ornt):
-            out[int(ras_axis)] = float(zooms[file_axis])
-        return tuple(out)
+            out[int(ras_axis)] = per_file_axis[file_axis]
+        return out
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -545,8 +561,7 @@ class PreparedCase:
 
     def restore(self, volume: np.ndarray) -> np.ndarray:
         """Map a ``(X, Y, Z)`` array in the prepared frame back to the file's voxel grid."""
-        ras_shape = nib.orientations.apply_orientation(np.empty(self.original_shape, dtype=np.uint8), self.ornt).shape
-        full = np.zeros(ras_shape, dtype=volume.dtype)
+        full = np.zeros(self.full_shape, dtype=volume.dtype)
         full[tuple(slice(a, b) for a, b in self.crop)] = volume
         to_file = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), self.ornt)
         back = nib.orientations.apply_orientation(full, to_file)
@@ -644,8 +659,8 @@ def _decode(case: str, path: Path, kind: Literal["image", "label"]) -> tuple[np.
     if declared > limit:
         raise CaseError(case, path, f"header declares shape {tuple(shape)}: {declared / 2**20:.0f} MB decoded, more "
                                     f"than the {limit / 2**20:.0f} MB limit (FEDLESION_MAX_VOLUME_MB)")
-    if dtype.kind == "c":
-        raise CaseError(case, path, f"voxels are complex ({dtype}); a scan holds real intensities")
+    if dtype.fields is not None or dtype.kind not in "biuf":  # complex, RGB (a structured type), strings
+        raise CaseError(case, path, f"voxels are of type {dtype}; a scan holds real intensities, a label integers")
     affine = img.affine
     if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise CaseError(case, path, "affine is missing, non-finite or singular (zero voxel size); the header is corrupt")
@@ -676,6 +691,7 @@ def load_case(
     case: str,
     crop_foreground: bool = False,
     require_label: bool = True,
+    read_label: bool = True,
 ) -> PreparedCase:
     """Load, validate and preprocess one case.
 
@@ -686,6 +702,8 @@ def load_case(
         crop_foreground: crop to the bounding box of nonzero voxels (plus a 2-voxel margin).
         require_label: raise when the label file is missing; when False, a missing label
             leaves ``regions`` as ``None`` (prediction on unlabelled scans).
+        read_label: False: the label file is neither read nor checked, ``regions`` is ``None``
+            (prediction needs only the scans).
 
     Returns:
         The :class:`PreparedCase`.
@@ -694,7 +712,7 @@ def load_case(
         CaseError: naming the file and the problem, for every check that fails.
     """
     paths = case_paths(data_dir, spec, case)
-    if not require_label and "label" in paths and not paths["label"][0].exists():
+    if "label" in paths and (not read_label or (not require_label and not paths["label"][0].exists())):
         del paths["label"]
     # Each file is decoded once, however many channels it holds (MSD Task01: all four in one 4D file).
     files: dict[Path, Literal["image", "label"]] = {path: "label" if name == "label" else "image"
@@ -750,7 +768,13 @@ def load_case(
         crop = foreground_box(image, margin=2)
         window = (slice(None), *(slice(a, b) for a, b in crop))
         image = image[window]
-        regions = None if regions is None else regions[window]
+        if regions is not None:
+            lesion = regions.any(axis=0)
+            lost = int(np.count_nonzero(lesion)) - int(np.count_nonzero(lesion[window[1:]]))
+            if lost:  # lesion where every scan is 0: no model could see it, and scoring leaves it out
+                logger.warning("%s: %d lesion voxel(s) of %s lie where every scan is 0, outside the cropped box; "
+                               "they are not scored", case, lost, paths["label"][0])
+            regions = regions[window]
     return PreparedCase(
         case=case,
         image=np.ascontiguousarray(zscore_nonzero(image)),

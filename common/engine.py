@@ -407,9 +407,10 @@ def predict_probabilities(
                              for i in range(0, slices.shape[0], slice_batch)])
             probs = out[:, :, :size_x, :size_y].permute(1, 2, 3, 0)
         else:
-            # MONAI pads a volume smaller than the window; the window itself is never below the minimum.
-            window = [min(p, max(s, MIN_INFERENCE_SIDE)) for p, s in zip(patch_size, volume.shape[1:])]
-            logits = sliding_window_inference(volume[None], window, slice_batch, model, overlap=overlap, mode="gaussian")
+            # Always the training patch: a window cut to the volume's side (50, say) is no multiple of the U-Nets'
+            # pooling and fails at their skip connections; MONAI pads a smaller volume and crops the output back.
+            logits = sliding_window_inference(volume[None], list(patch_size), slice_batch, model, overlap=overlap,
+                                              mode="gaussian")
             probs = torch.sigmoid(logits[0].float())
     return probs.float().cpu()
 
@@ -468,7 +469,7 @@ def score_case(probs: torch.Tensor | np.ndarray, case: PreparedCase, spec: Datas
         :func:`fedlesion.common.metrics.region_metrics` of the predicted label map's regions.
     """
     masks = predicted_regions(probs, spec, case.spacing, postprocessing)
-    return region_metrics(masks, case.regions, list(spec.regions), spacing=case.spacing)
+    return region_metrics(masks, case.regions, list(spec.regions), spacing=case.spacing, extent=case.full_shape)
 
 
 def predicted_regions(probs: torch.Tensor | np.ndarray, spec: DatasetSpec, spacing: Sequence[float],

@@ -2,8 +2,9 @@
 
 Empty-mask rule (BraTS convention): when both the prediction and the ground truth of a
 region are empty, Dice and IoU are 1 and HD95 is 0. When exactly one is empty, Dice and
-IoU are 0 and HD95 is the length of the volume's diagonal in mm (the largest distance
-possible in that volume), so empty-vs-nonempty errors are penalised, never dropped.
+IoU are 0 and HD95 is the length of the whole scan's diagonal in mm (the largest distance
+possible in it; the same whether or not the brain was cropped out of it for the model), so
+empty-vs-nonempty errors are penalised, never dropped.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def region_metrics(
     target: torch.Tensor | np.ndarray,
     regions: Sequence[str],
     spacing: Sequence[float] | None = None,
+    extent: Sequence[int] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Dice, IoU, HD95, sensitivity and specificity for each region of one case.
 
@@ -36,6 +38,8 @@ def region_metrics(
         target: binary masks ``(R, *spatial)``.
         regions: the ``R`` region names.
         spacing: voxel size in mm per spatial axis (default 1).
+        extent: the spatial shape whose diagonal (in mm) is HD95's empty-vs-nonempty penalty: the whole
+            scan's, when the masks are a crop of it (default: the masks' own shape).
 
     Returns:
         ``{region: {"dice", "iou", "hd95", "sensitivity", "specificity"}}``.
@@ -51,7 +55,10 @@ def region_metrics(
         )
     spatial = pred.shape[1:]
     spacing = [1.0] * len(spatial) if spacing is None else [float(s) for s in spacing]
-    diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(spatial, spacing)))
+    extent = spatial if extent is None else [int(n) for n in extent]
+    if len(extent) != len(spatial):
+        raise ValueError(f"extent {tuple(extent)} must have one size per spatial axis of {tuple(spatial)}.")
+    diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(extent, spacing)))
     y_pred, y = pred[None].float(), true[None].float()  # (1, R, ...)
     dice = compute_dice(y_pred, y, include_background=True, ignore_empty=False)[0]
     iou = compute_iou(y_pred, y, include_background=True, ignore_empty=False)[0]

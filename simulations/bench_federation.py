@@ -346,7 +346,7 @@ def transport_cost(data_root: Path, run_config: Mapping[str, Any], rounds: int =
         for dtype, replies in sent.items():
             model = build_model(name, len(spec.channels), len(regions), **args)
             model.load_state_dict(aggregate_arrayrecords(replies, "num-examples").to_torch_state_dict())
-            _, summary = evaluate(model, validation, spec, dims, device)
+            _, summary = evaluate(model, validation, spec, dims, device, patch_size=config.patch_size)
             scores[dtype] = {r: summary[r]["dice_mean"] for r in regions}
             if dtype == "float32":
                 global_model = model

@@ -76,8 +76,37 @@ def test_predict_overlays_the_input(trained: Path, tiny_sites: Path, tmp_path: P
     assert seg.shape == flair.shape
     np.testing.assert_allclose(seg.affine, flair.affine)
     assert seg.get_data_dtype() == np.uint8
-    assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 4}
+    written = np.asarray(seg.dataobj)
+    assert set(np.unique(written).tolist()) <= {0, 1, 2, 4}
+    # A label map, displayed as one: not the scan's intensity window (a viewer would show labels 1-4 as black).
+    assert seg.header.get_intent()[0] == "label"
+    assert (float(seg.header["cal_min"]), float(seg.header["cal_max"])) == (0.0, float(written.max()))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600, "patient-derived output is private"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_predict_does_not_need_a_sound_label(trained: Path, tiny_sites: Path, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A label file the layout does not allow (label 3 under BraTS 2018-21) only loses the overlay's ground truth."""
+    import shutil
+
+    case_dir = tmp_path / "Synth_S02_000"
+    shutil.copytree(tiny_sites / "site-2" / "Synth_S02_000", case_dir)
+    seg = case_dir / "Synth_S02_000_seg.nii.gz"
+    label = nib.load(seg)
+    data = np.asarray(label.dataobj).copy()
+    data[0, 0, 0] = 3
+    nib.save(nib.Nifti1Image(data, label.affine), seg)
+    good = tmp_path / "good.nii.gz"
+    assert main(["predict", "--checkpoint", str(trained), "--case", str(tiny_sites / "site-2" / "Synth_S02_000"),
+                 "--out", str(good)]) == 0
+    for overlay in (None, tmp_path / "overlay.png"):
+        out = tmp_path / f"seg-{overlay is None}.nii.gz"
+        caplog.clear()
+        assert main(["predict", "--checkpoint", str(trained), "--case", str(case_dir), "--out", str(out),
+                     *(["--overlay", str(overlay)] if overlay else [])]) == 0
+        np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), np.asarray(nib.load(good).dataobj))
+        assert ("label values [3]" in caplog.text) == (overlay is not None), "read, and warned about, only for the overlay"
 
 
 def test_predict_on_unlabelled_case(trained: Path, tiny_sites: Path, tmp_path: Path) -> None:

@@ -104,6 +104,9 @@ def test_region_labels_map_back_to_one_label() -> None:
         ({"channels": {"a": "{case}.nii.gz#x"}, "labels": [0, 1], "regions": {"A": [1]}}, "volume index must be a whole"),
         ({"channels": {"a": "{case}.nii.gz#-1"}, "labels": [0, 1], "regions": {"A": [1]}}, "volume index must be a whole"),
         ({"channels": {"a": "{case}.nii.gz"}, "labels": [0, 1], "regions": {"A": [2]}}, "not declared"),
+        # A label map is written as uint8: 300 could never be written, -1 never read.
+        ({"channels": {"a": "{case}.nii.gz"}, "labels": [0, 300], "regions": {"A": [300]}}, "\\[300\\] are outside 0-255"),
+        ({"channels": {"a": "{case}.nii.gz"}, "labels": [-1, 0, 1], "regions": {"A": [1]}}, "\\[-1\\] are outside 0-255"),
         ({"channels": {"a": "{case}.nii.gz"}, "labels": [0, 1, 2, 3], "regions": {"A": [1, 2], "B": [2, 3]}},
          "does not map back to one label"),
         ({"channels": {"a": "{case}.nii.gz"}}, "missing key"),
@@ -236,6 +239,11 @@ def _corrupt(case_dir: Path, kind: str) -> str:
     if kind == "complex":
         nib.save(nib.Nifti1Image(image.astype(np.complex64), np.eye(4)), flair)
         return flair.name
+    if kind == "rgb":  # an RGB24 export of a scan
+        rgb = np.zeros((16, 16, 8), np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]))
+        rgb["R"] = image.astype(np.uint8)
+        nib.save(nib.Nifti1Image(rgb, np.eye(4)), flair)
+        return flair.name
     if kind == "constant":  # a missing modality exported as zeros
         nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.float32), np.eye(4)), flair)
         return flair.name
@@ -260,7 +268,8 @@ def _corrupt(case_dir: Path, kind: str) -> str:
         ("4d", "expected a 3D volume"),
         ("singular", "affine is missing, non-finite or singular"),
         ("nonfinite-affine", "affine is missing, non-finite or singular"),
-        ("complex", "voxels are complex"),
+        ("complex", "voxels are of type complex64"),
+        ("rgb", "voxels are of type .*R.*u1"),
         ("constant", "every voxel is 0: a blank or missing scan"),
         ("huge-header", "header declares shape \\(32767, 32767, 32767\\)"),
     ],
@@ -342,13 +351,57 @@ def test_missing_folder_is_named(tmp_path: Path) -> None:
         load_site(tmp_path / "nowhere", BRATS)
 
 
-def test_reorientation_round_trips_to_the_file_grid(tmp_path: Path) -> None:
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS, as BraTS writes
-    write_case(tmp_path, "Lps_001", affine=affine)
-    prepared = load_case(tmp_path, BRATS, "Lps_001", crop_foreground=True)
-    seg = np.asarray(nib.load(tmp_path / "Lps_001" / "Lps_001_seg.nii.gz").dataobj)
-    restored = prepared.restore(prepared.regions[0])
-    np.testing.assert_array_equal(restored, np.isin(seg, (1, 2, 4)).astype(np.uint8))
+@pytest.mark.parametrize("crop", [False, True])
+def test_reorientation_and_crop_round_trip_to_the_file_grid(tmp_path: Path, crop: bool) -> None:
+    """Permuted, flipped, anisotropic axes and a brain inside air: what is predicted in the prepared frame lands on
+    the file's voxels, and spacing and the whole scan's shape follow the axes."""
+    shape = (20, 24, 18)
+    affine = np.array([[0, 0, -1.5, 10], [-2.0, 0, 0, 20], [0, 1.2, 0, -5], [0, 0, 0, 1]])  # file axes (z, x, y)
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "Odd_001"
+    folder.mkdir()
+    for channel in ("flair", "t1", "t1ce", "t2"):
+        image = np.zeros(shape, np.float32)
+        image[3:15, 5:20, 2:16] = rng.uniform(1, 2, (12, 15, 14))
+        nib.save(nib.Nifti1Image(image, affine), folder / f"Odd_001_{channel}.nii.gz")
+    seg = np.zeros(shape, np.int16)
+    seg[5:8, 7:9, 4:6], seg[6, 8, 5], seg[9, 10, 7] = 2, 4, 1
+    nib.save(nib.Nifti1Image(seg, affine), folder / "Odd_001_seg.nii.gz")
+    prepared = load_case(tmp_path, BRATS, "Odd_001", crop_foreground=crop)
+    # RAS x is file axis 2 (1.5 mm), y file axis 0 (2 mm), z file axis 1 (1.2 mm); the crop keeps a 2-voxel margin.
+    assert prepared.full_shape == (18, 20, 24) and prepared.spacing == pytest.approx((1.5, 2.0, 1.2))
+    assert prepared.image.shape[1:] == ((18, 12 + 4, 15 + 4) if crop else (18, 20, 24))
+    for r, labels in enumerate(BRATS.regions.values()):
+        np.testing.assert_array_equal(prepared.restore(prepared.regions[r]), np.isin(seg, labels).astype(np.uint8))
+
+
+def test_spacing_follows_the_affine_not_a_disagreeing_pixdim(tmp_path: Path) -> None:
+    """Converters can leave pixdim at 1 with an sform of 2 mm voxels: the voxels are placed by the affine."""
+    write_case(tmp_path, "Pix_001", affine=np.diag([2.0, 2.0, 3.0, 1.0]))
+    for path in (tmp_path / "Pix_001").iterdir():
+        image = nib.load(path)
+        header = image.header.copy()
+        header.set_zooms((1.0, 1.0, 1.0))
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), image.affine, header), path)
+        assert nib.load(path).header.get_zooms() == (1.0, 1.0, 1.0)
+    assert load_case(tmp_path, BRATS, "Pix_001").spacing == (2.0, 2.0, 3.0)
+
+
+def test_a_lesion_where_every_scan_is_zero_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_case(tmp_path, "Air_001")
+    folder = tmp_path / "Air_001"
+    for path in folder.glob("*_*.nii.gz"):
+        image = nib.load(path)
+        data = np.asarray(image.dataobj).copy()
+        if path.name.endswith("_seg.nii.gz"):
+            data[:, :, -1] = 2  # lesion in the last slice ...
+        else:
+            data[:, :, -4:] = 0  # ... where no scan has signal
+        nib.save(nib.Nifti1Image(data, image.affine), path)
+    with caplog.at_level("WARNING"):
+        prepared = load_case(tmp_path, BRATS, "Air_001", crop_foreground=True)
+    assert "lie where every scan is 0" in caplog.text and "Air_001_seg.nii.gz" in caplog.text
+    assert prepared.full_shape[2] - prepared.image.shape[3] >= 1
 
 
 def test_cache_decodes_each_file_once(tmp_path: Path) -> None:

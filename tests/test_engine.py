@@ -152,6 +152,17 @@ def test_a_volume_smaller_than_the_pooling_needs_is_padded_and_cropped_back(mode
     assert tuple(probs.shape) == (3, *shape[1:]) and torch.isfinite(probs).all()
 
 
+@pytest.mark.parametrize("model_name, args", [("unet3d", {"base_channels": 2}), ("dynunet", {"base_channels": 2}),
+                                              ("segresnet", {"init_filters": 8})])
+def test_a_3d_volume_between_the_minimum_and_the_patch_is_predicted_whole(model_name: str, args: dict) -> None:
+    """Sides of 50, 40 and 36 (a cropped brain) once cut the window to sizes no U-Net's skips could join."""
+    torch.manual_seed(0)
+    model = build_model(model_name, 4, 3, **args)
+    probs = predict_probabilities(model, np.random.default_rng(0).normal(size=(4, 50, 40, 36)).astype(np.float32), 3,
+                                  torch.device("cpu"), patch_size=(64, 64, 64))
+    assert tuple(probs.shape) == (3, 50, 40, 36) and torch.isfinite(probs).all()
+
+
 def test_training_on_small_crops_pads_them(tiny_sites: Path) -> None:
     cases = load_site(tiny_sites / "site-2").cases
     small = [replace(c.load(), image=c.image[:, :9, :11], regions=c.regions[:, :9, :11]) for c in cases]

@@ -105,3 +105,38 @@ def test_summarize_mean_and_std() -> None:
     assert summary["WT"]["dice_mean"] == pytest.approx(0.7)
     assert summary["WT"]["dice_std"] == pytest.approx(0.1)
     assert summarize([], ["WT"]) == {}
+
+
+def test_the_empty_region_penalty_is_the_whole_scans_diagonal_however_it_was_cropped(tmp_path) -> None:  # noqa: ANN001
+    """A false-alarm ET on a case without ET costs the same HD95 with the foreground crop on or off."""
+    from fedlesion.common.data import load_case
+    from fedlesion.common.engine import score_case
+    from fedlesion.common.postprocess import PostProcessing
+    from tests.conftest import write_case
+
+    import nibabel as nib
+
+    folder = write_case(tmp_path, "Crop_001", shape=(24, 20, 12), labels=(0, 1, 2), affine=np.diag([1.0, 1.5, 2.0, 1.0]))
+    for path in folder.glob("*.nii.gz"):  # a brain inside air, so that the crop is smaller than the scan
+        image = nib.load(path)
+        data = np.asarray(image.dataobj).copy()
+        keep = np.zeros(data.shape, bool)
+        keep[:16, :14, :9] = True
+        nib.save(nib.Nifti1Image(np.where(keep, data, 0).astype(data.dtype), image.affine), path)
+    diagonal = math.sqrt(24 ** 2 + (20 * 1.5) ** 2 + (12 * 2.0) ** 2)
+    scores = []
+    for crop in (False, True):
+        case = load_case(tmp_path, BRATS, "Crop_001", crop_foreground=crop)
+        assert (case.image.shape[1:] != (24, 20, 12)) == crop
+        probs = np.zeros((3, *case.image.shape[1:]), np.float32)
+        probs[:, 3:6, 3:6, 3:5] = 0.9  # WT, TC and ET predicted; the truth has no ET
+        scores.append(score_case(probs, case, BRATS, PostProcessing(False, 0.0, 0))["ET"]["hd95"])
+    assert scores == [pytest.approx(diagonal)] * 2
+
+
+def test_the_penalty_extent_must_match_the_masks() -> None:
+    empty, blob = torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4)
+    blob[0, 1, 1, 1] = 1
+    assert region_metrics(blob, empty, ["A"], extent=(8, 4, 4))["A"]["hd95"] == pytest.approx(math.sqrt(96))
+    with pytest.raises(ValueError, match="one size per spatial axis"):
+        region_metrics(blob, empty, ["A"], extent=(8, 4))
