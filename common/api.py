@@ -44,8 +44,9 @@ from .engine import (
     evaluate,
     learning_rate,
     predict_probabilities,
+    predicted_regions,
     probabilities_to_labels,
-    score_case,
+    score_regions,
     select_device,
     train,
     unlabelled_weight,
@@ -321,8 +322,9 @@ def evaluate_checkpoint(
             report(f"skipped {skipped[case_id]}")
             continue
         probs = predict_probabilities(model, case.image, ckpt.spatial_dims, dev, patch_size=patch)
+        masks = predicted_regions(probs, spec, case.spacing, postprocessing)  # the label map predict would write
         seconds = time.perf_counter() - start
-        scores = score_case(probs, case, spec, postprocessing)
+        scores = score_regions(masks, case, spec)
         cases.append({"case": case_id, "seconds": seconds, **scores})
         report(f"[{i}/{len(ids)}] {case_id}: " + " ".join(f"{r} Dice {scores[r]['dice']:.3f}" for r in regions)
                + f" | {seconds:.2f} s")

@@ -448,27 +448,17 @@ def evaluate(
         case = case.load()  # one case's arrays at a time
         start = time.perf_counter()
         probs = predict_probabilities(model, case.image, spatial_dims, device, patch_size=patch_size)
+        masks = predicted_regions(probs, spec, case.spacing, postprocessing)
         seconds = time.perf_counter() - start
-        per_case.append({"case": case.case, "seconds": seconds, **score_case(probs, case, spec, postprocessing)})
+        per_case.append({"case": case.case, "seconds": seconds, **score_regions(masks, case, spec)})
         if progress is not None:
             progress(i, len(labelled))
     return per_case, summarize([{r: c[r] for r in regions} for c in per_case], regions)
 
 
-def score_case(probs: torch.Tensor | np.ndarray, case: PreparedCase, spec: DatasetSpec,
-               postprocessing: PostProcessing | None = None) -> dict[str, dict[str, float]]:
-    """Metrics per region of one labelled case, scored on the label map that is written.
-
-    Args:
-        probs: ``(R, *spatial)`` region probabilities in the prepared frame of ``case``.
-        case: the case, with its ground-truth ``regions``.
-        spec: the dataset spec (regions in the model's output order).
-        postprocessing: how the label map is cleaned, as :func:`probabilities_to_labels`.
-
-    Returns:
-        :func:`fedlesion.common.metrics.region_metrics` of the predicted label map's regions.
-    """
-    masks = predicted_regions(probs, spec, case.spacing, postprocessing)
+def score_regions(masks: np.ndarray, case: PreparedCase, spec: DatasetSpec) -> dict[str, dict[str, float]]:
+    """Metrics per region of ``(R, *spatial)`` predicted masks of ``case`` (prepared frame) against its ground truth;
+    HD95's empty-region penalty is the whole scan's diagonal, however the case was cropped."""
     return region_metrics(masks, case.regions, list(spec.regions), spacing=case.spacing, extent=case.full_shape)
 
 

@@ -64,14 +64,20 @@ class SliceNet(torch.nn.Module):
         return self.net(x[..., 0])[..., None]
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+def median_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, Any]:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call, and the last call's result; on CUDA each
+    call is timed until ``device`` has finished its work (the warm-up's included, before the first timed call)."""
+    def finish() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()  # warm-up
+    finish()
     times, result = [], None
     for _ in range(repeats):
         start = time.perf_counter()
         result = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        finish()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
 
@@ -117,7 +123,7 @@ def bench_inference(
             item = load({name: paths[name] for name in names})
             image = item["image"].unsqueeze(0).to(device)
             network_voxels[id(load)] = int(np.prod(image.shape[2:]))
-            roi = (image.shape[2], image.shape[3], 1) if dims == 2 else tuple(min(p, s) for p, s in zip(patch_size, image.shape[2:]))
+            roi = (image.shape[2], image.shape[3], 1) if dims == 2 else tuple(patch_size)
             with torch.no_grad(), autocast(device):
                 logits = sliding_window_inference(image, roi, 32 if dims == 2 else 4, reference_net, overlap=0.5)
             labels = probabilities_to_labels(torch.sigmoid(logits[0].float()).cpu().numpy(), spec,
@@ -141,16 +147,16 @@ def bench_inference(
                     for i in range(0, slices.shape[0], 32):
                         model(slices[i:i + 32])
                 else:
-                    sliding_window_inference(volume[None], tuple(min(p, s) for p, s in zip(patch_size, volume.shape[1:])),
+                    sliding_window_inference(volume[None], tuple(patch_size),
                                              4, model, overlap=0.5, mode="gaussian")
 
-        ours_s, ours = _median_time(project, repeats)
+        ours_s, ours = median_time(project, repeats, device)
         row: dict[str, Any] = {"case": case, "end_to_end_s": ours_s}
         labels_of: dict[str, np.ndarray] = {}
         for key, load in loaders.items():
-            row[key], labels_of[key] = _median_time(lambda load=load: reference(load), repeats)
+            row[key], labels_of[key] = median_time(lambda load=load: reference(load), repeats, device)
             row[key.replace("_s", "_network_voxels")] = network_voxels[id(load)]
-        row["model_only_s"], _ = _median_time(model_only, repeats)
+        row["model_only_s"], _ = median_time(model_only, repeats, device)
         if prepared.regions is not None:
             truth = load_case(data, spec, case, crop_foreground=False)  # regions on the full RAS grid
             frames = {"dice_project": nib.orientations.apply_orientation(ours, truth.ornt),  # file grid -> RAS

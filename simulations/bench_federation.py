@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ from fedlesion.common.engine import TrainConfig, train
 from fedlesion.common.losses import build_loss
 from fedlesion.common.model import build_model, model_spatial_dims
 from fedlesion.common.splits import partition_rows
+
+from .bench import median_time
 
 
 
@@ -90,17 +92,23 @@ def bench_training(data: str | Path, cases: Sequence[str], model_name: str, devi
                      ConcatItemsd(keys=names, name="image"), Orientationd(keys=["image", "label"], axcodes="RAS"),
                      NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True), label_step,
                      CropForegroundd(keys=["image", "label"], source_key="image")]
+    # One loader item is one case's `crops` crops, and `batch_size // crops` items make a batch of exactly
+    # `batch_size` (the MONAI tutorials' pattern): the largest divisor of the batch that the samples per case allow.
+    crops = max(d for d in range(1, batch_size + 1) if batch_size % d == 0 and d <= per_case)
     random = [SpatialPadd(keys=["image", "label"], spatial_size=window),
               RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=window, pos=2, neg=1,
-                                     num_samples=max(1, per_case)),
+                                     num_samples=crops),
               RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
               RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1)]
     if dims == 2:
         random.append(SqueezeDimd(keys=["image", "label"], dim=-1))
     dataset = CacheDataset(files, transform=Compose(deterministic + random), num_workers=0, progress=False)
-    # One case per loader item; its `per_case` crops make the batch (the MONAI tutorials' pattern).
-    loader = DataLoader(dataset, batch_size=max(1, batch_size // max(1, per_case)), shuffle=True, num_workers=workers,
+    items = batch_size // crops
+    if len(files) < items:
+        raise ValueError(f"the reference needs {items} cases for a batch of {batch_size}; {len(files)} given.")
+    loader = DataLoader(dataset, batch_size=items, shuffle=True, num_workers=workers, drop_last=True,
                         persistent_workers=workers > 0)
+    batches: set[int] = set()
     ref_model = network()
     loss_fn = build_loss()
     optimizer = torch.optim.Adam(ref_model.parameters(), lr=1e-3, weight_decay=1e-5)
@@ -116,15 +124,19 @@ def bench_training(data: str | Path, cases: Sequence[str], model_name: str, devi
                 loss.backward()
                 optimizer.step()
                 seen += image.shape[0]
+                batches.add(int(image.shape[0]))
                 if seen >= samples:
                     break
         return seen
 
-    ours_rate = _median_rate(ours, repeats)
-    ref_rate = _median_rate(reference, repeats)
+    # Each call trains the same number of samples (the reference rounds up to whole batches, every call alike); the
+    # warm-up call fills caches, starts the workers and the allocator.
+    ours_s, ours_count = median_time(ours, repeats, device)
+    ref_s, ref_count = median_time(reference, repeats, device)
+    ours_rate, ref_rate = ours_count / ours_s, ref_count / ref_s
     return {"samples_per_s": ours_rate, "reference_samples_per_s": ref_rate, "throughput_ratio": ours_rate / ref_rate,
-            "batch_size": batch_size, "window": list(window), "steps": steps, "reference_workers": workers,
-            "cases": list(cases)}
+            "batch_size": batch_size, "reference_batch_sizes": sorted(batches), "window": list(window), "steps": steps,
+            "reference_workers": workers, "cases": list(cases)}
 
 
 class _RegionsFromLabels:
@@ -137,18 +149,6 @@ class _RegionsFromLabels:
         label = item["label"]
         item["label"] = torch.cat([sum((label == v) for v in values).bool() for values in self.spec.regions.values()]).float()
         return item
-
-
-def _median_rate(fn: Callable[[], int], repeats: int) -> float:
-    fn()  # warm-up: caches, worker start, allocator
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        count = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        rates.append(count / (time.perf_counter() - start))
-    return statistics.median(rates)
 
 
 # --- federation overhead --------------------------------------------------------------------

@@ -144,6 +144,10 @@ def _reproduce(data: str | Path, split: str, test_data: str | Path, out: Path, r
     # and site-alone runs train again.
     continuing = (out / "runs").exists()
     values = with_defaults(dict(run_config or {}))
+    if values["fraction-train"] < 1.0:  # the pooled run takes every site's steps each round
+        raise ValueError(f"fraction-train {values['fraction-train']:g}: reproduce compares pooled, federated and "
+                         "site-alone runs at equal optimiser steps, which needs every site to train each round "
+                         "(fraction-train 1); run such a federation with `fedlesion simulate`.")
     fedbn_args = _fedbn_model_args(values) if "fedbn" in configs else None
     seed = values["seed"]
     spec = resolve_spec(data, manifest)

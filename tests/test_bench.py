@@ -26,6 +26,7 @@ def test_bench_writes_the_contracted_keys(tiny_sites: Path, tmp_path: Path) -> N
     assert result["versions"]["monai"] and "| unet2d | cpu |" in (tmp_path / "bench.md").read_text()
     training = result["training"]["unet2d"]["cpu"]
     assert training["throughput_ratio"] > 0 and training["samples_per_s"] > 0 and training["reference_samples_per_s"] > 0
+    assert training["reference_batch_sizes"] == [training["batch_size"]], "both sides step on batches of one size"
     assert "| unet2d | cpu |" in (tmp_path / "bench.md").read_text().split("MONAI recipe (samples/s)")[1]
 
 

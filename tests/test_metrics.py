@@ -110,7 +110,7 @@ def test_summarize_mean_and_std() -> None:
 def test_the_empty_region_penalty_is_the_whole_scans_diagonal_however_it_was_cropped(tmp_path) -> None:  # noqa: ANN001
     """A false-alarm ET on a case without ET costs the same HD95 with the foreground crop on or off."""
     from fedlesion.common.data import load_case
-    from fedlesion.common.engine import score_case
+    from fedlesion.common.engine import predicted_regions, score_regions
     from fedlesion.common.postprocess import PostProcessing
     from tests.conftest import write_case
 
@@ -130,7 +130,8 @@ def test_the_empty_region_penalty_is_the_whole_scans_diagonal_however_it_was_cro
         assert (case.image.shape[1:] != (24, 20, 12)) == crop
         probs = np.zeros((3, *case.image.shape[1:]), np.float32)
         probs[:, 3:6, 3:6, 3:5] = 0.9  # WT, TC and ET predicted; the truth has no ET
-        scores.append(score_case(probs, case, BRATS, PostProcessing(False, 0.0, 0))["ET"]["hd95"])
+        masks = predicted_regions(probs, BRATS, case.spacing, PostProcessing(False, 0.0, 0))
+        scores.append(score_regions(masks, case, BRATS)["ET"]["hd95"])
     assert scores == [pytest.approx(diagonal)] * 2
 
 

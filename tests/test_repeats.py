@@ -85,6 +85,12 @@ def test_fedbn_runs_the_same_model_with_batchnorm_and_unknown_configs_are_refuse
         reproduce(tmp_path, "iid", tmp_path, tmp_path / "out", configs=["central", "fedsgd"])
 
 
+def test_reproduce_refuses_a_federation_where_sites_sit_rounds_out(tmp_path) -> None:  # noqa: ANN001
+    """The pooled run takes every site's steps each round: with fraction-train < 1 it would get more than FedAvg."""
+    with pytest.raises(ValueError, match="fraction-train 0.5: reproduce compares"):
+        reproduce(tmp_path, "iid", tmp_path, tmp_path / "out", run_config={"fraction-train": 0.5})
+
+
 def test_repeats_already_done_are_read_not_rerun(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     """An interrupted cross-validation continues: finished folds are read from their results.json."""
     import json
