@@ -260,6 +260,9 @@ def _reproduce(data: str | Path, split: str, test_data: str | Path, out: Path, r
                 federated_config["resume-from"] = str(earlier_run)
             run_dir = run_federation(federated_config, num_sites=len(the_split.sites), output=_Prefixed(report, strategy),
                                      cache_dir=Path(cache_dir) if cache_dir else None, timeout_s=timeout_s)
+        # The server scored the held-out cases each round, so its best.pt was chosen on them: a model no one may
+        # report as held-out. Scores here are final.pt's; best.pt goes, so that it cannot be used by mistake.
+        (run_dir / "best.pt").unlink(missing_ok=True)
         history = read_history(run_dir)
         # A continued run's wall time is its rounds' (every call's), without the calls' start-up.
         timings[strategy] = (time.perf_counter() - start if earlier_run is None

@@ -137,6 +137,7 @@ def test_a_clientapp_process_opens_only_the_cases_it_samples(site: Path, tmp_pat
     assert first["decoded_files"] == 50  # the site's 10 cases, preprocessed once
     second = run_message(site, tmp_path / "cache", "train", config)
     assert second["decoded_files"] == 0 and 1 <= second["cases_opened"] <= 2, second
+    assert second["process_seconds"] > second["seconds"] > 0, "the process's time holds the handler's and its start"
 
 
 def test_lazy_cases_cross_into_a_spawned_dataloader_worker(site: Path, tmp_path: Path) -> None:

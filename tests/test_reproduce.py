@@ -43,6 +43,8 @@ def test_reproduce_smoke(tmp_path: Path) -> None:
         assert load_checkpoint(out / "runs" / f"{name}.pt").run_config["proximal_mu"] == 0.0
     # Each client sends its model once per round: the fp32 arrays, nothing more.
     assert results["fedavg"]["bytes_sent_per_client_per_round"] > 0
+    # A federated run keeps no best.pt: the server chose it on the held-out cases.
+    assert (out / "runs" / "fedavg" / "final.pt").exists() and not list((out / "runs").glob("*/best.pt"))
     split = json.loads((out / "split.json").read_text())
     assert not {"Synth_S00_004", "Synth_S00_005"} & {c for cases in split["sites"].values() for c in cases}
     for png in ("curves.png", "overlay.png"):
