@@ -87,7 +87,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "local-epochs": (1, 10_000, True), "local-steps": (0, 1_000_000, True), "batch-size": (1, 4096, True),
     "finetune-epochs": (0, 10_000, True), "finetune-learning-rate": (0, INF, False), "finetune-proximal-mu": (0, INF, True),
     "label-fraction": (0, 1, True), "fixmatch-threshold": (0.5, 1, False), "fixmatch-weight": (0, INF, True),
-    "fixmatch-rampup": (0, 1, True), "fixmatch-negative-share": (0, 1, True),
+    "fixmatch-rampup": (0, 1, True), "fixmatch-negative-share": (0, 1, True), "fixmatch-ema-decay": (0, 0.999999, True),
     "learning-rate": (0, INF, False), "samples-per-case": (1, 100_000, True), "pos-ratio": (0, 1, True),
     "lambda-dice": (0, INF, True), "lambda-focal": (0, INF, True), "focal-gamma": (0, INF, True),
     "focal-alpha": (0, 1, True), "val-fraction": (0, 0.999999, True), "seed": (0, INF, True),
@@ -98,6 +98,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr-schedule": ("constant", "cosine"),
     "transport-dtype": ("float32", "float16"),
     "dp": ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"),
+    "fixmatch-teacher": ("student", "ema"), "fixmatch-loss": ("hard", "soft"),
 }
 MAX_SYNTH_SIDE = 512  # synthetic volumes are BraTS-like: 240 x 240 x 155 at most in practice
 
@@ -240,6 +241,9 @@ class TrainConfig:
     fixmatch_threshold: float = _from_run_config("fixmatch-threshold")  # tau: confident voxels only
     # and this share of each region's predicted-negative brain voxels, the least likely ones
     fixmatch_negative_share: float = _from_run_config("fixmatch-negative-share")
+    fixmatch_teacher: str = _from_run_config("fixmatch-teacher")  # student | ema (mean teacher)
+    fixmatch_ema_decay: float = _from_run_config("fixmatch-ema-decay")
+    fixmatch_loss: str = _from_run_config("fixmatch-loss")  # hard (FixMatch) | soft (consistency)
     # lambda_u: weight of the unlabelled (FixMatch) loss, the ramped value of this round (see unlabelled_weight)
     unlabelled_weight: float = _from_run_config("fixmatch-weight")
     # Weight of ||w - w_start||^2 / 2 (w_start: the weights training starts from). FedProx's server sends it each
@@ -267,7 +271,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: fixmatch_threshold must be in (0.5, 1], got {self.fixmatch_threshold}.")
         if not 0.0 <= self.fixmatch_negative_share <= 1.0:
             raise ValueError(f"TrainConfig: fixmatch_negative_share must be in [0, 1], got {self.fixmatch_negative_share}.")
-        if self.fixmatch_threshold == 1.0 and self.fixmatch_negative_share == 0.0:
+        for name, key in (("fixmatch_teacher", "fixmatch-teacher"), ("fixmatch_loss", "fixmatch-loss")):
+            if getattr(self, name) not in CHOICES[key]:
+                raise ValueError(f"TrainConfig: {name} must be one of {list(CHOICES[key])}, got {getattr(self, name)!r}.")
+        if not 0.0 <= self.fixmatch_ema_decay < 1.0:
+            raise ValueError(f"TrainConfig: fixmatch_ema_decay must be in [0, 1), got {self.fixmatch_ema_decay}.")
+        if self.fixmatch_loss == "hard" and self.fixmatch_threshold == 1.0 and self.fixmatch_negative_share == 0.0:
             raise ValueError("TrainConfig: fixmatch_threshold 1.0 with fixmatch_negative_share 0 leaves no voxel "
                              "confident, so FixMatch would learn nothing; lower the threshold or raise the share.")
         if self.unlabelled_weight < 0:

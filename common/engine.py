@@ -15,10 +15,11 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose
 from monai.inferers import sliding_window_inference
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import TrainConfig
 from .data import DatasetSpec, PreparedCase, regions_from_labels
-from .losses import UnlabelledLoss, build_loss
+from .losses import ConsistencyLoss, UnlabelledLoss, build_loss
 from .metrics import region_metrics, summarize
 from .postprocess import PostProcessing, postprocess_labels
 from .transforms import strong_transforms, training_transforms, unlabelled_transforms
@@ -142,28 +143,57 @@ class FixMatch:
     pseudo-label and the mask with one affine and changes the image's intensities, and
     :class:`fedlesion.common.losses.UnlabelledLoss` scores the model on the strong view against the
     pseudo-label on confident voxels only.
+
+    Two variants (run config): ``fixmatch-teacher = "ema"`` labels the weak view with an exponential moving
+    average of the model (torch's ``AveragedModel``) instead of the model itself, started from the model as
+    :func:`train` receives it (in a federation, each round's global model) and moved after every optimiser
+    step; ``fixmatch-loss = "soft"`` replaces the thresholded pseudo-labels by the teacher's probabilities
+    on every brain voxel, scored by :class:`fedlesion.common.losses.ConsistencyLoss` (mean squared error).
+    Both together are the mean teacher (Tarvainen & Valpola 2017).
     """
 
-    def __init__(self, spatial_dims: int, sample_size: tuple[int, ...], config: TrainConfig) -> None:
+    def __init__(self, spatial_dims: int, sample_size: tuple[int, ...], config: TrainConfig,
+                 model: nn.Module | None = None) -> None:
         self.threshold = config.fixmatch_threshold
         self.negative_share = config.fixmatch_negative_share
+        self.soft = config.fixmatch_loss == "soft"
         self.strong = strong_transforms(spatial_dims, sample_size)
         if config.seed is not None:
             self.strong.set_random_state(seed=config.seed + 2)
-        self.loss = UnlabelledLoss(config.lambda_dice, config.lambda_focal, config.focal_gamma, config.focal_alpha)
+        self.loss = ConsistencyLoss() if self.soft else UnlabelledLoss(
+            config.lambda_dice, config.lambda_focal, config.focal_gamma, config.focal_alpha)
+        # Mean teacher: torch's EMA of the model, starting from the model as it is now (a round's global model).
+        self.teacher: AveragedModel | None = None
+        if config.fixmatch_teacher == "ema":
+            if model is None:
+                raise ValueError("FixMatch: an EMA teacher needs the model it averages.")
+            self.teacher = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.fixmatch_ema_decay),
+                                         use_buffers=True)
+            self.teacher.update_parameters(model)  # the first update copies: the teacher starts as the model
+            self.teacher.eval()
+
+    def update_teacher(self, model: nn.Module) -> None:
+        """After each optimiser step: move the EMA teacher towards ``model`` (nothing without one)."""
+        if self.teacher is not None:
+            self.teacher.update_parameters(model)
 
     @torch.no_grad()
     def pseudo_labels(self, model: nn.Module, weak: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(pseudo, mask)`` of a weak batch, each ``(B, R, *spatial)`` float 0/1."""
-        was_training = model.training
-        model.eval()
+        """``(pseudo, mask)`` of a weak batch, each ``(B, R, *spatial)`` float, labelled by the teacher (the EMA
+        model, else ``model`` itself): 0/1 pseudo-labels and confident voxels, or, with the soft loss, the
+        teacher's probabilities and the brain (nonzero) voxels."""
+        labeller = self.teacher.module if self.teacher is not None else model
+        was_training = labeller.training
+        labeller.eval()
         with autocast(device):
-            probs = torch.sigmoid(model(weak).float())
-        model.train(was_training)
+            probs = torch.sigmoid(labeller(weak).float())
+        labeller.train(was_training)
+        brain = (weak != 0).any(dim=1)  # z-scored scans keep the background at exactly 0
+        if self.soft:
+            return probs, brain.unsqueeze(1).expand_as(probs).float()
         pseudo = probs > 0.5
         confident = (probs > self.threshold) | (probs < 1.0 - self.threshold)
         if self.negative_share > 0:
-            brain = (weak != 0).any(dim=1)  # z-scored scans keep the background at exactly 0
             for r in range(probs.shape[1]):
                 candidates = ~pseudo[:, r] & brain
                 values = probs[:, r][candidates]
@@ -234,7 +264,7 @@ def train(
     # Labelled and unlabelled samples batch at one size (with unlabelled ones it covers both).
     sample_size = _sample_size([*labelled, *(unlabelled if semi else ())], spatial_dims, config)
     loader = _training_loader(labelled, spatial_dims, config, sample_size) if labelled else None
-    fixmatch = FixMatch(spatial_dims, sample_size, config) if semi else None
+    fixmatch = FixMatch(spatial_dims, sample_size, config, model) if semi else None
     unlabelled_batches = None
     if semi:
         unlabelled_loader = _unlabelled_loader(unlabelled, spatial_dims, config, sample_size)
@@ -281,6 +311,8 @@ def train(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if fixmatch is not None:
+                fixmatch.update_teacher(model)
             total += float(loss.detach())
             batches += 1
         epoch_loss = total / max(batches, 1)

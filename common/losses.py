@@ -68,3 +68,17 @@ class UnlabelledLoss(nn.Module):
                             for r in range(logits.shape[1])]).mean()
         focal = (self.focal(logits, pseudo) * mask).sum() / mask.sum().clamp_min(1.0)
         return self.lambda_dice * dice + self.lambda_focal * focal
+
+
+class ConsistencyLoss(nn.Module):
+    """The mean teacher's unlabelled loss (Tarvainen & Valpola, NeurIPS 2017; Yu et al., MICCAI 2019 for
+    segmentation): the mean squared error between the strong view's probabilities and the teacher's
+    probabilities on the weak view (moved with it), over the voxels where ``mask`` is 1 (the brain, inside
+    the view). Unlike :class:`UnlabelledLoss` no voxel is thresholded, so no region's pseudo-labels outweigh
+    the others', and an uncertain voxel pulls towards the teacher's uncertainty rather than towards 0 or 1.
+    """
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Args: ``(B, R, *spatial)`` logits, the teacher's probabilities and the mask (0/1)."""
+        error = nn.functional.mse_loss(torch.sigmoid(logits), target, reduction="none")
+        return (error * mask).sum() / mask.sum().clamp_min(1.0)

@@ -15,7 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from fedlesion.common.config import declared_run_config, parse_shape
+from fedlesion.common.config import CHOICES, declared_run_config, parse_shape
 
 
 def _parse_value(text: str) -> Any:
@@ -129,7 +129,9 @@ def _train_config(args: argparse.Namespace) -> Any:
                               "samples-per-case": args.samples_per_case, "pos-ratio": args.pos_ratio,
                               "patch-size": patch_size, "local-steps": args.steps_per_epoch,
                               "fixmatch-threshold": args.fixmatch_threshold, "fixmatch-weight": args.fixmatch_weight,
-                              "fixmatch-negative-share": args.fixmatch_negative_share},
+                              "fixmatch-negative-share": args.fixmatch_negative_share,
+                              "fixmatch-teacher": args.fixmatch_teacher, "fixmatch-loss": args.fixmatch_loss,
+                              "fixmatch-ema-decay": args.fixmatch_ema_decay},
                              epochs=args.epochs, seed=args.seed, proximal_mu=args.proximal_mu)
 
 
@@ -429,6 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fixmatch-negative-share", type=float, default=declared["fixmatch-negative-share"],
                        help="also count this share of each region's predicted-negative brain voxels, the least likely "
                             "ones, as confident background (0: tau alone, which needs tau < 1; default %(default)s)")
+    train.add_argument("--fixmatch-teacher", choices=CHOICES["fixmatch-teacher"], default=declared["fixmatch-teacher"],
+                       help="who labels the weak view: student (the model being trained) or ema (its exponential "
+                            "moving average, the mean teacher; default %(default)s)")
+    train.add_argument("--fixmatch-ema-decay", type=float, default=declared["fixmatch-ema-decay"],
+                       help="with --fixmatch-teacher ema: the share of itself the teacher keeps at each step "
+                            "(default %(default)s)")
+    train.add_argument("--fixmatch-loss", choices=CHOICES["fixmatch-loss"], default=declared["fixmatch-loss"],
+                       help="hard: Dice + focal on thresholded pseudo-labels (FixMatch); soft: mean squared error to "
+                            "the teacher's probabilities on every brain voxel (consistency; default %(default)s)")
     train.add_argument("--fixmatch-weight", type=float, default=declared["fixmatch-weight"],
                        help="lambda_u, the unlabelled loss's weight (constant over the epochs; default %(default)s)")
     train.add_argument("--init-from", metavar="CHECKPOINT",

@@ -33,6 +33,9 @@ CLI_TRAIN = build_parser().parse_args(["train", "--data", "d", "--out", "o"])
         ("fixmatch-threshold", "fixmatch_threshold"),
         ("fixmatch-negative-share", "fixmatch_negative_share"),
         ("fixmatch-weight", "unlabelled_weight"),
+        ("fixmatch-teacher", "fixmatch_teacher"),
+        ("fixmatch-ema-decay", "fixmatch_ema_decay"),
+        ("fixmatch-loss", "fixmatch_loss"),
     ],
 )
 def test_training_defaults_are_the_declared_ones(key: str, field: str) -> None:
@@ -58,6 +61,12 @@ def test_cli_train_fixmatch_settings_reach_the_training_config() -> None:
                                       "--fixmatch-negative-share", "0.25", "--fixmatch-weight", "2.5"])
     config = _train_config(args)
     assert (config.fixmatch_threshold, config.fixmatch_negative_share, config.unlabelled_weight) == (0.97, 0.25, 2.5)
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--fixmatch-teacher", "ema",
+                                      "--fixmatch-ema-decay", "0.9", "--fixmatch-loss", "soft"])
+    config = _train_config(args)
+    assert (config.fixmatch_teacher, config.fixmatch_ema_decay, config.fixmatch_loss) == ("ema", 0.9, "soft")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "d", "--out", "o", "--fixmatch-teacher", "oracle"])
 
 
 def test_pooled_training_models_and_crops_as_the_federation_does(tiny_sites: Path, tmp_path: Path) -> None:

@@ -189,6 +189,19 @@ def test_a_fixmatch_setting_that_leaves_no_voxel_confident_is_refused() -> None:
     with pytest.raises(ValueError, match="leaves no voxel confident"):
         TrainConfig(fixmatch_threshold=1.0, fixmatch_negative_share=0.0)
     assert TrainConfig(fixmatch_threshold=0.9, fixmatch_negative_share=0.0).fixmatch_threshold == 0.9, "tau alone"
+    # The soft loss uses neither tau nor the share, so it needs neither.
+    assert TrainConfig(fixmatch_threshold=1.0, fixmatch_negative_share=0.0, fixmatch_loss="soft").fixmatch_loss == "soft"
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"fixmatch_teacher": "oracle"}, "fixmatch_teacher must be one of"),
+    ({"fixmatch_loss": "kl"}, "fixmatch_loss must be one of"),
+    ({"fixmatch_ema_decay": 1.0}, "fixmatch_ema_decay must be in"),
+    ({"fixmatch_ema_decay": -0.1}, "fixmatch_ema_decay must be in"),
+])
+def test_train_config_refuses_unknown_fixmatch_variants(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
 
 
 def test_training_with_the_same_seed_gives_the_same_model(tiny_sites: Path) -> None:

@@ -25,7 +25,7 @@ from fedlesion.common.data import (
     split_train_val,
 )
 from fedlesion.common.engine import FixMatch, train, unlabelled_weight
-from fedlesion.common.losses import UnlabelledLoss
+from fedlesion.common.losses import ConsistencyLoss, UnlabelledLoss
 from fedlesion.common.model import build_model
 from fedlesion.simulations.synthetic import write_site
 
@@ -158,6 +158,61 @@ def test_the_least_likely_share_of_predicted_background_counts_as_confident_nega
         "by default only the least likely half of the brain's predicted background counts, and no lesion"
 
 
+class _Constant(torch.nn.Module):
+    """Logit ``value`` everywhere, for each of three regions: a model whose weights are one number."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = torch.nn.Parameter(torch.tensor(value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(x.shape[0], 3, *x.shape[2:])
+
+
+def test_the_ema_teacher_starts_as_the_received_model_and_follows_the_student_slowly() -> None:
+    student = _Constant(2.0)
+    fixmatch = FixMatch(2, (8, 8), TrainConfig(seed=0, fixmatch_threshold=0.6, fixmatch_teacher="ema",
+                                               fixmatch_ema_decay=0.75), student)
+    weak = torch.ones(1, 4, 8, 8)
+    with torch.no_grad():
+        student.value.fill_(-2.0)  # the student moves; its teacher has not yet
+    pseudo, mask = fixmatch.pseudo_labels(student, weak, torch.device("cpu"))
+    assert pseudo.min() == 1 and mask.min() == 1, "labelled by the teacher (the model as received), not the student"
+    fixmatch.update_teacher(student)
+    assert float(fixmatch.teacher.module.value.detach()) == pytest.approx(0.75 * 2.0 + 0.25 * -2.0)  # 1.0
+    pseudo, _ = fixmatch.pseudo_labels(student, weak, torch.device("cpu"))
+    assert pseudo.min() == 1
+    for _ in range(4):
+        fixmatch.update_teacher(student)
+    pseudo, _ = fixmatch.pseudo_labels(student, weak, torch.device("cpu"))
+    assert pseudo.max() == 0, "the teacher follows the student: 1.0 x 0.75^4 - 2 (1 - 0.75^4) < 0"
+    assert float(student.value.detach()) == -2.0, "updating the teacher leaves the student alone"
+    # The default teacher is the student itself.
+    itself = FixMatch(2, (8, 8), TrainConfig(seed=0, fixmatch_threshold=0.6), student)
+    assert itself.teacher is None and itself.pseudo_labels(student, weak, torch.device("cpu"))[0].max() == 0
+
+
+def test_the_soft_loss_pulls_towards_the_teachers_probabilities_on_brain_voxels_only() -> None:
+    image = torch.zeros(2, 4, 16, 16)
+    image[:, :, 2:14] = 1.0  # rows 0-1 and 14-15 are air
+    soft = FixMatch(2, (16, 16), TrainConfig(seed=0, fixmatch_loss="soft"))
+    target, mask = soft.pseudo_labels(_FocalBiased(), image, torch.device("cpu"))
+    expected = torch.sigmoid(_FocalBiased()(image))
+    assert torch.allclose(target, expected.expand_as(target), atol=1e-6), "the probabilities, not thresholded"
+    assert mask[:, :, 2:14].min() == 1 and mask[:, :, :2].max() == 0 and mask[:, :, 14:].max() == 0, "brain only"
+    # The loss: 0 where the student agrees, a gradient towards the teacher where it does not, none outside the mask.
+    loss = ConsistencyLoss()
+    agree = torch.logit(target).clone().requires_grad_(True)
+    assert float(loss(agree, target, mask)) == pytest.approx(0.0, abs=1e-10)
+    logits = torch.zeros_like(target, requires_grad=True)  # 0.5 everywhere
+    value = loss(logits, target, mask)
+    value.backward()
+    assert float(value) == pytest.approx(float(((0.5 - target) ** 2 * mask).sum() / mask.sum()))
+    assert logits.grad[mask == 0].abs().max() == 0
+    brain = mask == 1
+    assert torch.equal(logits.grad[brain] > 0, target[brain] < 0.5), "lowered where the teacher says less than 0.5"
+
+
 class _LabelGuard:
     """A case whose label must not be read (a label hidden by label-fraction)."""
 
@@ -170,9 +225,11 @@ class _LabelGuard:
         return getattr(self._case, name)
 
 
-def test_fixmatch_trains_on_unlabelled_cases_without_reading_their_labels(site_dir: Path) -> None:
+@pytest.mark.parametrize("teacher, loss", [("student", "hard"), ("ema", "soft")])
+def test_fixmatch_trains_on_unlabelled_cases_without_reading_their_labels(site_dir: Path, teacher: str, loss: str) -> None:
     cases = load_site(site_dir, cache=None).cases
-    config = TrainConfig(epochs=1, steps=3, batch_size=4, samples_per_case=4, seed=0, fixmatch_threshold=0.6)
+    config = TrainConfig(epochs=1, steps=3, batch_size=4, samples_per_case=4, seed=0, fixmatch_threshold=0.6,
+                         fixmatch_teacher=teacher, fixmatch_loss=loss)
     torch.manual_seed(0)
     model = build_model("unet2d", 4, 3, **TINY)
     before = {k: v.clone() for k, v in model.state_dict().items()}
