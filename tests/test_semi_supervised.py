@@ -203,7 +203,7 @@ def test_the_soft_loss_pulls_towards_the_teachers_probabilities_on_brain_voxels_
     # The loss: 0 where the student agrees, a gradient towards the teacher where it does not, none outside the mask.
     loss = ConsistencyLoss()
     agree = torch.logit(target).clone().requires_grad_(True)
-    assert float(loss(agree, target, mask)) == pytest.approx(0.0, abs=1e-10)
+    assert float(loss(agree, target, mask).detach()) == pytest.approx(0.0, abs=1e-10)
     logits = torch.zeros_like(target, requires_grad=True)  # 0.5 everywhere
     value = loss(logits, target, mask)
     value.backward()
