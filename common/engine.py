@@ -309,9 +309,11 @@ def train(
                                          f"{batches + 1} (learning rate {config.learning_rate:g}); lower the "
                                          "learning rate. The model is left as it was before this epoch's checkpoint.")
             scaler.scale(loss).backward()
+            # An EMA teacher follows only the steps taken (GradScaler skips one with inf gradients, lowering its scale).
+            scale = scaler.get_scale() if fixmatch is not None and fixmatch.teacher is not None else None
             scaler.step(optimizer)
             scaler.update()
-            if fixmatch is not None:
+            if scale is not None and scaler.get_scale() >= scale:
                 fixmatch.update_teacher(model)
             total += float(loss.detach())
             batches += 1

@@ -107,6 +107,10 @@ def test_with_defaults_overlays_the_declared_table() -> None:
         ({"samples-per-case": 10**9}, r"'samples-per-case' = 1000000000 is out of range"),
         ({"local-epochs": 10**6}, r"'local-epochs' = 1000000 is out of range"),
         ({"model-args": "base_channels=100000"}, r"base_channels=100000 must be from 1 to 256"),
+        ({"fixmatch-teacher": "oracle"}, r"run-config 'fixmatch-teacher' = 'oracle' is not one of"),
+        ({"fixmatch-loss": "kl"}, r"run-config 'fixmatch-loss' = 'kl' is not one of"),
+        ({"fixmatch-ema-decay": 1.0}, r"'fixmatch-ema-decay' = 1.0 is out of range"),
+        ({"fixmatch-ema-decay": True}, r"'fixmatch-ema-decay' = True has type bool"),
     ],
 )
 def test_with_defaults_refuses_wrong_types_and_unknown_keys(run_config: dict[str, Any], match: str) -> None:

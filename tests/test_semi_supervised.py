@@ -187,6 +187,19 @@ def test_the_ema_teacher_starts_as_the_received_model_and_follows_the_student_sl
     pseudo, _ = fixmatch.pseudo_labels(student, weak, torch.device("cpu"))
     assert pseudo.max() == 0, "the teacher follows the student: 1.0 x 0.75^4 - 2 (1 - 0.75^4) < 0"
     assert float(student.value.detach()) == -2.0, "updating the teacher leaves the student alone"
+    # BatchNorm's running statistics are averaged too (use_buffers), and the teacher labels in eval mode.
+    model = build_model("unet2d", 4, 3, base_channels=4, depth=2, norm="batch")
+    batch_norm = FixMatch(2, (16, 16), TrainConfig(seed=0, fixmatch_teacher="ema", fixmatch_ema_decay=0.75), model)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("running_mean")}
+    model.train()
+    model(torch.randn(2, 4, 16, 16) + 3.0)  # the student's running means move
+    batch_norm.update_teacher(model)
+    teacher = batch_norm.teacher.module.state_dict()
+    for key, old in before.items():
+        new = model.state_dict()[key]
+        assert not torch.equal(new, old)
+        assert torch.allclose(teacher[key], 0.75 * old + 0.25 * new, atol=1e-6), key
+    assert not batch_norm.teacher.module.training
     # The default teacher is the student itself.
     itself = FixMatch(2, (8, 8), TrainConfig(seed=0, fixmatch_threshold=0.6), student)
     assert itself.teacher is None and itself.pseudo_labels(student, weak, torch.device("cpu"))[0].max() == 0
@@ -207,7 +220,7 @@ def test_the_soft_loss_pulls_towards_the_teachers_probabilities_on_brain_voxels_
     logits = torch.zeros_like(target, requires_grad=True)  # 0.5 everywhere
     value = loss(logits, target, mask)
     value.backward()
-    assert float(value) == pytest.approx(float(((0.5 - target) ** 2 * mask).sum() / mask.sum()))
+    assert float(value.detach()) == pytest.approx(float(((0.5 - target) ** 2 * mask).sum() / mask.sum()))
     assert logits.grad[mask == 0].abs().max() == 0
     brain = mask == 1
     assert torch.equal(logits.grad[brain] > 0, target[brain] < 0.5), "lowered where the teacher says less than 0.5"
@@ -226,16 +239,38 @@ class _LabelGuard:
 
 
 @pytest.mark.parametrize("teacher, loss", [("student", "hard"), ("ema", "soft")])
-def test_fixmatch_trains_on_unlabelled_cases_without_reading_their_labels(site_dir: Path, teacher: str, loss: str) -> None:
+def test_fixmatch_trains_on_unlabelled_cases_without_reading_their_labels(site_dir: Path, teacher: str, loss: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     cases = load_site(site_dir, cache=None).cases
     config = TrainConfig(epochs=1, steps=3, batch_size=4, samples_per_case=4, seed=0, fixmatch_threshold=0.6,
                          fixmatch_teacher=teacher, fixmatch_loss=loss)
     torch.manual_seed(0)
     model = build_model("unet2d", 4, 3, **TINY)
+    teacher_updates, labellers, made = [], [], []
+    original_init, original_update = FixMatch.__init__, FixMatch.update_teacher
+
+    def init(self, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        original_init(self, *args, **kwargs)
+        made.append(self)
+        if self.teacher is not None:
+            teacher_updates.append(0)
+            module, forward = self.teacher.module, self.teacher.module.forward
+            module.forward = lambda x: (labellers.append(module), forward(x))[1]
+
+    def update(self, student) -> None:  # noqa: ANN001
+        if self.teacher is not None:
+            teacher_updates[-1] += 1
+        original_update(self, student)
+
+    monkeypatch.setattr(FixMatch, "__init__", init)
+    monkeypatch.setattr(FixMatch, "update_teacher", update)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stats = train(model, cases[:2], 2, config, torch.device("cpu"), unlabelled=[_LabelGuard(c) for c in cases[2:]])
+    assert len(made) == 1
     assert 0.0 <= stats["unlabelled-confident"] <= 1.0 and stats["unlabelled-loss"] >= 0.0
     assert stats["unlabelled-weight"] == 1.0 and stats["train-samples"] == 24.0  # 3 steps x (4 labelled + 4 unlabelled)
+    if teacher == "ema":  # the teacher moved after each of the 3 steps, and labelled every unlabelled batch
+        assert teacher_updates == [3] and len(labellers) == 3 and all(m is not model for m in labellers)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     # Unlabelled cases alone train too (a site with no label at all); lambda_u 0 with no label trains nothing.
     only = train(build_model("unet2d", 4, 3, **TINY), [], 2, config, torch.device("cpu"), unlabelled=cases[2:])
