@@ -509,9 +509,12 @@ def per_site_table(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _dice_cell(block: Mapping[str, Any] | None, regions: Sequence[str]) -> str:
-    """``WT / TC / ET`` Dice as ``mean ± std`` of one scored block (``-`` for none)."""
+    """``WT / TC / ET`` Dice as ``mean ± std`` of one scored block (``-`` for none). A block aggregated over
+    folds or seeds of which only one scored it has no spread: its means alone, marked ``(1 repeat)``."""
     if not block:
         return "-"
+    if block.get("repeats") == 1:
+        return " / ".join(f"{block['summary'][r]['dice_mean']:.3f}" for r in regions) + " (1 repeat)"
     return " / ".join(f"{block['summary'][r]['dice_mean']:.3f} ± {block['summary'][r]['dice_std']:.3f}" for r in regions)
 
 

@@ -152,6 +152,9 @@ def test_a_site_missing_from_a_fold_is_still_reported_and_seeds_do_not_add_up_ca
     results = aggregate_repeats([{"fedavg": first}, {"fedavg": second}], ["WT"])
     assert results["fedavg"]["sites"]["C"]["repeats"] == 1 and results["fedavg"]["worst_site"]["site"] == "C"
     assert results["fedavg"]["sites"]["A"]["num_cases"] == 2
+    lines = "\n".join(per_site_markdown(results, ["WT"]))
+    assert "| C | 1 | 0.100 (1 repeat) |" in lines, "one fold scored C: no spread to show, not ± 0.000"
+    assert "| A | 2 | 0.700 ± 0.141 |" in lines
     same = aggregate_repeats([{"fedavg": first}, {"fedavg": first}], ["WT"], cases_add_up=False)
     assert same["fedavg"]["sites"]["A"]["num_cases"] == 1, "seeds hold out the same cases"
 
