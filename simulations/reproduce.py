@@ -520,7 +520,8 @@ def _dice_cell(block: Mapping[str, Any] | None, regions: Sequence[str]) -> str:
 
 def per_site_markdown(results: Mapping[str, Any], regions: Sequence[str]) -> list[str]:
     """Per site: each configuration's Dice per region on that site's held-out cases (mean ± std over
-    its cases, or over folds or seeds), the site's own model as ``local``; then the worst site."""
+    its cases, or over folds or seeds; a site only one fold or seed scored: its means, ``(1 repeat)``), the
+    site's own model as ``local``; then the worst site."""
     table = per_site_table(results)
     if not table:
         return []
