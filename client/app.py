@@ -240,7 +240,8 @@ def train(msg: Message, context: Context) -> Message:
         logger.warning("fedbn: no BatchNorm layers of this site are stored (SuperNode restarted without a personal-dir, "
                        "or run resumed); round %d starts from the global model's averaged ones", server_round)
     unlabelled = site.unlabelled if values["semi-supervised"] else []
-    stats = train_cases(model, site.train, spatial_dims, config, site.device, unlabelled=unlabelled)
+    stats = train_cases(model, site.train, spatial_dims, config, site.device, unlabelled=unlabelled,
+                        postprocessing=PostProcessing.from_run_config(values))  # an offline teacher cleans as predict does
     _keep_batchnorm(context, site, model, server_round)
     fixmatch = "unlabelled-loss" in stats  # it ran: unlabelled cases and lambda_u > 0
     metrics = MetricRecord({

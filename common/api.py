@@ -89,6 +89,7 @@ def train_centralized(
     fixmatch_rampup: float = 0.0,
     label_fraction: float = 1.0,
     init_from: str | Path | None = None,
+    postprocess: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
     """Pooled (centralized) training: the baseline federation is compared with. From a checkpoint
     (``init_from``), the same on one site's cases is that site's fine-tuning of a model it received.
@@ -128,6 +129,9 @@ def train_centralized(
             near the one it started from (FedProx's term, Ditto's personal objective). ``config`` must carry the
             checkpoint's patch (:attr:`Checkpoint.patch_size`, also its sliding window); the learning rate is
             ``config``'s (the command defaults it to ``finetune-learning-rate``).
+        postprocess: post-processing run-config values (``postprocess``, ``postprocess-min-mm3``,
+            ``postprocess-components``) that win over the declared ones (or ``init_from``'s): what the
+            checkpoint records, and how an offline FixMatch teacher cleans its pseudo-labels.
 
     Returns:
         The final :class:`Checkpoint`.
@@ -168,6 +172,8 @@ def train_centralized(
         model = model or declared["model"]
         crop_foreground = declared["crop-foreground"] if crop_foreground is None else crop_foreground
         spec = resolve_spec(data, manifest)
+    if postprocess is not None:  # a run's own settings win, checked before any case is read
+        postprocessing = PostProcessing.from_run_config({**postprocessing.to_run_config(), **postprocess})
     ids = select_cases(discover_cases(data, spec) if case_ids is None else list(case_ids), include, exclude)
     check_output(out, inputs=[*([init_from] if init_from is not None else []), *_input_files(data, spec, ids, manifest)],
                  force=force, what="--out")
@@ -233,7 +239,7 @@ def train_centralized(
         return unlabelled_weight(1.0, min(epoch_index // epochs_per_round + 1, rounds), rounds, fixmatch_rampup)
 
     train(network, [by_id[c] for c in train_ids], spatial_dims, config, dev, progress=after_epoch, lr_factor=lr_factor,
-          unlabelled=unlabelled, unlabelled_factor=unlabelled_factor)
+          unlabelled=unlabelled, unlabelled_factor=unlabelled_factor, postprocessing=postprocessing)
     return checkpoint
 
 

@@ -98,7 +98,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr-schedule": ("constant", "cosine"),
     "transport-dtype": ("float32", "float16"),
     "dp": ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"),
-    "fixmatch-teacher": ("student", "ema"), "fixmatch-loss": ("hard", "soft"),
+    "fixmatch-teacher": ("student", "ema", "offline"), "fixmatch-loss": ("hard", "soft"),
 }
 MAX_SYNTH_SIDE = 512  # synthetic volumes are BraTS-like: 240 x 240 x 155 at most in practice
 
@@ -241,7 +241,7 @@ class TrainConfig:
     fixmatch_threshold: float = _from_run_config("fixmatch-threshold")  # tau: confident voxels only
     # and this share of each region's predicted-negative brain voxels, the least likely ones
     fixmatch_negative_share: float = _from_run_config("fixmatch-negative-share")
-    fixmatch_teacher: str = _from_run_config("fixmatch-teacher")  # student | ema (mean teacher)
+    fixmatch_teacher: str = _from_run_config("fixmatch-teacher")  # student | ema (mean teacher) | offline (self-training)
     fixmatch_ema_decay: float = _from_run_config("fixmatch-ema-decay")
     fixmatch_loss: str = _from_run_config("fixmatch-loss")  # hard (FixMatch) | soft (consistency)
     # lambda_u: weight of the unlabelled (FixMatch) loss, the ramped value of this round (see unlabelled_weight)

@@ -109,20 +109,30 @@ def _training_loader(cases: Sequence[PreparedCase], spatial_dims: int, config: T
     )
 
 
-def _read_image(item: dict[str, PreparedCase]) -> dict[str, np.ndarray]:
-    """An unlabelled sample's source: the scans only (a hidden label is never read) and the brain to sample in."""
+OFFLINE_KEY = "pseudo"  # what an offline teacher's labels add to an unlabelled sample (FixMatch.label_volumes)
+OFFLINE_CODES = {"not counted": 0, "background": 1, "lesion": 2}  # its values with the hard loss
+
+
+def _read_image(item: dict[str, Any]) -> dict[str, np.ndarray]:
+    """An unlabelled sample's source: the scans only (a hidden label is never read) and the brain to sample in;
+    with an offline teacher also the case's pseudo-label volume (:meth:`FixMatch.label_volumes`)."""
     image = item["case"].image
-    return {"image": image, "brain": (image[:1] != 0).astype(np.uint8)}  # z-scored over the brain: 0 outside it
+    return {"image": image, "brain": (image[:1] != 0).astype(np.uint8),  # z-scored over the brain: 0 outside it
+            **({OFFLINE_KEY: item[OFFLINE_KEY]} if OFFLINE_KEY in item else {})}
 
 
-def _unlabelled_loader(cases: Sequence[PreparedCase], spatial_dims: int, config: TrainConfig,
-                       sample_size: tuple[int, ...]) -> DataLoader:
-    pipeline = Compose([_read_image, *unlabelled_transforms(spatial_dims, sample_size).transforms])
+def _unlabelled_loader(items: Sequence[dict[str, Any]], spatial_dims: int, config: TrainConfig,
+                       sample_size: tuple[int, ...], stream: int = 0) -> DataLoader:
+    """Weak views of ``items`` (``{"case"}``, or with an offline teacher ``{"case", "pseudo"}``), each
+    ``samples_per_case`` times; ``stream`` picks other random draws (an offline teacher's later epochs)."""
+    offline = bool(items) and OFFLINE_KEY in items[0]
+    transform = unlabelled_transforms(spatial_dims, sample_size, (OFFLINE_KEY,) if offline else ())
+    pipeline = Compose([_read_image, *transform.transforms])
     generator = torch.Generator()
     if config.seed is not None:  # its own streams: the labelled samples are drawn as without unlabelled cases
-        pipeline.set_random_state(seed=config.seed + 1)
-        generator.manual_seed(config.seed + 1)
-    items = [{"case": c} for c in cases for _ in range(config.samples_per_case)]
+        pipeline.set_random_state(seed=config.seed + 1 + 7919 * stream)
+        generator.manual_seed(config.seed + 1 + 7919 * stream)
+    items = [item for item in items for _ in range(config.samples_per_case)]
     return DataLoader(Dataset(items, transform=pipeline), batch_size=config.batch_size, shuffle=True,
                       num_workers=config.num_workers, generator=generator, drop_last=len(items) > config.batch_size)
 
@@ -150,13 +160,29 @@ class FixMatch:
     step; ``fixmatch-loss = "soft"`` replaces the thresholded pseudo-labels by the teacher's probabilities
     on every brain voxel, scored by :class:`fedlesion.common.losses.ConsistencyLoss` (mean squared error).
     Both together are the mean teacher (Tarvainen & Valpola 2017).
+
+    ``fixmatch-teacher = "offline"`` is self-training with post-processed pseudo-labels (Bai et al., MICCAI
+    2017, refined pseudo-labels for cardiac MR; Xie et al., CVPR 2020, Noisy Student): at the start of each
+    epoch (a federation: each round, from its global model) :meth:`label_volumes` predicts every unlabelled
+    case's whole volume and removes the lesion components post-processing removes from a prediction (the run's
+    ``postprocess*`` settings; each region's channel is thresholded at 0.5 as the other teachers do, without
+    the label map's nesting); the weak view then carries these labels (moved with it), not a prediction of the
+    view itself. The same rule picks the confident voxels, on the volume's probabilities; the removed
+    components' probability is set to 0, so they count as background under any rule. Why: a slice sees a
+    far-off false-positive island as lesion; a volume's post-processing sees it is not (README,
+    "Semi-supervised training"). Cost: every unlabelled volume is predicted once an epoch, and held as one byte
+    (hard loss; two with the soft one) per region and voxel until the epoch ends.
     """
 
     def __init__(self, spatial_dims: int, sample_size: tuple[int, ...], config: TrainConfig,
-                 model: nn.Module | None = None) -> None:
+                 model: nn.Module | None = None, postprocessing: PostProcessing | None = None) -> None:
         self.threshold = config.fixmatch_threshold
         self.negative_share = config.fixmatch_negative_share
         self.soft = config.fixmatch_loss == "soft"
+        self.offline = config.fixmatch_teacher == "offline"
+        self.spatial_dims, self.patch_size = spatial_dims, config.patch_size
+        # An offline teacher's labels are cleaned as a prediction is (None: the declared defaults).
+        self.postprocessing = postprocessing or PostProcessing.from_run_config({})
         self.strong = strong_transforms(spatial_dims, sample_size)
         if config.seed is not None:
             self.strong.set_random_state(seed=config.seed + 2)
@@ -192,6 +218,11 @@ class FixMatch:
         if self.soft:
             return probs, brain.unsqueeze(1).expand_as(probs).float()
         pseudo = probs > 0.5
+        return pseudo.float(), self.confident(probs, pseudo, brain).float()
+
+    def confident(self, probs: torch.Tensor, pseudo: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+        """Where ``(B, R, *spatial)`` pseudo-labels count: probability above tau or below 1 - tau, and per region
+        the ``negative_share`` of the predicted-negative ``brain`` (``(B, *spatial)``) voxels least likely lesion."""
         confident = (probs > self.threshold) | (probs < 1.0 - self.threshold)
         if self.negative_share > 0:
             for r in range(probs.shape[1]):
@@ -201,7 +232,41 @@ class FixMatch:
                 if count:
                     cut = values.kthvalue(count).values
                     confident[:, r] |= candidates & (probs[:, r] <= cut)
-        return pseudo.float(), confident.float()
+        return confident
+
+    @torch.no_grad()
+    def label_volumes(self, model: nn.Module, cases: Sequence[PreparedCase], device: torch.device) -> list[dict[str, Any]]:
+        """The offline teacher: ``model`` (as it is now) labels each case's whole volume; only the scans are read.
+
+        Returns:
+            ``{"case", "pseudo"}`` per case, ``pseudo`` a ``(R, X, Y, Z)`` volume: with the hard loss uint8 codes,
+            0 not counted, 1 background, 2 lesion (:data:`OFFLINE_CODES`; the thresholded prediction less the
+            components post-processing removes, counted by the confidence rule); with the soft loss the float16
+            probabilities, 0 in removed components (every brain voxel counts). :meth:`offline_labels` decodes a batch.
+        """
+        items = []
+        for case in cases:
+            image = case.image  # one read: a LazyCase fetches it on each use
+            probs = predict_probabilities(model, image, self.spatial_dims, device, patch_size=self.patch_size)
+            lesion = (probs > 0.5).any(dim=0)
+            kept = postprocess_labels(lesion.numpy().astype(np.uint8), self.postprocessing, case.spacing) > 0
+            probs[:, lesion & ~torch.from_numpy(kept)] = 0.0
+            if self.soft:
+                items.append({"case": case, OFFLINE_KEY: probs.numpy().astype(np.float16)})
+                continue
+            pseudo = probs > 0.5
+            counted = self.confident(probs[None], pseudo[None], torch.from_numpy(image[:1] != 0))[0]
+            items.append({"case": case, OFFLINE_KEY: (counted.to(torch.uint8) * (1 + pseudo.to(torch.uint8))).numpy()})
+        return items
+
+    def offline_labels(self, batch: torch.Tensor, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pseudo, mask)`` of a batch of weak views' offline labels (``batch``, moved with ``weak``); a voxel
+        padded or rotated in holds 0: not counted (hard), outside the brain (soft)."""
+        batch = batch.float()
+        if self.soft:
+            brain = (weak != 0).any(dim=1, keepdim=True).to(batch.device)
+            return batch, brain.expand_as(batch).float()
+        return (batch == OFFLINE_CODES["lesion"]).float(), (batch != OFFLINE_CODES["not counted"]).float()
 
     def strong_views(self, weak: torch.Tensor, pseudo: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The strong view of each sample: ``(image, pseudo, mask)`` batches, moved together."""
@@ -209,9 +274,11 @@ class FixMatch:
         return tuple(torch.stack([torch.as_tensor(v[key]).as_subclass(torch.Tensor) for v in views]).to(weak.device)
                      for key in ("image", "pseudo", "mask"))
 
-    def __call__(self, model: nn.Module, weak: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, float]:
-        """The unlabelled loss of one weak batch, and the share of its voxels that were confident."""
-        pseudo, mask = self.pseudo_labels(model, weak, device)
+    def __call__(self, model: nn.Module, weak: torch.Tensor, device: torch.device,
+                 labels: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
+        """The unlabelled loss of one weak batch, and the share of its voxels that were confident; ``labels``:
+        the batch's ``(pseudo, mask)`` from an offline teacher, else the teacher labels the weak view now."""
+        pseudo, mask = labels if labels is not None else self.pseudo_labels(model, weak, device)
         image, pseudo, mask = self.strong_views(weak, pseudo, mask)
         with autocast(device):
             logits = model(image)
@@ -228,6 +295,7 @@ def train(
     lr_factor: Callable[[int], float] | None = None,
     unlabelled: Sequence[PreparedCase] = (),
     unlabelled_factor: Callable[[int], float] | None = None,
+    postprocessing: PostProcessing | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on labelled cases (and, FixMatch, on unlabelled ones), with one optimiser
     for all ``config.epochs`` epochs.
@@ -248,6 +316,8 @@ def train(
             labelled cases an epoch is ``config.steps`` (or one pass over the unlabelled samples) of these alone.
         unlabelled_factor: lambda_u of epoch ``e`` (0-based) as a multiple of ``config.unlabelled_weight``
             (pooled training's ramp-up, :func:`unlabelled_weight`); ``None``: constant.
+        postprocessing: how an offline teacher (``fixmatch-teacher = "offline"``) cleans its labels, as
+            predictions are cleaned; ``None``: the declared defaults.
 
     Returns:
         ``{"train-loss": mean loss of the last epoch, "train-samples": samples seen, "train-seconds": wall time}``;
@@ -264,10 +334,10 @@ def train(
     # Labelled and unlabelled samples batch at one size (with unlabelled ones it covers both).
     sample_size = _sample_size([*labelled, *(unlabelled if semi else ())], spatial_dims, config)
     loader = _training_loader(labelled, spatial_dims, config, sample_size) if labelled else None
-    fixmatch = FixMatch(spatial_dims, sample_size, config, model) if semi else None
+    fixmatch = FixMatch(spatial_dims, sample_size, config, model, postprocessing) if semi else None
     unlabelled_batches = None
-    if semi:
-        unlabelled_loader = _unlabelled_loader(unlabelled, spatial_dims, config, sample_size)
+    if semi and not fixmatch.offline:  # an offline teacher's loader is made each epoch, with that epoch's labels
+        unlabelled_loader = _unlabelled_loader([{"case": c} for c in unlabelled], spatial_dims, config, sample_size)
         unlabelled_batches = itertools.chain.from_iterable(itertools.repeat(unlabelled_loader))
     loss_fn = build_loss(config.lambda_dice, config.lambda_focal, config.focal_gamma, config.focal_alpha)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -277,6 +347,10 @@ def train(
     start, seen, epoch_loss = time.perf_counter(), 0, float("nan")
     unlabelled_stats: dict[str, float] = {}
     for epoch in range(1, config.epochs + 1):
+        if fixmatch is not None and fixmatch.offline:  # the model as it starts the epoch labels the unlabelled volumes
+            items = fixmatch.label_volumes(model, unlabelled, device)
+            unlabelled_loader = _unlabelled_loader(items, spatial_dims, config, sample_size, stream=epoch - 1)
+            unlabelled_batches = itertools.chain.from_iterable(itertools.repeat(unlabelled_loader))
         model.train()  # ``progress`` may have evaluated the model
         total, batches, u_total, u_confident = 0.0, 0, 0.0, 0.0
         # An epoch is one pass over the samples, or exactly config.steps batches (passing over them again as needed).
@@ -296,8 +370,11 @@ def train(
                     loss = loss_fn(model(image), label)
                 seen += image.shape[0]
             if fixmatch is not None:
-                weak = next(unlabelled_batches)["image"].to(device, non_blocking=True).float()
-                u_loss, confident = fixmatch(model, weak, device)
+                u_batch = next(unlabelled_batches)
+                weak = u_batch["image"].to(device, non_blocking=True).float()
+                # An offline teacher's labels stay on the CPU, where the strong view is drawn.
+                labels = fixmatch.offline_labels(u_batch[OFFLINE_KEY], u_batch["image"]) if fixmatch.offline else None
+                u_loss, confident = fixmatch(model, weak, device, labels)
                 loss = loss + weight * u_loss
                 u_total, u_confident = u_total + float(u_loss.detach()), u_confident + confident
                 seen += weak.shape[0]

@@ -7,7 +7,7 @@ so the mask always stays on the lesion; intensity jitter touches the image alone
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -118,13 +118,18 @@ def training_transforms(
     return Compose(steps)
 
 
-def unlabelled_transforms(spatial_dims: int, sample_size: tuple[int, ...]) -> Compose:
+def unlabelled_transforms(spatial_dims: int, sample_size: tuple[int, ...], targets: Sequence[str] = ()) -> Compose:
     """Sampling plus FixMatch's weak view for one unlabelled sample: a slice (2D) or patch (3D) centred on
     the brain (its nonzero voxels; there is no lesion mask to centre on), padded like the labelled
     samples, flipped and slightly rotated.
 
+    Args:
+        targets: keys of volumes that move with the image (an offline teacher's pseudo-label and confidence
+            mask): cropped, padded (0), flipped and rotated alike, rotated nearest-neighbour.
+
     Returns:
-        A MONAI ``Compose`` taking ``{"image": (C, X, Y, Z), "brain": (1, X, Y, Z)}`` and giving ``{"image"}``.
+        A MONAI ``Compose`` taking ``{"image": (C, X, Y, Z), "brain": (1, X, Y, Z), *targets}`` and giving
+        ``{"image", *targets}``.
 
     Raises:
         ValueError: for ``spatial_dims`` not 2 or 3 or a ``sample_size`` of the wrong length.
@@ -133,7 +138,8 @@ def unlabelled_transforms(spatial_dims: int, sample_size: tuple[int, ...]) -> Co
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
     if len(sample_size) != spatial_dims:
         raise ValueError(f"sample_size must have {spatial_dims} values, got {tuple(sample_size)}.")
-    keys = ("image", "brain")
+    moved = ("image", *targets)
+    keys = (*moved, "brain")
     size = (-1, -1, 1) if spatial_dims == 2 else tuple(sample_size)
     steps: list[Any] = [RandCropByPosNegLabeld(keys=keys, label_key="brain", spatial_size=size, pos=1.0, neg=0.0,
                                                num_samples=1, allow_smaller=True)]
@@ -142,11 +148,12 @@ def unlabelled_transforms(spatial_dims: int, sample_size: tuple[int, ...]) -> Co
     small = math.radians(10)
     steps += [
         DeleteItemsd(keys="brain"),
-        SpatialPadd(keys="image", spatial_size=tuple(sample_size)),
-        RandFlipd(keys="image", prob=0.5, spatial_axis=0),
-        RandFlipd(keys="image", prob=0.5, spatial_axis=1),
-        RandRotated(keys="image", range_x=small, range_y=0.0 if spatial_dims == 2 else small,
-                    range_z=0.0 if spatial_dims == 2 else small, prob=0.5, padding_mode="zeros"),
+        SpatialPadd(keys=moved, spatial_size=tuple(sample_size)),
+        RandFlipd(keys=moved, prob=0.5, spatial_axis=0),
+        RandFlipd(keys=moved, prob=0.5, spatial_axis=1),
+        RandRotated(keys=moved, range_x=small, range_y=0.0 if spatial_dims == 2 else small,
+                    range_z=0.0 if spatial_dims == 2 else small, prob=0.5, padding_mode="zeros",
+                    mode=("bilinear", *("nearest" for _ in targets))),
     ]
     return Compose(steps)
 

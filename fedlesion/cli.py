@@ -432,8 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also count this share of each region's predicted-negative brain voxels, the least likely "
                             "ones, as confident background (0: tau alone, which needs tau < 1; default %(default)s)")
     train.add_argument("--fixmatch-teacher", choices=CHOICES["fixmatch-teacher"], default=declared["fixmatch-teacher"],
-                       help="who labels the weak view: student (the model being trained) or ema (its exponential "
-                            "moving average, the mean teacher; default %(default)s)")
+                       help="who labels the weak view: student (the model being trained), ema (its exponential "
+                            "moving average, the mean teacher) or offline (the model as each epoch starts labels every "
+                            "unlabelled case's whole volume, post-processed as predictions are; default %(default)s)")
     train.add_argument("--fixmatch-ema-decay", type=float, default=declared["fixmatch-ema-decay"],
                        help="with --fixmatch-teacher ema: the share of itself the teacher keeps at each step "
                             "(default %(default)s)")

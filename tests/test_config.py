@@ -65,6 +65,8 @@ def test_cli_train_fixmatch_settings_reach_the_training_config() -> None:
                                       "--fixmatch-ema-decay", "0.9", "--fixmatch-loss", "soft"])
     config = _train_config(args)
     assert (config.fixmatch_teacher, config.fixmatch_ema_decay, config.fixmatch_loss) == ("ema", 0.9, "soft")
+    offline = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--fixmatch-teacher", "offline"])
+    assert _train_config(offline).fixmatch_teacher == "offline"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--data", "d", "--out", "o", "--fixmatch-teacher", "oracle"])
 

@@ -358,3 +358,126 @@ def test_fixmatch_trains_a_3d_model_on_patches(site_dir: Path) -> None:
     model = build_model("unet3d", 4, 3, base_channels=4, depth=2)
     stats = train(model, cases[:1], 3, config, torch.device("cpu"), unlabelled=cases[1:3])
     assert stats["train-samples"] == 8.0 and 0.0 <= stats["unlabelled-confident"] <= 1.0
+
+
+class _Bright(torch.nn.Module):
+    """Lesion where the first channel is bright (> 1.5), in each of three regions: probability ~1 there, ~0 elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (10.0 * (x[:, :1] - 1.5)).expand(x.shape[0], 3, *x.shape[2:])
+
+
+def _two_lesions(site_dir: Path):  # noqa: ANN202
+    """A real prepared case whose scan holds one tumour (10 x 10 x 6 voxels) and one far-off 8-voxel island."""
+    import dataclasses
+
+    case = load_site(site_dir, cache=None).cases[0]
+    image = np.zeros_like(case.image)
+    image[:, 2:30, 2:30, 2:14] = np.linspace(0.1, 0.5, 28, dtype=np.float32)[:, None, None]  # the brain, less likely lesion to one side
+    image[:, 5:15, 5:15, 4:10] = 3.0  # the tumour
+    image[:, 25:27, 25:27, 10:12] = 3.0  # the island, 8 voxels: far under postprocess-min-mm3
+    return dataclasses.replace(case, image=image)
+
+
+def test_the_offline_teacher_labels_whole_volumes_without_their_far_off_islands(site_dir: Path) -> None:
+    from fedlesion.common.postprocess import PostProcessing
+
+    case = _LabelGuard(_two_lesions(site_dir))  # a hidden label: never read
+    tumour, island = (slice(None), slice(5, 15), slice(5, 15), slice(4, 10)), (slice(None), slice(25, 27), slice(25, 27), slice(10, 12))
+    brain, air = (slice(None), slice(2, 30), slice(2, 30), slice(2, 14)), (slice(None), slice(0, 2))
+    config = TrainConfig(seed=0, fixmatch_teacher="offline", fixmatch_threshold=0.9, fixmatch_negative_share=0.0)
+    fixmatch = FixMatch(2, (32, 32), config)  # the declared post-processing
+    [item] = fixmatch.label_volumes(_Bright(), [case], torch.device("cpu"))
+    codes = item["pseudo"]
+    assert item["case"] is case and set(item) == {"case", "pseudo"} and codes.shape == (3, *case.shape[1:])
+    assert codes.dtype == np.uint8 and (codes[tumour] == 2).all(), "the tumour is confident lesion"
+    assert (codes[island] == 1).all(), "the island post-processing removes counts as background"
+    assert (codes == 2).sum() == 3 * 600 and (codes[brain] > 0).all()  # p ~0 elsewhere in the brain: below 1 - tau
+    pseudo, mask = fixmatch.offline_labels(torch.from_numpy(codes)[None], torch.from_numpy(case.image)[None])
+    assert torch.equal(pseudo[0], torch.from_numpy(codes == 2).float()) and torch.equal(mask[0], torch.from_numpy(codes > 0).float())
+    raw = FixMatch(2, (32, 32), config, postprocessing=PostProcessing(False, 0.0, 0))
+    assert (raw.label_volumes(_Bright(), [case], torch.device("cpu"))[0]["pseudo"][island] == 2).all(), \
+        "without post-processing the island would be lesion: post-processing is what removes it"
+    # The background share is taken on the volume, among its brain voxels: never air, at most half the brain.
+    share = FixMatch(2, (32, 32), TrainConfig(seed=0, fixmatch_teacher="offline", fixmatch_negative_share=0.5))
+    codes = share.label_volumes(_Bright(), [case], torch.device("cpu"))[0]["pseudo"]
+    assert (codes[air] == 0).all() and (codes[tumour] == 0).all(), "tau 1.0: no lesion counts, air is no candidate"
+    background = (case.image[0] != 0).sum() - 600  # the brain's predicted background (the island's 8 voxels included)
+    counted = (codes == 1).sum(axis=(1, 2, 3))
+    assert (counted >= background / 2).all() and (counted < background * 0.6).all() and (codes[island] == 1).all()
+    assert (codes[:, 2:5, 2:30, 2:14] == 1).all() and (codes[:, 24:30, 2:24, 2:14] == 0).all(), "the least likely side counts"
+    soft = FixMatch(2, (32, 32), TrainConfig(seed=0, fixmatch_teacher="offline", fixmatch_loss="soft"))
+    [item] = soft.label_volumes(_Bright(), [case], torch.device("cpu"))
+    assert item["pseudo"].dtype == np.float16 and item["pseudo"][tumour].min() > 0.99 and item["pseudo"][island].max() == 0
+    target, mask = soft.offline_labels(torch.from_numpy(item["pseudo"])[None], torch.from_numpy(case.image)[None])
+    assert torch.equal(mask[0], torch.from_numpy(np.broadcast_to(case.image[:1] != 0, mask.shape[1:])).float()), "soft: the brain"
+
+
+def test_the_offline_teacher_relabels_each_epoch_with_the_model_as_it_starts_it(
+        site_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cases = load_site(site_dir, cache=None).cases
+    config = TrainConfig(epochs=2, steps=2, batch_size=4, samples_per_case=4, seed=0, fixmatch_threshold=0.6,
+                         fixmatch_teacher="offline")
+    torch.manual_seed(0)
+    model = build_model("unet2d", 4, 3, **TINY)
+    labelled_by, batches = [], []
+    original_label, original_call = FixMatch.label_volumes, FixMatch.__call__
+
+    def label(self, teacher, unlabelled, device):  # noqa: ANN001, ANN202
+        labelled_by.append({k: v.clone() for k, v in teacher.state_dict().items()})
+        return original_label(self, teacher, unlabelled, device)
+
+    def call(self, student, weak, device, labels=None):  # noqa: ANN001, ANN202
+        assert student.training, "the student trains in train mode after the teacher's labelling"
+        batches.append((weak.clone(), labels))
+        return original_call(self, student, weak, device, labels)
+
+    monkeypatch.setattr(FixMatch, "label_volumes", label)
+    monkeypatch.setattr(FixMatch, "__call__", call)
+    monkeypatch.setattr(FixMatch, "pseudo_labels", lambda *a: pytest.fail("an offline teacher never labels a view"))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = train(model, cases[:2], 2, config, torch.device("cpu"), unlabelled=[_LabelGuard(c) for c in cases[2:]])
+    assert len(labelled_by) == 2, "once per epoch"
+    assert all(torch.equal(labelled_by[0][k], v) for k, v in start.items()), "epoch 1: the model as received"
+    assert not all(torch.equal(labelled_by[1][k], v) for k, v in start.items()), "epoch 2: the model after epoch 1"
+    assert len(batches) == 4 and all(b[0].shape == b[1].shape == (4, 3, 32, 32) for _, b in batches)
+    assert not torch.equal(batches[0][0], batches[2][0]), "each epoch draws its own weak views"
+    assert 0.0 < stats["unlabelled-confident"] <= 1.0 and stats["train-samples"] == 32.0
+
+
+def test_a_site_labels_offline_with_its_run_configs_post_processing(site_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = {"data-path": str(site_dir), "site-name": "hospital-x"}
+    made, original_init = [], FixMatch.__init__
+
+    def init(self, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        original_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(FixMatch, "__init__", init)
+    run = {**RUN, "semi-supervised": True, "label-fraction": 0.0, "fixmatch-teacher": "offline",
+           "fixmatch-threshold": 0.9, "postprocess": False}
+    reply = _train_reply(node, run)
+    assert not reply.has_error() and dict(reply.content["metrics"])["unlabelled-cases"] == 5.0
+    assert [(m.offline, m.postprocessing.enabled) for m in made] == [(True, False)]
+    _train_reply(node, {**run, "postprocess": True, "postprocess-min-mm3": 50.0})
+    assert (made[1].postprocessing.enabled, made[1].postprocessing.min_mm3) == (True, 50.0)
+
+
+def test_pooled_training_labels_offline_with_the_runs_post_processing(site_dir: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    made, original_init = [], FixMatch.__init__
+
+    def init(self, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        original_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(FixMatch, "__init__", init)
+    config = TrainConfig(epochs=1, steps=1, batch_size=4, samples_per_case=4, seed=0, fixmatch_teacher="offline",
+                         fixmatch_threshold=0.9)
+    checkpoint = train_centralized(site_dir, tmp_path / "semi.pt", model_args=TINY, config=config, report=lambda _: None,
+                                   semi_supervised=True, label_fraction=0.4, postprocess={"postprocess-min-mm3": 50.0})
+    assert [(m.offline, m.postprocessing.enabled, m.postprocessing.min_mm3) for m in made] == [(True, True, 50.0)]
+    assert checkpoint.run_config["postprocess-min-mm3"] == 50.0, "the checkpoint records what its teacher used"
+    with pytest.raises(ValueError, match="postprocess-min-mm3"):
+        train_centralized(site_dir, tmp_path / "bad.pt", model_args=TINY, config=config, report=lambda _: None,
+                          semi_supervised=True, postprocess={"postprocess-min-mm3": -1.0})

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedlesion.common.transforms import strong_transforms, training_transforms
+from fedlesion.common.transforms import strong_transforms, training_transforms, unlabelled_transforms
 
 
 def _lesion_volume(seed: int, shape: tuple[int, int, int] = (48, 48, 12)) -> dict[str, torch.Tensor]:
@@ -118,3 +118,29 @@ def test_a_pseudo_label_moved_by_its_own_draw_would_misalign() -> None:
         if torch.as_tensor(out["pseudo"]).any():
             scores.append(_strong_agreement(out))
     assert float(np.mean(scores)) < 0.85
+
+
+@pytest.mark.parametrize("spatial_dims, size", [(2, (48, 48)), (3, (32, 32, 8)), (2, (64, 64)), (3, (64, 64, 16))])
+def test_the_weak_view_moves_an_offline_teachers_labels_with_the_image(spatial_dims: int, size: tuple[int, ...]) -> None:
+    """An offline teacher's pseudo-label codes (0 not counted, 1 background, 2 lesion) travel through the weak view's
+    crop, padding, flips and rotation with the image: intensity-defined lesions stay under them, they are never
+    interpolated, and a voxel padded or rotated in is not counted."""
+    transform = unlabelled_transforms(spatial_dims, size, ("pseudo",))
+    transform.set_random_state(seed=0)
+    scores, padded = [], 0
+    for seed in range(40):
+        data = _lesion_volume(seed)
+        codes = (1 + data["label"]).repeat(3, 1, 1, 1).to(torch.uint8)  # every voxel counted
+        out = transform({"image": data["image"], "brain": torch.ones_like(data["label"]), "pseudo": codes})
+        out = out[0] if isinstance(out, list) else out
+        image, pseudo = torch.as_tensor(out["image"]), torch.as_tensor(out["pseudo"])
+        assert set(out) == {"image", "pseudo"} and pseudo.shape[1:] == image.shape[1:] == size
+        assert set(torch.unique(pseudo).tolist()) <= {0.0, 1.0, 2.0}, "never interpolated"
+        outside = (image == 0).all(dim=0)  # padded or rotated in: the image holds 0 there (1 or 10 elsewhere)
+        assert (pseudo[:, outside] == 0).all() and (pseudo[:, ~outside] > 0).float().mean() > 0.85  # bilinear edges
+        padded += bool(outside.any())
+        if (pseudo == 2).any():
+            scores.append(_agreement({"image": image, "label": (pseudo == 2).float()}))
+    assert len(scores) >= 20 and min(scores) > 0.8 and float(np.mean(scores)) > 0.9
+    if size[0] > 48:
+        assert padded == 40
