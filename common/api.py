@@ -129,9 +129,9 @@ def train_centralized(
             near the one it started from (FedProx's term, Ditto's personal objective). ``config`` must carry the
             checkpoint's patch (:attr:`Checkpoint.patch_size`, also its sliding window); the learning rate is
             ``config``'s (the command defaults it to ``finetune-learning-rate``).
-        postprocess: post-processing run-config values (``postprocess``, ``postprocess-min-mm3``,
-            ``postprocess-components``) that win over the declared ones (or ``init_from``'s): what the
-            checkpoint records, and how an offline FixMatch teacher cleans its pseudo-labels.
+        postprocess: run-config values whose post-processing keys (``postprocess``, ``postprocess-min-mm3``,
+            ``postprocess-components``; others are ignored) win over the declared ones (or ``init_from``'s):
+            what the checkpoint records, and how an offline FixMatch teacher cleans its pseudo-labels.
 
     Returns:
         The final :class:`Checkpoint`.

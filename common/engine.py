@@ -256,7 +256,8 @@ class FixMatch:
                 continue
             pseudo = probs > 0.5
             counted = self.confident(probs[None], pseudo[None], torch.from_numpy(image[:1] != 0))[0]
-            items.append({"case": case, OFFLINE_KEY: (counted.to(torch.uint8) * (1 + pseudo.to(torch.uint8))).numpy()})
+            codes = torch.where(pseudo, OFFLINE_CODES["lesion"], OFFLINE_CODES["background"]).to(torch.uint8)
+            items.append({"case": case, OFFLINE_KEY: (codes * counted).numpy()})  # not counted: 0
         return items
 
     def offline_labels(self, batch: torch.Tensor, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,8 +124,8 @@ def unlabelled_transforms(spatial_dims: int, sample_size: tuple[int, ...], targe
     samples, flipped and slightly rotated.
 
     Args:
-        targets: keys of volumes that move with the image (an offline teacher's pseudo-label and confidence
-            mask): cropped, padded (0), flipped and rotated alike, rotated nearest-neighbour.
+        targets: keys of volumes that move with the image (an offline teacher's pseudo-label codes): cropped,
+            padded (0), flipped and rotated alike, rotated nearest-neighbour.
 
     Returns:
         A MONAI ``Compose`` taking ``{"image": (C, X, Y, Z), "brain": (1, X, Y, Z), *targets}`` and giving

@@ -244,7 +244,7 @@ def _reproduce(data: str | Path, split: str, test_data: str | Path, out: Path, r
                           lr_schedule=values["lr-schedule"], epochs_per_round=local_epochs,
                           semi_supervised=values["semi-supervised"], fixmatch_rampup=values["fixmatch-rampup"],
                           hidden_labels=[c for site_cases in hidden.values() for c in site_cases if c in cases],
-                          postprocess=PostProcessing.from_run_config(values).to_run_config())
+                          postprocess=values)  # its post-processing keys, as the held-out cases are scored
         timings[name] = time.perf_counter() - start
         curves[name], checkpoints[name] = curve, out / "runs" / f"{name}.pt"
 
