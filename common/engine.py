@@ -163,7 +163,7 @@ class FixMatch:
 
     ``fixmatch-teacher = "offline"`` is self-training with post-processed pseudo-labels (Bai et al., MICCAI
     2017, refined pseudo-labels for cardiac MR; Xie et al., CVPR 2020, Noisy Student): at the start of each
-    epoch (a federation: each round, from its global model) :meth:`label_volumes` predicts every unlabelled
+    epoch (a federation with one local epoch: each round, from its global model) :meth:`label_volumes` predicts every unlabelled
     case's whole volume and removes the lesion components post-processing removes from a prediction (the run's
     ``postprocess*`` settings; each region's channel is thresholded at 0.5 as the other teachers do, without
     the label map's nesting); the weak view then carries these labels (moved with it), not a prediction of the
@@ -349,6 +349,7 @@ def train(
     unlabelled_stats: dict[str, float] = {}
     for epoch in range(1, config.epochs + 1):
         if fixmatch is not None and fixmatch.offline:  # the model as it starts the epoch labels the unlabelled volumes
+            unlabelled_batches = unlabelled_loader = None  # the last epoch's labels go first: one epoch's in memory
             items = fixmatch.label_volumes(model, unlabelled, device)
             unlabelled_loader = _unlabelled_loader(items, spatial_dims, config, sample_size, stream=epoch - 1)
             unlabelled_batches = itertools.chain.from_iterable(itertools.repeat(unlabelled_loader))

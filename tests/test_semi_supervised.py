@@ -481,3 +481,14 @@ def test_pooled_training_labels_offline_with_the_runs_post_processing(site_dir: 
     with pytest.raises(ValueError, match="postprocess-min-mm3"):
         train_centralized(site_dir, tmp_path / "bad.pt", model_args=TINY, config=config, report=lambda _: None,
                           semi_supervised=True, postprocess={"postprocess-min-mm3": -1.0})
+
+
+def test_the_offline_teacher_trains_a_3d_model_on_patches(site_dir: Path) -> None:
+    cases = load_site(site_dir, cache=None).cases
+    config = TrainConfig(epochs=1, steps=2, batch_size=2, samples_per_case=2, seed=0, patch_size=(16, 16, 16),
+                         fixmatch_teacher="offline", fixmatch_threshold=0.9)
+    model = build_model("unet3d", 4, 3, base_channels=4, depth=2)
+    [item] = FixMatch(3, (16, 16, 16), config).label_volumes(model, cases[1:2], torch.device("cpu"))
+    assert item["pseudo"].shape == (3, *cases[1].shape[1:]) and set(np.unique(item["pseudo"])) <= {0, 1, 2}
+    stats = train(model, cases[:1], 3, config, torch.device("cpu"), unlabelled=[_LabelGuard(c) for c in cases[1:3]])
+    assert stats["train-samples"] == 8.0 and 0.0 < stats["unlabelled-confident"] <= 1.0
